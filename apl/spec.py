@@ -1,0 +1,185 @@
+"""What a loss *is*, independent of how it is computed.
+
+Every loss of the project is ``alpha * active + beta * passive`` where each term is one
+:class:`Kind` (a per-row loss, possibly with a batch-level normaliser). The reference
+implementation (:mod:`apl.losses`) and the fused operator (:mod:`apl.fused`) both take a
+:class:`LossSpec`, so the mapping from a user-facing name (``"nce+rce"``, variant, weights)
+to the math lives here and only here. Formulas and sources: ``LOSSES.md``.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = [
+    "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
+    "spec_for", "validate_inputs",
+]
+
+#: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
+#: so A = -log(1e-4) (the paper text of Ma et al. quotes A = -4; the code is what ran).
+RCE_A = -math.log(1e-4)
+#: Lower clamp the official code applies to probabilities inside RCE and GCE.
+PROB_CLAMP = 1e-7
+
+
+class Kind(enum.IntEnum):
+    """One per-row loss term. The integer values are the operator's ABI (csrc/loss_row.h)."""
+
+    NONE = 0
+    CE = 1           # -log p_y
+    FL = 2           # -(1-p_y)^g log p_y, gradient through the weight (Lin et al. 2017)
+    FL_DETACHED = 3  # same value, weight detached (Ma et al. official code)
+    NCE_MA2020 = 4   # log p_y / sum_k log p_k
+    NFL_MA2020 = 5   # per-row normalised focal loss, weights detached
+    NCE_PAPER = 6    # -log p_y / H(batch label distribution)
+    NFL_PAPER = 7    # FL_i / mean_j (1-p_{y_j})^g, full gradient
+    MAE = 8          # 1 - p_y
+    RCE = 9          # A * sum_{k!=y} clamp(p_k, 1e-7, 1)
+    GCE = 10         # (1 - clamp(p_y, 1e-7, 1)^q) / q
+
+
+LOSS_NAMES = ("ce", "fl", "mae", "rce", "gce", "sce", "nce", "nfl",
+              "nce+mae", "nce+rce", "nfl+mae", "nfl+rce")
+VARIANTS = ("ma2020", "paper")
+REDUCTIONS = ("mean", "sum", "none")
+
+_ACTIVE = {
+    ("nce", "ma2020"): Kind.NCE_MA2020, ("nce", "paper"): Kind.NCE_PAPER,
+    ("nfl", "ma2020"): Kind.NFL_MA2020, ("nfl", "paper"): Kind.NFL_PAPER,
+    ("fl", "ma2020"): Kind.FL_DETACHED, ("fl", "paper"): Kind.FL,
+}
+_SIMPLE = {"ce": Kind.CE, "mae": Kind.MAE, "rce": Kind.RCE, "gce": Kind.GCE}
+_PASSIVE = {"mae": Kind.MAE, "rce": Kind.RCE}
+
+#: The paper's APL weight (Sec. 2.4): lambda * active + (1 - lambda) * passive.
+PAPER_LAMBDA = 0.6
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """``alpha * active + beta * passive``, per row, then reduced.
+
+    ``gamma`` is the focal exponent (FL/NFL kinds), ``q`` the GCE exponent.
+    """
+
+    active: Kind
+    passive: Kind = Kind.NONE
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.5
+    q: float = 0.7
+
+    def __post_init__(self):
+        if self.active == Kind.NONE:
+            raise ValueError("a loss needs an active term (active=Kind.NONE given)")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.beta):
+            raise ValueError(f"alpha and beta must be finite, got {self.alpha}, {self.beta}")
+        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
+        if not (0 < self.q <= 1):
+            raise ValueError(f"q must be in (0, 1], got {self.q}")
+
+    @property
+    def batch_level(self) -> bool:
+        """True when a row's value depends on the rest of the batch (the paper's forms)."""
+        return self.active in (Kind.NCE_PAPER, Kind.NFL_PAPER)
+
+
+def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float = 0.7,
+             lam: float | None = None, alpha: float | None = None,
+             beta: float | None = None) -> LossSpec:
+    """Build the :class:`LossSpec` of a named loss.
+
+    ``variant`` picks the NCE/NFL (and FL) form: ``"ma2020"`` is the cited work's
+    official definition, ``"paper"`` the seed paper's Sec. 2.3 formulas (see LOSSES.md
+    for why both exist). For the APL sums (``"nce+rce"`` ...) the weighting is either the
+    paper's ``lam`` (``lam*active + (1-lam)*passive``) or the cited work's ``alpha``/``beta``;
+    when neither is given it follows the variant (paper: lam = 0.6; ma2020: alpha = beta = 1).
+    For a single loss, ``alpha`` scales it (the cited work trains NFL with scale 10).
+    ``sce`` is ``alpha*CE + beta*RCE`` with the cited work's CIFAR-10 defaults 0.1 and 1.
+    """
+    name = name.lower().strip()
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use 'ma2020' or 'paper'")
+    if lam is not None and (alpha is not None or beta is not None):
+        raise ValueError("give either lam (the paper's weighting) or alpha/beta, not both")
+    common = dict(gamma=float(gamma), q=float(q))
+
+    if "+" in name:
+        act, pas = name.split("+")
+        if lam is None and alpha is None and beta is None and variant == "paper":
+            lam = PAPER_LAMBDA
+        if lam is not None:
+            if not 0.0 <= lam <= 1.0:
+                raise ValueError(f"lam must be in [0, 1], got {lam}")
+            a, b = float(lam), 1.0 - float(lam)
+        else:
+            a = 1.0 if alpha is None else float(alpha)
+            b = 1.0 if beta is None else float(beta)
+        return LossSpec(_ACTIVE[(act, variant)], _PASSIVE[pas], a, b, **common)
+    if lam is not None:
+        raise ValueError(f"lam weights an active+passive sum; {name!r} is a single loss")
+    if name == "sce":
+        a = 0.1 if alpha is None else float(alpha)
+        b = 1.0 if beta is None else float(beta)
+        return LossSpec(Kind.CE, Kind.RCE, a, b, **common)
+    if beta is not None:
+        raise ValueError(f"beta weights a passive term; {name!r} has none")
+    kind = _SIMPLE.get(name) or _ACTIVE[(name, variant)]
+    return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, **common)
+
+
+def with_weights(spec: LossSpec, alpha: float, beta: float) -> LossSpec:
+    """A copy of ``spec`` with other term weights."""
+    return replace(spec, alpha=alpha, beta=beta)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean",
+                    ignore_index: int = -100, num_classes: int | None = None,
+                    check_range: bool = True) -> torch.Tensor:
+    """Raise ``ValueError`` naming the problem, or return ``target`` as int64.
+
+    Checks: logits are a 2-D floating tensor (N, C) with C >= 2; target is a 1-D integer
+    tensor of length N on the same device; every target is in [0, C) or equals
+    ``ignore_index``; ``reduction`` is known. NaN logits are *not* an error: they give a
+    NaN loss. ``check_range=False`` skips the range check (it costs a device sync on GPU).
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("logits and target must be torch.Tensors")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits must be a floating tensor, got dtype {logits.dtype}")
+    n, c = logits.shape
+    if c < 2:
+        raise ValueError(f"logits need at least 2 classes, got C={c}")
+    if num_classes is not None and c != num_classes:
+        raise ValueError(f"logits have C={c} classes but the loss was built for {num_classes}")
+    if target.dim() != 1:
+        raise ValueError(f"target must be 1-D (N,), got shape {tuple(target.shape)}")
+    if target.dtype not in _INT_DTYPES:
+        raise ValueError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if target.shape[0] != n:
+        raise ValueError(f"logits have N={n} rows but target has {target.shape[0]} entries")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    target = target.long()
+    if check_range and n > 0:
+        bad = ((target < 0) | (target >= c)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise ValueError(f"target {first} is out of range for C={c} classes "
+                             f"(valid: 0..{c - 1}, or ignore_index={ignore_index})")
+    return target

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (README, CI): set up the environment, then run the whole suite.
+# Where nvcc exists the CUDA kernels are compiled too (nothing here can run them; the compile
+# is the check). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+flags=(--test)
+if command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  flags+=(--cuda)
+fi
+scripts/setup_env.sh "${flags[@]}"
+py="${APL_VENV:-.venv}/bin/python"
+[ "${APL_VENV:-}" = system ] && py="${PYTHON:-python3}"
+exec "$py" -m pytest -q tests "$@"
