@@ -1,0 +1,52 @@
+"""Command line: ``python -m apl <command>`` or ``apl <command>``.
+
+Each subcommand's parser is built by an ``add_cli(subparsers)`` function in its own module
+(``apl.train``, and ``apl.grid`` / ``apl.report`` when they are installed), which sets
+``func``: the handler returning the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from apl import train as _train
+
+#: Optional modules contributing subcommands; a missing one must not break ``train``.
+_OPTIONAL_COMMANDS = ("apl.grid", "apl.report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apl`` argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="apl", description="Robust losses under label noise (NCE, NFL, APL): "
+                                                             "training runs on CIFAR-10.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train.add_cli(sub)
+    for name in _OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # the module itself is absent: skip; a broken import inside it is raised
+                continue
+            raise
+        if hasattr(module, "add_cli"):  # a module still being written may not have it yet
+            module.add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
+
+    Bad values (``ValueError``) and missing data (``FileNotFoundError``) print one line
+    ``apl: error: ...`` to stderr and return 2 instead of a traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"apl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

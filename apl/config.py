@@ -1,0 +1,231 @@
+"""One training run's configuration, and the two protocols as presets.
+
+:meth:`TrainConfig.paper` is the seed paper's protocol, :meth:`TrainConfig.ma2020` the cited
+work's. Every field is validated on construction (``ValueError`` naming the field), so a bad
+grid entry fails before any data is loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from apl.models import MODEL_NAMES
+from apl.noise import NOISE_TYPES
+from apl.spec import LOSS_NAMES, VARIANTS, spec_for
+
+__all__ = ["TrainConfig", "LOSS_PARAM_NAMES", "OPTIMIZERS", "SCHEDULERS", "BACKENDS", "AMP_MODES"]
+
+#: Keys allowed in ``TrainConfig.loss_params`` (the parameters of :func:`apl.spec.spec_for`).
+LOSS_PARAM_NAMES = ("gamma", "q", "lam", "alpha", "beta")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("none", "cosine")
+BACKENDS = ("auto", "fused", "reference")
+AMP_MODES = (None, "bf16")
+
+#: Fields that change *how* a run executes but not *what* it computes (up to float
+#: reordering): left out of :meth:`TrainConfig.run_name`'s identity.
+_EXECUTION_FIELDS = ("data_dir", "device", "num_threads", "compile", "channels_last", "backend")
+_NOISE_TAGS = {"symmetric": "sym", "ma2020_symmetric": "msym", "asymmetric": "asym"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run; :func:`apl.train.train` runs it.
+
+    ``loss``/``variant``/``loss_params`` select the loss (:func:`apl.losses.get_loss`;
+    formulas in LOSSES.md); ``noise``/``noise_type`` the training-label noise
+    (:mod:`apl.noise`); ``model``/``width`` the network (:mod:`apl.models`);
+    ``train_subset``/``test_subset`` take the first K of a class-balanced ordering seeded
+    by ``subset_seed`` (:func:`apl.data.balanced_subset`). ``seed`` seeds the model
+    initialisation, dropout, the noise and the batch order. ``amp="bf16"`` autocasts the
+    forward pass to bfloat16 (meant for CUDA; on CPU it works but is usually slower); the
+    loss is computed in float32. ``channels_last`` helps on GPUs and narrow nets on CPU, but
+    measured slower for the full-width PaperCNN on a 2-core CPU (benchmarks/train_epoch_time.py).
+    """
+
+    loss: str = "ce"
+    variant: str = "paper"
+    loss_params: dict = field(default_factory=dict)
+    noise: float = 0.0
+    noise_type: str = "symmetric"
+    seed: int = 0
+    model: str = "paper"
+    width: float = 1.0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    epochs: int = 30
+    batch_size: int = 128
+    augment: bool = False
+    grad_clip: float | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    subset_seed: int = 0
+    data_dir: str = "data"
+    device: str = "auto"
+    amp: str | None = None
+    compile: bool = False
+    channels_last: bool = True
+    backend: str = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.loss, str) or self.loss.lower().strip().replace("_", "+") not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        self.loss = self.loss.lower().strip().replace("_", "+")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not isinstance(self.loss_params, dict):
+            raise ValueError(f"loss_params must be a dict, got {type(self.loss_params).__name__}")
+        unknown = sorted(set(self.loss_params) - set(LOSS_PARAM_NAMES))
+        if unknown:
+            raise ValueError(f"unknown loss_params {unknown}; known: {', '.join(LOSS_PARAM_NAMES)}")
+        for k, v in self.loss_params.items():
+            if not _is_num(v):
+                raise ValueError(f"loss_params[{k!r}] must be a finite number, got {v!r}")
+        self.loss_params = {k: float(v) for k, v in sorted(self.loss_params.items())}
+        spec_for(self.loss, variant=self.variant, **self.loss_params)  # raises on a bad combination
+
+        if self.noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
+        upper_ok = (lambda e: e <= 1.0) if self.noise_type == "asymmetric" else (lambda e: e < 1.0)
+        if not (_is_num(self.noise) and self.noise >= 0 and upper_ok(self.noise)):
+            interval = "[0, 1]" if self.noise_type == "asymmetric" else "[0, 1)"
+            raise ValueError(f"noise must be in {interval} for {self.noise_type} noise, got {self.noise!r}")
+        self.noise = float(self.noise)
+        for name in ("seed", "subset_seed"):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
+        if not (_is_num(self.width) and self.width > 0):
+            raise ValueError(f"width must be a number > 0, got {self.width!r}")
+        self.width = float(self.width)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (_is_num(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        for name in ("momentum", "weight_decay"):
+            if not (_is_num(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        self.lr, self.momentum, self.weight_decay = float(self.lr), float(self.momentum), float(self.weight_decay)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if not (_is_int(self.epochs) and self.epochs >= 1):
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not (_is_int(self.batch_size) and self.batch_size >= 2):
+            raise ValueError(f"batch_size must be an integer >= 2 (BatchNorm), got {self.batch_size!r}")
+        if self.grad_clip is not None:
+            if not (_is_num(self.grad_clip) and self.grad_clip > 0):
+                raise ValueError(f"grad_clip must be None or a number > 0, got {self.grad_clip!r}")
+            self.grad_clip = float(self.grad_clip)
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
+        if not isinstance(self.data_dir, str):
+            self.data_dir = str(self.data_dir)  # accept a Path; stored as str for JSON
+        if not (isinstance(self.device, str) and self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        for name in ("augment", "compile", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.num_threads is not None and not (_is_int(self.num_threads) and self.num_threads >= 1):
+            raise ValueError(f"num_threads must be None or an integer >= 1, got {self.num_threads!r}")
+
+    # ------------------------------------------------------------------ protocols
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """The seed paper's protocol (Sec. 2-3), with our choices where it is silent.
+
+        Stated by the paper: PaperCNN, Adam lr 1e-3, 30 epochs, symmetric noise (per-sample
+        rule), lam = 0.6 for the APL sums, its own NCE/NFL (variant "paper"). Not stated,
+        our choice: batch 128, no augmentation, no weight decay, no scheduler, no gradient
+        clipping, the cited work's normalisation constants, gamma = 0.5.
+        """
+        base = dict(loss="ce", variant="paper", noise_type="symmetric", model="paper", width=1.0,
+                    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, scheduler="none",
+                    epochs=30, batch_size=128, augment=False, grad_clip=None)
+        base.update(overrides)
+        params = dict(base.get("loss_params") or {})
+        if "+" in str(base["loss"]).replace("_", "+") and not params.keys() & {"lam", "alpha", "beta"}:
+            params["lam"] = 0.6
+        base["loss_params"] = params
+        return cls(**base)
+
+    @classmethod
+    def ma2020(cls, **overrides) -> "TrainConfig":
+        """The cited work's CIFAR-10 protocol (Ma et al. 2020, official configs).
+
+        MaCNN, SGD lr 0.01 momentum 0.9 weight decay 1e-4, cosine annealing over 120 epochs
+        (per epoch, to 0), batch 128, random crop (pad 4) + horizontal flip, gradient-norm
+        clip 5, its NCE/NFL (variant "ma2020"), APL weights alpha = beta = 1 and NFL alone
+        scaled by 10, symmetric noise with exact per-class counts.
+        """
+        base = dict(loss="ce", variant="ma2020", noise_type="ma2020_symmetric", model="ma2020",
+                    width=1.0, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
+                    scheduler="cosine", epochs=120, batch_size=128, augment=True, grad_clip=5.0)
+        base.update(overrides)
+        params = dict(base.get("loss_params") or {})
+        if str(base["loss"]).lower().strip() == "nfl" and "alpha" not in params:
+            params["alpha"] = 10.0
+        base["loss_params"] = params
+        return cls(**base)
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig dict is needed, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that define *what* the run computes (not where or how fast)."""
+        d = self.to_dict()
+        for name in _EXECUTION_FIELDS:
+            d.pop(name)
+        return d
+
+    def run_name(self) -> str:
+        """A filesystem-safe name, e.g. ``"nce+rce_paper_sym0.6_s0"``, unique per :meth:`identity`.
+
+        The readable part is loss, variant, noise type and rate, seed. When the rest of the
+        config is exactly a protocol preset the name ends there (the paper's) or with
+        ``_ma2020`` (the cited work's); otherwise a short hash of :meth:`identity` follows.
+        """
+        head = f"{self.loss}_{self.variant}_{_NOISE_TAGS[self.noise_type]}{self.noise:g}_s{self.seed}"
+        common = dict(loss=self.loss, variant=self.variant, noise=self.noise,
+                      noise_type=self.noise_type, seed=self.seed)
+        if self.identity() == TrainConfig.paper(**common).identity():
+            return head
+        if self.identity() == TrainConfig.ma2020(**common).identity():
+            return head + "_ma2020"
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{head}_{digest}"

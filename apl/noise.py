@@ -1,0 +1,197 @@
+"""Synthetic label noise for the training set: the seed paper's rule and the cited work's.
+
+Three generators, each deterministic from its ``seed`` (a private ``numpy`` generator; the
+global RNGs are never touched) and each returning ``(noisy_labels, NoiseRecord)``:
+
+- :func:`symmetric_noise`: the seed paper's rule (Sec. 2.1): *each sample independently*
+  with probability ``eta`` gets a label drawn uniformly from the other C-1 classes. The
+  realised rate is Binomial(N, eta) / N, so it only approximates ``eta``.
+- :func:`ma2020_symmetric_noise`: the cited work's protocol: *exactly* ``int(eta * N_c)``
+  samples of each class c (chosen without replacement) are relabelled uniformly among the
+  other C-1 classes, so the realised rate is ``eta`` up to rounding. (The official code
+  computes ``int(int(eta * N) / C)`` per class, which is the same number on a balanced set
+  such as CIFAR-10; on an unbalanced subset this per-class form keeps each class's rate.)
+- :func:`asymmetric_noise`: the cited work's CIFAR-10 class mapping truck->automobile,
+  bird->airplane, cat->dog, dog->cat, deer->horse, applied in that order to the labels *as
+  they are at that step* (so dog->cat counts, and may flip back, the cats just made dogs,
+  as the official code does).
+
+Labels may be a 1-D integer ``torch.Tensor`` or ``numpy`` array; they are never modified
+and the noisy labels come back as the same type (and dtype/device).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "NoiseRecord", "NOISE_TYPES", "CIFAR10_ASYMMETRIC_MAP", "symmetric_noise",
+    "ma2020_symmetric_noise", "asymmetric_noise", "apply_noise",
+]
+
+#: Source -> target class of the cited work's CIFAR-10 asymmetric noise, in the order applied.
+#: (CIFAR-10 indices: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog,
+#: 7 horse, 8 ship, 9 truck.)
+CIFAR10_ASYMMETRIC_MAP = ((9, 1), (2, 0), (3, 5), (5, 3), (4, 7))
+
+#: Names accepted by :func:`apply_noise` (and ``TrainConfig.noise_type``).
+NOISE_TYPES = ("symmetric", "ma2020_symmetric", "asymmetric")
+
+
+@dataclass
+class NoiseRecord:
+    """What a noise generator did: enough to report and to regenerate it.
+
+    ``transition[i][j]`` counts samples whose clean label is ``i`` and noisy label ``j``;
+    ``realised_rate`` is the fraction of samples whose label changed.
+    """
+
+    kind: str
+    eta: float
+    realised_rate: float
+    transition: list
+    seed: int
+    num_classes: int
+    num_samples: int
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (plain ints, floats, lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoiseRecord":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+
+def _as_numpy_labels(labels, num_classes: int) -> np.ndarray:
+    """Validate ``labels`` and return them as a fresh int64 numpy array."""
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        arr = labels.detach().cpu().numpy().astype(np.int64)  # astype copies
+    elif isinstance(labels, np.ndarray):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+        arr = labels.astype(np.int64)
+    else:
+        raise ValueError(f"labels must be a torch.Tensor or numpy.ndarray, got {type(labels).__name__}")
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        bad = arr[(arr < 0) | (arr >= num_classes)][0]
+        raise ValueError(f"label {int(bad)} is out of range for {num_classes} classes (valid: 0..{num_classes - 1})")
+    return arr
+
+
+def _like(noisy: np.ndarray, labels):
+    """Return ``noisy`` as the same type, dtype (and device) as ``labels``."""
+    if isinstance(labels, torch.Tensor):
+        return torch.from_numpy(noisy).to(dtype=labels.dtype, device=labels.device)
+    return noisy.astype(labels.dtype)
+
+
+def _check_eta(eta, upper_inclusive: bool) -> float:
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number, got {eta!r}") from None
+    ok = math.isfinite(eta) and 0.0 <= eta and (eta <= 1.0 if upper_inclusive else eta < 1.0)
+    if not ok:
+        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ValueError(f"noise rate eta must be in {interval}, got {eta}")
+    return eta
+
+
+def _check_common(num_classes, seed) -> tuple[int, int]:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(num_classes), int(seed)
+
+
+def _record(kind, eta, clean, noisy, seed, num_classes) -> NoiseRecord:
+    transition = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(transition, (clean, noisy), 1)
+    n = clean.size
+    rate = float((clean != noisy).sum() / n) if n else 0.0
+    return NoiseRecord(kind=kind, eta=float(eta), realised_rate=rate, transition=transition.tolist(),
+                       seed=seed, num_classes=num_classes, num_samples=int(n))
+
+
+def _other_class(rng: np.random.Generator, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """A class drawn uniformly from the C-1 classes other than each label."""
+    # label + uniform{1..C-1} (mod C) is uniform over the other classes and never the label.
+    return (labels + rng.integers(1, num_classes, size=labels.shape)) % num_classes
+
+
+def symmetric_noise(labels, eta: float, num_classes: int = 10, seed: int = 0):
+    """The seed paper's symmetric noise: each label flips with probability ``eta``.
+
+    A flipped label is drawn uniformly from the other ``num_classes - 1`` classes (never its
+    own). ``eta`` must be in [0, 1). Returns ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=False)
+    num_classes, seed = _check_common(num_classes, seed)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.default_rng(seed)
+    flip = rng.random(clean.size) < eta
+    noisy = np.where(flip, _other_class(rng, clean, num_classes), clean)
+    return _like(noisy, labels), _record("symmetric", eta, clean, noisy, seed, num_classes)
+
+
+def ma2020_symmetric_noise(labels, eta: float, num_classes: int = 10, seed: int = 0):
+    """The cited work's symmetric noise: exactly ``int(eta * N_c)`` flips in each class c.
+
+    The flipped samples of each class are chosen without replacement and relabelled
+    uniformly among the other ``num_classes - 1`` classes. ``eta`` must be in [0, 1).
+    Differs from :func:`symmetric_noise` only in fixing the count per class instead of
+    flipping each sample independently. Returns ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=False)
+    num_classes, seed = _check_common(num_classes, seed)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.default_rng(seed)
+    noisy = clean.copy()
+    for c in range(num_classes):
+        idx = np.flatnonzero(clean == c)
+        chosen = rng.choice(idx, size=int(eta * idx.size), replace=False)
+        noisy[chosen] = _other_class(rng, clean[chosen], num_classes)
+    return _like(noisy, labels), _record("ma2020_symmetric", eta, clean, noisy, seed, num_classes)
+
+
+def asymmetric_noise(labels, eta: float, seed: int = 0):
+    """The cited work's CIFAR-10 asymmetric (class-dependent) noise.
+
+    For each (source, target) of :data:`CIFAR10_ASYMMETRIC_MAP`, in order,
+    ``int(eta * count)`` of the samples currently labelled ``source`` (chosen without
+    replacement) are relabelled ``target``. ``eta`` must be in [0, 1]; labels in [0, 10).
+    Returns ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=True)
+    num_classes, seed = _check_common(10, seed)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.default_rng(seed)
+    noisy = clean.copy()
+    for source, target in CIFAR10_ASYMMETRIC_MAP:
+        idx = np.flatnonzero(noisy == source)  # current labels: the official code flips in place
+        chosen = rng.choice(idx, size=int(eta * idx.size), replace=False)
+        noisy[chosen] = target
+    return _like(noisy, labels), _record("asymmetric", eta, clean, noisy, seed, num_classes)
+
+
+def apply_noise(labels, kind: str, eta: float, num_classes: int = 10, seed: int = 0):
+    """Dispatch on ``kind`` (one of :data:`NOISE_TYPES`); ``eta == 0`` still returns a record."""
+    if kind == "symmetric":
+        return symmetric_noise(labels, eta, num_classes, seed)
+    if kind == "ma2020_symmetric":
+        return ma2020_symmetric_noise(labels, eta, num_classes, seed)
+    if kind == "asymmetric":
+        if num_classes != 10:
+            raise ValueError(f"asymmetric noise is the CIFAR-10 mapping (10 classes), got num_classes={num_classes}")
+        return asymmetric_noise(labels, eta, seed)
+    raise ValueError(f"unknown noise type {kind!r}; known: {', '.join(NOISE_TYPES)}")
