@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Reproduce the paper's Table 1 and Figures 1-3: environment, training grid, report.
+# A killed or interrupted run resumes where it stopped when started again (--resume, the default).
+#
+#   ./reproduce.sh            the paper's protocol (30 epochs, full CIFAR-10) on the best device
+#                             present -> runs/paper/, paper_figures/
+#   ./reproduce.sh --quick    the quick preset (the same grid scaled down; <= 10 min on 2 CPU
+#                             cores) -> runs/quick/, paper_figures/quick/
+#   ./reproduce.sh --preset ma2020   the cited work's protocol -> runs/ma2020/, paper_figures/ma2020/
+#
+# Options:
+#   --data-dir D    folder holding cifar-10-batches-py (default $APL_DATA_DIR, else data);
+#                   downloaded there (checksummed, via torchvision) when missing
+#   --out DIR       root of runs/ and paper_figures/ (default: this folder)
+#   --seeds K       seeds 0..K-1 (default: the preset's)
+#   --devices LIST  e.g. cuda:0,cuda:1 or cpu,cpu: one worker per entry (default: every GPU,
+#                   else the preset's CPU default)
+#   --resume | --fresh   keep finished runs (default) | retrain this grid from scratch
+#   anything else, or everything after --, goes to `python -m apl grid` (e.g. --epochs 5,
+#   --losses ce nce, --set train_subset=500)
+# Environment: PYTHON (interpreter to use), APL_VENV (see scripts/setup_env.sh), APL_IN_DOCKER=1
+# (set by the Dockerfile: the image's environment is complete, never set it up again).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+need_value() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "reproduce.sh: $1 needs a value" >&2; exit 2; }; }
+# Paths given by the caller are relative to where they called from; defaults to the project.
+absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+
+preset=paper
+data_dir="$(absolute "${APL_DATA_DIR:-$ROOT/data}")"
+out="$ROOT"
+seeds=""
+devices=""
+mode=--resume
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) preset=quick ;;
+    --preset) need_value "$@"; preset="$2"; shift ;;
+    --data-dir) need_value "$@"; data_dir="$(absolute "$2")"; shift ;;
+    --out) need_value "$@"; out="$(absolute "$2")"; shift ;;
+    --seeds) need_value "$@"; seeds="$2"; shift ;;
+    --devices) need_value "$@"; devices="$2"; shift ;;
+    --resume) mode=--resume ;;
+    --fresh) mode=--fresh ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra+=("$@"); break ;;
+    *) extra+=("$1") ;;
+  esac
+  shift
+done
+case "$preset" in
+  paper) figures="$out/paper_figures" ;;
+  quick|ma2020) figures="$out/paper_figures/$preset" ;;
+  *) echo "reproduce.sh: unknown preset '$preset' (use paper, quick or ma2020)" >&2; exit 2 ;;
+esac
+runs="$out/runs/$preset"
+cd "$ROOT"
+
+# The interpreter: $PYTHON, else the project's venv, else python3. Outside Docker, set the
+# environment up (scripts/setup_env.sh, idempotent) when that interpreter lacks apl or torch.
+venv="${APL_VENV:-$ROOT/.venv}"
+if [ -n "${PYTHON:-}" ]; then
+  py="$PYTHON"
+elif [ "$venv" != system ] && [ -x "$venv/bin/python" ]; then
+  py="$venv/bin/python"
+else
+  py=python3
+fi
+if [ "${APL_IN_DOCKER:-0}" != 1 ] && ! "$py" -c "import apl, torch" 2>/dev/null; then
+  echo "[reproduce] $py lacks apl or torch: setting up the environment (scripts/setup_env.sh)"
+  scripts/setup_env.sh
+  if [ "$venv" = system ]; then py="${PYTHON:-python3}"; else py="$venv/bin/python"; fi
+fi
+
+start=$(date +%s)
+echo "[reproduce] preset $preset: runs -> $runs, tables and figures -> $figures"
+grid=("$py" -m apl grid --preset "$preset" --data-dir "$data_dir" --out "$runs" "$mode")
+[ -n "$seeds" ] && grid+=(--seeds "$seeds")
+[ -n "$devices" ] && grid+=(--devices "$devices")
+status=0
+"${grid[@]}" "${extra[@]}" || status=$?
+# 1 = some runs failed (the others finished): still write the report of what exists.
+if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
+  exit "$status"
+fi
+"$py" -m apl report --runs "$runs" --out "$figures"
+echo "[reproduce] done in $(( $(date +%s) - start )) s: see $figures/README.md"
+exit "$status"

@@ -1,0 +1,234 @@
+"""The grid (apl.grid): its plan, presets, devices, manifest, resume after SIGKILL, workers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apl.config import TrainConfig
+from apl.data import write_cifar10_folder
+from apl.grid import (GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, QUICK_OVERRIDES, is_variant_free,
+                      parse_devices, plan_grid, preset_banner, preset_config, run_grid)
+
+TINY = {"epochs": 3, "train_subset": 200, "test_subset": 50, "width": 0.0625, "batch_size": 50}
+TINY_ARGS = ["--epochs", "3", "--set", "train_subset=200", "--set", "test_subset=50",
+             "--set", "width=0.0625", "--set", "batch_size=50"]
+SUBSET = dict(losses=["nce", "ce"], noise=[0.2], variants=["paper"])
+SUBSET_ARGS = ["--losses", "nce", "ce", "--noise", "0.2", "--variants", "paper"]
+# Per-epoch timings and timestamps differ between two runs of the same config.
+TIMING_KEYS = {"epoch_time_s", "train_time_s"}
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _grid_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "apl", "grid", "--preset", "quick", "--data-dir", str(data),
+            "--out", str(out), "--no-progress", *SUBSET_ARGS, *TINY_ARGS, *extra]
+
+
+def _comparable(result: dict) -> dict:
+    """A result without what legitimately differs between equal runs (times, placement)."""
+    keep = {k: v for k, v in result.items()
+            if k not in ("wall_time_s", "finished_at", "resumed_at_epochs", "config", "device",
+                         "num_threads")}
+    keep["history"] = [{k: v for k, v in h.items() if k not in TIMING_KEYS}
+                       for h in result["history"]]
+    return keep
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_cifar10_folder(tmp_path_factory.mktemp("data"), n_train=300, n_test=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The tiny grid, run once uninterrupted in this process (1 thread)."""
+    out = tmp_path_factory.mktemp("reference")
+    run_grid("quick", data_dir, out, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+
+def test_full_grid_has_every_cell_once_and_ce_once_for_both_variants():
+    plan = plan_grid("quick")
+    per_seed = len(GRID_LOSSES) * len(GRID_NOISE) * len(GRID_VARIANTS) - len(GRID_NOISE)
+    assert len(plan) == per_seed  # CE: one run per noise rate, not one per variant
+    names = [c.run_name() for c in plan]
+    assert len(set(names)) == len(names)
+    cells = {(c.loss, c.variant, c.noise) for c in plan}
+    for loss in GRID_LOSSES:
+        for noise in GRID_NOISE:
+            variants = {v for (l, v, n) in cells if l == loss and n == noise}
+            assert variants == ({"paper"} if loss == "ce" else set(GRID_VARIANTS))
+    assert is_variant_free("ce") and not any(is_variant_free(l) for l in GRID_LOSSES if l != "ce")
+    assert len(plan_grid("quick", seeds=3)) == 3 * per_seed
+    assert [c.seed for c in plan_grid("quick", seeds=2)] == sorted(c.seed for c in plan_grid("quick", seeds=2))
+
+
+def test_presets_follow_the_protocols():
+    quick = preset_config("quick", loss="nce+rce", variant="paper", noise=0.4, seed=1)
+    paper = TrainConfig.paper(loss="nce+rce", variant="paper", noise=0.4, seed=1)
+    for key, value in paper.to_dict().items():
+        assert getattr(quick, key) == QUICK_OVERRIDES.get(key, value), key
+    assert quick.loss_params == {"lam": 0.6} and quick.optimizer == "adam" and quick.lr == 1e-3
+    full = preset_config("paper", loss="nce", variant="ma2020", noise=0.2, seed=0)
+    assert full == TrainConfig.paper(loss="nce", variant="ma2020", noise=0.2, seed=0)
+    ma = plan_grid("ma2020")
+    assert {c.variant for c in ma} == {"ma2020"} and {c.seed for c in ma} == {0, 1, 2}
+    assert all(c.optimizer == "sgd" and c.epochs == 120 and c.noise_type == "ma2020_symmetric"
+               for c in ma)
+    overridden = preset_config("quick", loss="ce", variant="paper", noise=0.0, seed=0,
+                               overrides={"epochs": 1, "amp": "bf16"})
+    assert overridden.epochs == 1 and overridden.amp == "bf16"
+
+
+def test_plan_restricts_and_rejects_bad_values():
+    plan = plan_grid("paper", losses=["nce+mae"], noise=[0.6, 0.2], variants=["ma2020"], seeds=2)
+    assert [(c.loss, c.variant, c.noise, c.seed) for c in plan] == [
+        ("nce+mae", "ma2020", 0.2, 0), ("nce+mae", "ma2020", 0.6, 0),
+        ("nce+mae", "ma2020", 0.2, 1), ("nce+mae", "ma2020", 0.6, 1)]
+    # CE keeps one run name whatever variants are selected, so grids share it.
+    assert plan_grid("paper", losses=["ce"], variants=["ma2020"])[0].run_name() == \
+        plan_grid("paper", losses=["ce"], variants=["paper"])[0].run_name()
+    for kwargs, message in [(dict(losses=["gce"]), "unknown loss"), (dict(noise=[0.3]), "unknown noise"),
+                            (dict(variants=["other"]), "unknown variant"), (dict(seeds=0), "seeds must be"),
+                            (dict(losses=[]), "no loss"), (dict(overrides={"seed": 3}), "cannot be overridden"),
+                            (dict(overrides={"epochs": 0}), "epochs must be")]:
+        with pytest.raises(ValueError, match=message):
+            plan_grid("quick", **kwargs)
+    with pytest.raises(ValueError, match="unknown preset"):
+        plan_grid("fast")
+
+
+def test_devices_are_parsed_and_checked():
+    cores = os.cpu_count() or 1
+    assert parse_devices("cpu") == [("cpu", None)]
+    assert parse_devices("cpu,cpu") == [("cpu", max(1, cores // 2))] * 2
+    import torch
+    if not torch.cuda.is_available():
+        assert parse_devices(None, "quick") == [("cpu", max(1, cores // 2))] * 2
+        assert parse_devices("auto", "paper") == [("cpu", None)]
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            parse_devices("cuda:0")
+    with pytest.raises(ValueError, match="unknown device|must be"):
+        parse_devices("gpu:0")
+    with pytest.raises(ValueError, match="empty entry"):
+        parse_devices("cpu,,cpu")
+
+
+def test_banner_says_whose_protocol_it_is():
+    assert preset_banner("paper", "P").endswith("the paper's protocol (Sec. 3)")
+    assert "not the paper's protocol" in preset_banner("paper", "P", {"epochs": 1})
+    assert preset_banner("quick", "P").startswith("QUICK PRESET: P") and \
+        preset_banner("quick", "P").endswith("not the paper's protocol")
+
+
+def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
+    from apl.__main__ import main
+
+    assert main(["grid", "--preset", "quick", "--out", str(tmp_path), "--set", "nosuch=1"]) == 2
+    assert main(["grid", "--preset", "quick", "--out", str(tmp_path), "--noise", "high"]) == 2
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_dry_run_lists_the_plan(capsys):
+    from apl.__main__ import main
+
+    assert main(["grid", "--preset", "quick", "--dry-run", "--losses", "ce,nfl", "--noise", "0.8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("3 runs")
+
+
+# --------------------------------------------------------------------------- running
+
+def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, data_dir):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["preset"] == "quick" and manifest["overrides"] == TINY
+    assert manifest["torch_version"] and manifest["devices"][0]["device"] == "cpu"
+    assert manifest["data_source"].startswith("synthetic") and manifest["finished_at"]
+    results = _results(reference)
+    assert set(manifest["runs"]) == set(results) and len(results) == 2
+    for name, entry in manifest["runs"].items():
+        assert entry["status"] == "done" and entry["config"]["loss"] == results[name]["loss"]
+        assert entry["wall_time_s"] == results[name]["wall_time_s"] > 0
+    mtimes = {p: p.stat().st_mtime_ns for p in (reference / "runs").glob("*/result.json")}
+    run_grid("quick", data_dir, reference, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert len(json.loads((reference / "manifest.json").read_text())["invocations"]) == 2
+
+
+def test_fresh_retrains_and_a_failed_run_is_reported(data_dir, tmp_path):
+    one = dict(losses=["ce"], noise=[0.2], variants=["paper"])
+    run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
+    (result,) = (tmp_path / "runs").glob("*/result.json")
+    before = result.stat().st_mtime_ns
+    run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, fresh=True, **one)
+    assert result.stat().st_mtime_ns != before
+    # A run folder holding another config's result: that run fails, the grid says which.
+    other = json.loads(result.read_text())
+    other["config"]["lr"] = 0.5
+    result.write_text(json.dumps(other))
+    with pytest.raises(RuntimeError, match=result.parent.name):
+        run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
+    entry = json.loads((tmp_path / "manifest.json").read_text())["runs"][result.parent.name]
+    assert entry["status"] == "failed" and "different config" in entry["error"]
+
+
+def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_grid_cmd(data_dir, out, "--devices", "cpu"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    killed_in = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list((out / "runs").glob("*/checkpoint.pt")) if (out / "runs").is_dir() else []
+        if ckpts:
+            proc.send_signal(signal.SIGKILL)
+            killed_in = ckpts[0].parent
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    assert killed_in is not None, "the grid finished before a checkpoint was seen: " + \
+        proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed_in / "result.json").exists()  # really interrupted mid-run
+
+    rerun = subprocess.run(_grid_cmd(data_dir, out, "--devices", "cpu"), env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    got, want = _results(out), _results(reference)
+    assert set(got) == set(want)
+    for name in want:
+        assert [h["epoch"] for h in got[name]["history"]] == [1, 2, 3]  # no duplicate rows
+        assert _comparable(got[name]) == _comparable(want[name]), name
+    assert got[killed_in.name]["resumed_at_epochs"]  # it did resume, not restart
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(r["status"] == "done" for r in manifest["runs"].values())
+    assert len(manifest["invocations"]) == 2
+
+
+def test_two_cpu_workers_give_the_sequential_results(reference, data_dir, tmp_path):
+    proc = subprocess.run(_grid_cmd(data_dir, tmp_path, "--devices", "cpu,cpu"), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = _results(tmp_path), _results(reference)
+    assert set(got) == set(want)
+    for name in want:
+        assert _comparable(got[name]) == _comparable(want[name]), name
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [d["device"] for d in manifest["devices"]] == ["cpu", "cpu"]
+    assert "projected time" in proc.stderr

@@ -1,0 +1,243 @@
+"""The report (apl.report) from fixed run records: golden tables, statistics, figures, errors.
+
+The records are generated here by code (accuracies from a closed formula), so the tables
+are fully determined. The golden files under tests/golden/report/ were produced by
+``make_report`` once and reviewed by eye; regenerate them after an intended format change
+with ``APL_UPDATE_GOLDEN=1 pytest tests/test_report.py`` and review the diff.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from apl.config import TrainConfig
+from apl.grid import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS
+from apl.paper import paper_numbers, reference_accuracy
+from apl.report import group_runs, load_run_records, make_report, table_rows
+
+GOLDEN = Path(__file__).parent / "golden" / "report"
+SEED_PAPER = Path("/work/shared/seed/000_751a3e17ea3f2e34.txt")
+TABLES = [f"table1_{v}.{ext}" for v in GRID_VARIANTS for ext in ("md", "csv", "tex")]
+EPOCHS = 3
+
+
+def fake_accuracy(loss: str, variant: str, noise: float, seed: int, epoch: int) -> float:
+    """A closed-form test accuracy: falls with noise, differs per loss/variant/seed/epoch."""
+    i = GRID_LOSSES.index(loss)
+    peak = 85.0 - 70.0 * noise + 1.25 * i - (2.5 if variant == "ma2020" else 0.0)
+    # Rises to a peak at epoch 2, then drops under noise: best and final differ.
+    shape = {1: -8.0, 2: 0.0, 3: -20.0 * noise}[epoch]
+    return round(peak + shape + 0.75 * seed, 2)
+
+
+def _record(loss, variant, noise, seed) -> dict:
+    cfg = TrainConfig.paper(loss=loss, variant=variant, noise=noise, seed=seed, width=0.125,
+                            epochs=EPOCHS, train_subset=400, test_subset=200, batch_size=32)
+    history = [{"epoch": e, "test_acc": fake_accuracy(loss, variant, noise, seed, e),
+                "train_loss": 1.0 / e, "epoch_time_s": 0.5} for e in range(1, EPOCHS + 1)]
+    accs = [h["test_acc"] for h in history]
+    return {"run_name": cfg.run_name(), "loss": loss, "variant": variant, "noise": noise,
+            "noise_type": "symmetric", "seed": seed, "config": cfg.to_dict(), "history": history,
+            "final_test_acc": accs[-1], "best_test_acc": max(accs),
+            "best_epoch": accs.index(max(accs)) + 1, "data_source": "fixture: generated records",
+            "wall_time_s": 1.5, "finished_at": "2025-01-01T00:00:00+00:00"}
+
+
+def write_runs(root: Path, seeds=(0, 1), noise=GRID_NOISE, losses=GRID_LOSSES,
+               manifest: dict | None = None) -> list[dict]:
+    """A grid's records (CE once per noise and seed, labelled with variant 'paper')."""
+    records = []
+    for seed in seeds:
+        for variant in GRID_VARIANTS:
+            for eta in noise:
+                for loss in losses:
+                    if loss == "ce" and variant != "paper":
+                        continue
+                    rec = _record(loss, variant, eta, seed)
+                    run = root / "runs" / rec["run_name"]
+                    run.mkdir(parents=True)
+                    (run / "result.json").write_text(json.dumps(rec))
+                    records.append(rec)
+    if manifest is not None:
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return records
+
+
+MANIFEST = {"preset": "quick", "overrides": {}, "command": "python -m apl grid --preset quick",
+            "devices": [{"device": "cpu", "name": "fixture CPU"}], "torch_version": "x",
+            "started_at": "2025-01-01T00:00:00+00:00", "finished_at": None, "runs": {}}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    write_runs(root, manifest=MANIFEST)
+    out = tmp_path_factory.mktemp("figures")
+    written = make_report(root, out, command="python -m apl report --runs R --out O")
+    return root, out, written
+
+
+def test_tables_match_golden_files(report):
+    _, out, _ = report
+    if os.environ.get("APL_UPDATE_GOLDEN") == "1":
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for name in TABLES:
+            (GOLDEN / name).write_bytes((out / name).read_bytes())
+    for name in TABLES:
+        assert (out / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+
+
+def test_same_records_give_byte_identical_tables_and_figures(report, tmp_path):
+    root, out, written = report
+    make_report(root, tmp_path)
+    for path in written:
+        if path.name != "README.md":  # the README names the output folder
+            assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_figures_and_readme_are_written(report):
+    _, out, written = report
+    for variant in GRID_VARIANTS:
+        for n in (1, 2, 3):
+            png = out / f"figure{n}_{variant}.png"
+            pdf = out / f"figure{n}_{variant}.pdf"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+            assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
+    readme = (out / "README.md").read_text()
+    # Every written file is described, and the stamp names the preset.
+    for path in written:
+        if path.name != "README.md":
+            assert f"`{path.name}`" in readme
+    assert "QUICK PRESET" in readme and "not the paper's protocol" in readme
+    assert "fixture CPU" in readme
+
+
+def test_cells_are_mean_and_sample_std_over_seeds_minus_the_paper():
+    records = [_record(loss, "paper", 0.6, s) for loss in ("nce", "ce") for s in (0, 1, 2)]
+    for r in records:
+        r["_run"] = r["run_name"]
+    cells = group_runs(records)["paper"]
+    rows = {(r["loss"], r["noise"]): r for r in table_rows(cells, "final", "paper")}
+    finals = [fake_accuracy("nce", "paper", 0.6, s, EPOCHS) for s in (0, 1, 2)]
+    row = rows[("nce", 0.6)]
+    assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
+    assert row["mean"] == pytest.approx(statistics.fmean(finals))
+    assert row["std"] == pytest.approx(statistics.stdev(finals))
+    assert row["reference"] == 53.70  # the paper's Table 1, NCE at eta = 0.6
+    assert row["diff"] == pytest.approx(row["mean"] - 53.70)
+    best = {(r["loss"], r["noise"]): r for r in table_rows(cells, "best", "paper")}
+    assert best[("nce", 0.6)]["mean"] == pytest.approx(
+        statistics.fmean(max(fake_accuracy("nce", "paper", 0.6, s, e) for e in (1, 2, 3))
+                         for s in (0, 1, 2)))
+    # Cells without runs, and the clean column against the paper, have no numbers.
+    assert rows[("nfl", 0.6)]["mean"] is None and rows[("nfl", 0.6)]["n"] == 0
+    assert rows[("ce", 0.0)]["reference"] is None
+
+
+def test_ce_runs_serve_both_variants_and_others_do_not(tmp_path):
+    records = write_runs(tmp_path, seeds=(0,), noise=(0.2,), losses=("ce", "nce"))
+    groups = group_runs(load_run_records(tmp_path))
+    assert len(records) == 3  # ce once, nce per variant
+    for variant in GRID_VARIANTS:
+        assert [r["variant"] for r in groups[variant][("ce", 0.2)]] == ["paper"]
+        assert [r["variant"] for r in groups[variant][("nce", 0.2)]] == [variant]
+
+
+def test_single_seed_cells_show_no_std_and_missing_cells_a_dash(tmp_path):
+    write_runs(tmp_path / "g", seeds=(0,), noise=(0.2, 0.6), manifest=MANIFEST)
+    make_report(tmp_path / "g", tmp_path / "o", figures=False)
+    md = (tmp_path / "o" / "table1_paper.md").read_text()
+    nce = next(line for line in md.splitlines() if line.startswith("| NCE |"))
+    cells = [c.strip() for c in nce.strip("|").split("|")]
+    final = fake_accuracy("nce", "paper", 0.2, 0, EPOCHS)
+    # Loss, clean (no run: dash), then eta=0.2: ours, paper, diff.
+    assert cells[:5] == ["NCE", "—", f"{final:.2f}", "73.07", f"{final - 73.07:+.2f}"]
+    assert "±" not in nce
+    assert "single run per cell (seed 0)" in md
+
+
+def test_ma2020_preset_compares_with_the_cited_works_numbers(tmp_path):
+    write_runs(tmp_path / "g", seeds=(0,), noise=(0.0, 0.8), losses=("ce", "nce+rce"),
+               manifest=dict(MANIFEST, preset="ma2020"))
+    make_report(tmp_path / "g", tmp_path / "o", figures=False)
+    csv_lines = (tmp_path / "o" / "table1_ma2020.csv").read_text().splitlines()
+    ce_clean = next(line for line in csv_lines if line.startswith("ma2020,final,ce,0.0,"))
+    assert ce_clean.split(",")[8:10] == ["90.50", "ma2020"]
+    md = (tmp_path / "o" / "table1_ma2020.md").read_text()
+    assert "MA2020 PRESET" in md and "clean publ." in md
+
+
+def test_no_manifest_still_reports_with_an_unknown_preset_stamp(tmp_path):
+    write_runs(tmp_path / "g", seeds=(0,), noise=(0.6,))
+    make_report(tmp_path / "g", tmp_path / "o", figures=False)
+    assert "PRESET UNKNOWN" in (tmp_path / "o" / "table1_paper.md").read_text()
+    assert "no manifest.json" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_bad_inputs_raise_value_errors_naming_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        make_report(tmp_path / "missing", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no finished runs"):
+        make_report(tmp_path / "empty", tmp_path / "o")
+    bad = tmp_path / "bad" / "runs" / "x"
+    bad.mkdir(parents=True)
+    (bad / "result.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read run record .*x.result\.json"):
+        make_report(tmp_path / "bad", tmp_path / "o")
+    (bad / "result.json").write_text(json.dumps({"loss": "ce"}))
+    with pytest.raises(ValueError, match="lacks variant, noise, seed"):
+        make_report(tmp_path / "bad", tmp_path / "o")
+    with pytest.raises(ValueError, match="reference must be"):
+        write_runs(tmp_path / "ok", seeds=(0,), noise=(0.2,), losses=("ce",))
+        make_report(tmp_path / "ok", tmp_path / "o", reference="other")
+
+
+def test_two_records_of_one_cell_are_an_error(tmp_path):
+    write_runs(tmp_path, seeds=(0,), noise=(0.2,), losses=("nce",))
+    rec = json.loads(next((tmp_path / "runs").glob("nce_paper*/result.json")).read_text())
+    (tmp_path / "runs" / "copy").mkdir()
+    (tmp_path / "runs" / "copy" / "result.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="same grid cell"):
+        make_report(tmp_path, tmp_path / "o")
+
+
+def test_runs_outside_the_grid_are_left_out(tmp_path):
+    write_runs(tmp_path, seeds=(0,), noise=(0.2,), losses=("ce",))
+    extra = _record("ce", "paper", 0.2, 0)
+    extra.update(noise_type="asymmetric", run_name="asym")
+    (tmp_path / "runs" / "asym").mkdir()
+    (tmp_path / "runs" / "asym" / "result.json").write_text(json.dumps(extra))
+    groups = group_runs(load_run_records(tmp_path))
+    assert len(groups["paper"][("ce", 0.2)]) == 1
+
+
+def test_reference_lookup():
+    assert reference_accuracy("paper", "nce+rce", 0.8) == 31.76
+    assert reference_accuracy("paper", "nce", 0.0) is None
+    assert reference_accuracy("ma2020", "nce", 0.2) is None  # not in the published table
+    assert reference_accuracy("ma2020", "sce", 0.0) == 91.30
+    with pytest.raises(ValueError, match="unknown source"):
+        reference_accuracy("other", "ce", 0.2)
+
+
+@pytest.mark.skipif(not SEED_PAPER.exists(), reason="the seed paper's text is not on this machine")
+def test_paper_numbers_are_the_seed_papers_table_1():
+    text = SEED_PAPER.read_text()
+    end = text.index("Table 1:")
+    table = text[text.rindex("Noise Rate", 0, end):end]
+    printed = {}
+    for line in table.splitlines()[1:]:
+        m = re.match(r"\s*(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
+        if m:
+            name = re.sub(r"\\operatorname\{(\w+)\}|\$", r"\1", m.group(1)).replace(" ", "").lower()
+            printed[name] = [float(v) for v in m.groups()[1:]]
+    stored = paper_numbers("paper")["symmetric"]
+    assert sorted(printed) == sorted(stored) == sorted(GRID_LOSSES)
+    for loss, values in printed.items():
+        assert [stored[loss][k] for k in ("0.2", "0.4", "0.6", "0.8")] == values, loss
