@@ -70,8 +70,9 @@ elif [ "$venv" != system ] && [ -x "$venv/bin/python" ]; then
 else
   py=python3
 fi
-if [ "${APL_IN_DOCKER:-0}" != 1 ] && ! "$py" -c "import apl, torch" 2>/dev/null; then
-  echo "[reproduce] $py lacks apl or torch: setting up the environment (scripts/setup_env.sh)"
+# The project's own environment is checked every time (idempotent, seconds when up to date),
+# so a changed kernel source is rebuilt before it trains anything.
+if [ "${APL_IN_DOCKER:-0}" != 1 ] && { [ -z "${PYTHON:-}" ] || ! "$py" -c "import apl, torch" 2>/dev/null; }; then
   scripts/setup_env.sh
   if [ "$venv" = system ]; then py="${PYTHON:-python3}"; else py="$venv/bin/python"; fi
 fi

@@ -27,15 +27,18 @@ def _extensions():
         return [], {}
     want_cuda = bool(cu) and CUDA_HOME is not None and torch.version.cuda is not None and (
         os.environ.get("FORCE_CUDA") == "1" or torch.cuda.is_available())
-    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"]
+    # C++20: torch 2.14's headers require it.
+    cxx = ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
     # Py_LIMITED_API is not used: the extension registers ops with TORCH_LIBRARY and needs no
     # Python symbols beyond a module init, so one build serves one torch ABI.
     macros = [("APL_WITH_CUDA", "1")] if want_cuda else []
     if want_cuda:
         ext = CUDAExtension(
             "apl._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")], define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17",
-                                                     "--expt-relaxed-constexpr"]},
+            # No --use_fast_math: it turns logf/expf into approximate intrinsics whose absolute
+            # error near log(1) is larger than the quantities the loss kernels keep exact
+            # (log p_y when p_y -> 1, LOSSES.md "Numerics").
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("apl._C", cpp, include_dirs=[os.path.join(HERE, "csrc")],

@@ -9,6 +9,13 @@ if command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]
   flags+=(--cuda)
 fi
 scripts/setup_env.sh "${flags[@]}"
-py="${APL_VENV:-.venv}/bin/python"
-[ "${APL_VENV:-}" = system ] && py="${PYTHON:-python3}"
+if [ "${APL_VENV:-}" = system ]; then
+  py="${PYTHON:-python3}"
+else
+  venv="${APL_VENV:-.venv}"
+  case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+  # The venv's bin first, so tools installed there (hadolint) are found by the tests.
+  export PATH="$venv/bin:$PATH"
+  py="$venv/bin/python"
+fi
 exec "$py" -m pytest -q tests "$@"

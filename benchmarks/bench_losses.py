@@ -1,0 +1,146 @@
+"""Forward + backward time of the fused loss operator against the pure-PyTorch reference.
+
+For each loss and shape it times one training-style step (loss of a leaf tensor, then
+``backward``) of:
+
+- ``fused``: ``apl.fused.fused_loss`` (the C++/CUDA operator, csrc/);
+- ``reference``: ``apl.losses.reference_loss`` run eagerly;
+- ``compiled``: the reference under ``torch.compile`` (compiled once per loss and shape);
+- ``F.cross_entropy``: PyTorch's own cross entropy (for the CE row only).
+
+Each entry is the median over repeats after a warm-up. Prints a Markdown table with the
+absolute times and the ratios reference/fused, compiled/fused and fused/F.cross_entropy.
+
+    python benchmarks/bench_losses.py            # N in {128, 1000, 8192} x C in {10, 100, 1000, 32000}
+    python benchmarks/bench_losses.py --quick    # fewer shapes, no torch.compile
+    python benchmarks/bench_losses.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import apl.fused as fused
+from apl.losses import reference_loss
+from apl.spec import spec_for
+
+LOSSES = {
+    "CE": spec_for("ce"),
+    "NCE (ma2020)": spec_for("nce"),
+    "NFL (ma2020)": spec_for("nfl"),
+    "NCE+RCE (ma2020)": spec_for("nce+rce"),
+    "NFL+RCE (ma2020)": spec_for("nfl+rce"),
+    "NCE (paper)": spec_for("nce", variant="paper"),
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(loss_fn, logits: torch.Tensor, target: torch.Tensor, device: str, *,
+              min_time: float, max_repeats: int, warmup: int = 3) -> float:
+    """Median seconds of ``loss_fn(x, target).backward()`` for a fresh leaf ``x``."""
+    x = logits.detach().clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        loss_fn(x, target).backward()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < 5 or time.perf_counter() - start_all < min_time):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N in {128, 1000} x C in {10, 1000}, no torch.compile")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--no-large", action="store_true", help="skip N = 8192")
+    parser.add_argument("--max-elements", type=int, default=1 << 26,
+                        help="skip shapes with more logits than this (default 2^26: 8192 x 32000 needs "
+                             "several GB for the eager reference)")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per entry (default 0.3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's); 1 gives stable numbers on a busy machine")
+    parser.add_argument("--losses", nargs="*", default=list(LOSSES), help="subset of: " + ", ".join(LOSSES))
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not fused.is_available():
+        print(f"fused operator unavailable: {fused.unavailable_reason()}", file=sys.stderr)
+        return 1
+    if args.device == "cuda" and not (torch.cuda.is_available() and fused.cuda_available()):
+        print("--device cuda needs a GPU and the extension built with CUDA kernels", file=sys.stderr)
+        return 1
+
+    ns = [128, 1000] if (args.quick or args.no_large) else [128, 1000, 8192]
+    cs = [10, 1000] if args.quick else [10, 100, 1000, 32000]
+    use_compile = not (args.quick or args.no_compile)
+    max_repeats = 30 if args.quick else 200
+
+    isa = torch.ops.apl._cpu_kernel_isa() if args.device == "cpu" else "cuda"
+    print(f"# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
+    print(f"torch {torch.__version__}, device {args.device} (row kernels: {isa}), "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    header = ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy",
+              "reference/fused", "compiled/fused", "fused/F.ce"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.losses:
+        spec = LOSSES[name]
+        for n in ns:
+            for c in cs:
+                if n * c > args.max_elements:
+                    continue
+                g = torch.Generator().manual_seed(0)
+                logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
+                target = torch.randint(0, c, (n,), generator=g).to(args.device)
+                # Fewer repeats for the slow eager reference on big shapes.
+                timing = dict(min_time=args.min_time, max_repeats=max_repeats)
+                t_fused = time_step(lambda x, y: fused.fused_loss(x, y, spec), logits, target, args.device, **timing)
+                t_ref = time_step(lambda x, y: reference_loss(x, y, spec), logits, target, args.device, **timing)
+                t_comp = None
+                if use_compile:
+                    torch._dynamo.reset()
+                    compiled = torch.compile(lambda x, y: reference_loss(x, y, spec), dynamic=False)
+                    t_comp = time_step(compiled, logits, target, args.device, warmup=3, **timing)
+                t_ce = None
+                if name == "CE":
+                    t_ce = time_step(lambda x, y: F.cross_entropy(x, y), logits, target, args.device, **timing)
+                row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_ref), _fmt_ms(t_comp), _fmt_ms(t_ce),
+                       _ratio(t_ref, t_fused), _ratio(t_comp, t_fused), _ratio(t_fused, t_ce)]
+                print("| " + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

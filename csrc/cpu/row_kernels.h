@@ -1,0 +1,52 @@
+// Interface of the CPU row kernels. The kernels themselves (row_kernels_impl.h) are compiled
+// once per instruction set (row_kernels_{default,avx2,avx512}.cpp) and picked at run time
+// from ATen's CPU capability (so ATEN_CPU_CAPABILITY=default|avx2|avx512 also applies).
+// This header is plain C++: it is included by those files before any ISA pragma.
+#pragma once
+
+#include <cstdint>
+
+#include "../loss_row.h"
+
+namespace apl {
+namespace cpu {
+
+// Forward of `rows` consecutive rows: writes their stats (row::Stat columns).
+template <typename T>
+struct ForwardBlock {
+  const T* logits;        // rows x C, contiguous
+  const int64_t* target;  // rows (already range-checked)
+  int64_t rows, C, ignore_index;
+  row::LossParams<T> params;
+  T* stats;               // rows x row::NUM_STATS
+};
+
+// Backward of `rows` consecutive rows: writes dL/dz.
+template <typename T>
+struct BackwardBlock {
+  const T* logits;
+  const int64_t* target;
+  int64_t rows, C, ignore_index;
+  row::LossParams<T> params;
+  const T* stats;
+  const T* grad_rows;    // upstream gradient of each row's loss (incl. 1/N_valid for 'mean')
+  int64_t grad_stride;   // 0 when one value serves every row
+  T scale;               // batch scale of the active term (1 unless a paper form)
+  T batch_coef;          // NFL_PAPER's term through B (row::nfl_paper_batch_coef)
+  T* grad;               // rows x C
+};
+
+struct RowKernels {
+  void (*forward_f32)(const ForwardBlock<float>&);
+  void (*forward_f64)(const ForwardBlock<double>&);
+  void (*backward_f32)(const BackwardBlock<float>&);
+  void (*backward_f64)(const BackwardBlock<double>&);
+  const char* isa;
+};
+
+RowKernels row_kernels_default();
+RowKernels row_kernels_avx2();    // == default where the compiler cannot target AVX2
+RowKernels row_kernels_avx512();  // == default where the compiler cannot target AVX-512
+
+}  // namespace cpu
+}  // namespace apl

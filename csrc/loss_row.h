@@ -1,0 +1,534 @@
+// The per-row math of every loss of apl-repro, written once for the CPU and CUDA kernels.
+//
+// Formulas and their sources: LOSSES.md (the single source of truth; this file implements
+// it). A kernel reduces one row to a few sums (RowSums), turns them into the row's basic
+// log-probabilities (RowBasics) and the loss values (active, passive and their normalisers),
+// stored as the per-row `stats`. The backward turns a row's stats into a few coefficients
+// (Coefs, RowGrad) of the common form of every gradient (LOSSES.md, "The fused operator"),
+//
+//   dL/dz_j = P p_j + D [j = y] + K + G q_j [j != y] + W w_j + R p_j [j in M],
+//
+// so one loop over the row (grad_not_target) serves every loss; see "backward" below for the
+// cancellation-free way the coefficients are grouped.
+//
+// Everything here is inline and has internal linkage (static) on the host: the CPU kernels
+// are compiled several times with different instruction sets (csrc/cpu/row_kernels_*.cpp)
+// and must not share out-of-line copies of these functions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define APL_HD static inline __host__ __device__
+#else
+#define APL_HD static inline
+#endif
+
+namespace apl {
+namespace row {
+
+// Kinds of per-row loss term: the values are apl.spec.Kind (the operator's ABI).
+enum Kind : int {
+  NONE = 0,
+  CE = 1,
+  FL = 2,
+  FL_DETACHED = 3,
+  NCE_MA2020 = 4,
+  NFL_MA2020 = 5,
+  NCE_PAPER = 6,
+  NFL_PAPER = 7,
+  MAE = 8,
+  RCE = 9,
+  GCE = 10,
+  NUM_KINDS = 11,
+};
+
+// Columns of the per-row `stats` tensor the forward saves for the backward. Ignored rows
+// are all zero. Kind-specific columns are zero when the kind is absent.
+enum Stat : int {
+  ST_ACTIVE = 0,     // active term's row value, before alpha and the batch scale
+  ST_PASSIVE = 1,    // passive term's row value, before beta
+  ST_MAX_NY = 2,     // m = max_{k != y} z_k
+  ST_LOGSUM_NY = 3,  // log sum_{k != y} exp(z_k - m); logsumexp_{k != y} z = m + this
+  ST_LOG_P = 4,      // log p_y
+  ST_LOG_1MP = 5,    // log(1 - p_y), exact even when p_y rounds to 1
+  ST_P = 6,          // p_y
+  ST_1MP = 7,        // 1 - p_y (from the same exp as p_y, not by subtraction)
+  ST_FOCAL_W = 8,    // (1 - p_y)^gamma = exp(gamma * log(1 - p_y)) (FL kinds only)
+  ST_NORM = 9,       // NCE_MA2020: sum_k log p_k; NFL_MA2020: sum_k w_k log p_k
+  ST_WSUM = 10,      // NFL_MA2020: sum_k w_k
+  ST_RCE_MASS = 11,  // RCE: sum of the unclamped p_k (k != y, 1e-7 < p_k < 1): the set M
+  ST_RCE_CMASS = 12, // RCE: 1 - ST_RCE_MASS, summed directly (p_y + p_k outside M) for precision
+  NUM_STATS = 13,
+};
+
+// -ln(1e-4): RCE's constant A (apl.spec.RCE_A); 1e-7: the probability clamp (PROB_CLAMP).
+constexpr double kRceA = 9.210340371976182736;
+constexpr double kProbClamp = 1e-7;
+constexpr double kLogProbClamp = -16.11809565095831978;  // log(1e-7)
+constexpr double kLn2 = 0.693147180559945309;
+
+template <typename T>
+struct LossParams {
+  int active;
+  int passive;
+  T alpha, beta, gamma, q;
+};
+
+// ---------------------------------------------------------------- scalar maths
+// Overloads instead of std:: so the same names work in CUDA device code.
+APL_HD float apl_exp(float x) { return expf(x); }
+APL_HD double apl_exp(double x) { return exp(x); }
+APL_HD float apl_log(float x) { return logf(x); }
+APL_HD double apl_log(double x) { return log(x); }
+APL_HD float apl_expm1(float x) { return expm1f(x); }
+APL_HD double apl_expm1(double x) { return expm1(x); }
+APL_HD float apl_sqrt(float x) { return sqrtf(x); }
+APL_HD double apl_sqrt(double x) { return sqrt(x); }
+
+// max that returns NaN when either argument is NaN (std::max / fmax drop NaNs, which
+// would turn a NaN logit into a finite loss).
+template <typename T>
+APL_HD T nanmax(T a, T b) {
+  return (a != a) ? a : (a >= b ? a : b);
+}
+
+// The math below is written once against a "maths policy" M: M::V is the value type (a
+// scalar, or a vector of rows or of classes), M::S the scalar type of the parameters. This is
+// the scalar policy (CUDA, and the CPU's per-row bookkeeping); csrc/cpu/row_kernels_impl.h
+// supplies the at::vec::Vectorized one. Every data-dependent choice is a select.
+template <typename T>
+struct ScalarMath {
+  using V = T;
+  using S = T;
+  APL_HD V exp(V x) { return apl_exp(x); }
+  APL_HD V log(V x) { return apl_log(x); }
+  APL_HD V expm1(V x) { return apl_expm1(x); }
+  APL_HD V sqrt(V x) { return apl_sqrt(x); }
+  // whether x > t (in any lane)
+  APL_HD bool any_gt(V x, S t) { return x > t; }
+  // x > t ? a : b, x < t ? a : b, x == t ? a : b
+  APL_HD V select_gt(V x, S t, V a, V b) { return x > t ? a : b; }
+  APL_HD V select_lt(V x, S t, V a, V b) { return x < t ? a : b; }
+  APL_HD V select_eq(V x, S t, V a, V b) { return x == t ? a : b; }
+  // lo < x < hi ? a : b  (torch.clamp passes a gradient only strictly inside its bounds)
+  APL_HD V select_inside(V x, S lo, S hi, V a, V b) { return (x > lo && x < hi) ? a : b; }
+  // torch.clamp: NaN stays NaN
+  APL_HD V clamp(V x, S lo, S hi) { return x < lo ? V(lo) : (x > hi ? V(hi) : x); }
+};
+
+// 1 - p from p and log p: -expm1(log p) where p > 1/2 (exact when p rounds to 1), else 1 - p
+// (exact to an ulp there). These are the two branches of log1mexp (LOSSES.md "Numerics"),
+// before the log. Vector lanes above 1/2 are rare (at most one class per row), so expm1 is
+// only evaluated when some lane needs it.
+template <class M>
+APL_HD typename M::V one_minus_p(typename M::V p, typename M::V logp) {
+  using V = typename M::V;
+  using S = typename M::S;
+  V r = V(S(1)) - p;
+  if (M::any_gt(logp, S(-kLn2))) r = M::select_gt(logp, S(-kLn2), V(S(0)) - M::expm1(logp), r);
+  return r;
+}
+
+// (1 - p)^gamma from 1 - p, detached weights of NFL_MA2020: gamma = 0 gives 1 (also for
+// p = 1), gamma = 0.5 (the default) a square root, otherwise exp(gamma log(1 - p)).
+template <class M>
+APL_HD typename M::V focal_weight_from_omp(typename M::V omp, typename M::S gamma) {
+  using V = typename M::V;
+  using S = typename M::S;
+  if (gamma == S(0)) return V(S(1));
+  if (gamma == S(0.5)) return M::sqrt(omp);
+  if (gamma == S(1)) return omp;
+  return M::exp(V(gamma) * M::log(omp));
+}
+
+// (1 - p_y)^gamma = exp(gamma log(1 - p_y)) (FL, FL_DETACHED, NFL_PAPER); gamma = 0 gives 1.
+template <class M>
+APL_HD typename M::V focal_weight_from_log1mp(typename M::V log1mp, typename M::S gamma) {
+  using V = typename M::V;
+  using S = typename M::S;
+  return gamma == S(0) ? V(S(1)) : M::exp(V(gamma) * log1mp);
+}
+
+APL_HD bool is_normalised(int kind) { return kind == NCE_MA2020 || kind == NFL_MA2020; }
+APL_HD bool is_batch_level(int kind) { return kind == NCE_PAPER || kind == NFL_PAPER; }
+// The fused operator takes any kind as the active term; the passive term must not need
+// columns of its own (normalisers) nor a batch statistic.
+APL_HD bool valid_active(int kind) { return kind > NONE && kind < NUM_KINDS; }
+APL_HD bool valid_passive(int kind) {
+  return kind >= NONE && kind < NUM_KINDS && !is_normalised(kind) && !is_batch_level(kind);
+}
+template <typename T>
+APL_HD bool uses(const LossParams<T>& p, int kind) { return p.active == kind || p.passive == kind; }
+// Which optional row passes a loss needs.
+template <typename T>
+APL_HD bool needs_zsum(const LossParams<T>& p) { return p.active == NCE_MA2020; }
+template <typename T>
+APL_HD bool needs_rce_pass(const LossParams<T>& p) { return uses(p, RCE); }
+template <typename T>
+APL_HD bool needs_nfl_pass(const LossParams<T>& p) { return p.active == NFL_MA2020; }
+template <typename T>
+APL_HD bool uses_focal_weight(const LossParams<T>& p) {
+  return uses(p, FL) || uses(p, FL_DETACHED) || uses(p, NFL_PAPER);
+}
+
+// ---------------------------------------------------------------- forward
+// What the first two passes over a row produce (sums over k != y only).
+template <typename V>
+struct RowSums {
+  V max_ny;   // max_{k != y} z_k
+  V sum_ny;   // sum_{k != y} exp(z_k - max_ny)   (>= 1)
+  V zsum_ny;  // sum_{k != y} (z_k - max_ny)      (NCE_MA2020 only)
+};
+
+// The row's log-probabilities, all relative to m = max_{k != y} z_k so that large logits
+// lose no precision: log p_j = (z_j - m) - shift, q_j = exp((z_j - m) - lsum) (softmax over
+// k != y), log p_y and log(1 - p_y) from d = logit of p_y, exactly (LOSSES.md "Numerics").
+template <typename V>
+struct RowBasics {
+  V m;       // max_{k != y} z_k
+  V lsum;    // log sum_{k != y} exp(z_k - m)
+  V shift;   // lse - m  (lse = logsumexp over all k)
+  V logp;    // log p_y
+  V log1mp;  // log(1 - p_y)
+  V py;      // p_y
+  V omp;     // 1 - p_y
+};
+
+// From d = log(p_y / (1 - p_y)) with one exp and one log: e = exp(-|d|),
+// -log p_y = softplus(-d) = max(-d, 0) + log1p(e), -log(1 - p_y) = max(d, 0) + log1p(e),
+// and p_y, 1 - p_y = 1/(1+e), e/(1+e) in the order the sign of d says. NaN stays NaN.
+template <class M>
+APL_HD RowBasics<typename M::V> basics_from(typename M::V m, typename M::V lsum, typename M::V z_y) {
+  using V = typename M::V;
+  using S = typename M::S;
+  RowBasics<V> b;
+  b.m = m;
+  b.lsum = lsum;
+  const V zero(S(0)), one(S(1));
+  const V d = (z_y - m) - lsum;
+  const V e = M::exp(M::select_gt(d, S(0), zero - d, d));
+  // log1p(e) for e in [0, 1] as log(u) * e / (u - 1), u = 1 + e (exact to a few ulps; libm's
+  // log1pf costs twice a logf)
+  const V u = one + e;
+  const V l = M::select_eq(u, S(1), e, M::log(u) * (e / (u - one)));
+  const V sp_pos = M::select_gt(d, S(0), d, zero) + l;         // -log(1 - p_y)
+  const V sp_neg = M::select_gt(d, S(0), zero, zero - d) + l;  // -log p_y
+  b.log1mp = zero - sp_pos;
+  b.logp = zero - sp_neg;
+  b.shift = lsum + sp_pos;
+  const V inv = one / u;
+  b.py = M::select_gt(d, S(0), inv, e * inv);
+  b.omp = M::select_gt(d, S(0), e * inv, inv);
+  return b;
+}
+
+template <class M>
+APL_HD RowBasics<typename M::V> basics_from_sums(const RowSums<typename M::V>& s, typename M::V z_y) {
+  return basics_from<M>(s.max_ny, M::log(s.sum_ny), z_y);
+}
+
+template <typename V>
+APL_HD RowBasics<V> basics_from_stats(const V* st) {
+  RowBasics<V> b;
+  b.m = st[ST_MAX_NY];
+  b.lsum = st[ST_LOGSUM_NY];
+  b.logp = st[ST_LOG_P];
+  b.log1mp = st[ST_LOG_1MP];
+  b.py = st[ST_P];
+  b.omp = st[ST_1MP];
+  b.shift = b.lsum - b.log1mp;  // bit-identical to the forward's lsum + softplus(d)
+  return b;
+}
+
+// Per-element contributions of the optional third pass (k != y). `B` is the type of the row
+// quantities: a scalar broadcast over a vector of classes, or the vector of rows itself.
+// RCE: p_k = q_k (1 - p_y); value sums clamp(p_k, 1e-7, 1), mass the unclamped p_k (k in M),
+// outside the others.
+template <class M, typename B>
+APL_HD void rce_terms(typename M::V z, const RowBasics<B>& b, typename M::V& value,
+                      typename M::V& mass, typename M::V& outside) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V pk = M::exp((z - V(b.m)) - V(b.lsum)) * V(b.omp);
+  value = M::clamp(pk, S(kProbClamp), S(1));
+  mass = M::select_inside(pk, S(kProbClamp), S(1), pk, V(S(0)));
+  outside = M::select_inside(pk, S(kProbClamp), S(1), V(S(0)), pk);
+}
+
+// NFL_MA2020: w_k log p_k and w_k with w_k = (1 - p_k)^gamma detached.
+template <class M, typename B>
+APL_HD void nfl_terms(typename M::V z, const RowBasics<B>& b, typename M::S gamma, typename M::V& wlogp,
+                      typename M::V& w) {
+  using V = typename M::V;
+  const V lp = (z - V(b.m)) - V(b.shift);
+  w = focal_weight_from_omp<M>(one_minus_p<M>(M::exp(lp), lp), gamma);
+  wlogp = w * lp;
+}
+
+// NFL_MA2020's weight of the target itself, computed as every other class's.
+template <class M>
+APL_HD typename M::V nfl_weight_y(const RowBasics<typename M::V>& b, typename M::S gamma) {
+  return focal_weight_from_omp<M>(one_minus_p<M>(b.py, b.logp), gamma);
+}
+
+// Third-pass results, summed over k != y.
+template <typename V>
+struct RowExtra {
+  V rce_value;    // sum_{k != y} clamp(p_k, 1e-7, 1)
+  V rce_mass;     // sum_{k != y, 1e-7 < p_k < 1} p_k
+  V rce_outside;  // sum_{k != y, p_k <= 1e-7 or p_k >= 1} p_k
+  V nfl_norm;     // sum_{k != y} w_k log p_k
+  V nfl_wsum;     // sum_{k != y} w_k
+};
+
+// Value of one term for a row (before alpha/beta and the batch scale).
+// `norm` is the row's normaliser for the normalised kinds (stats ST_NORM).
+template <class M>
+APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& b,
+                                const LossParams<typename M::S>& p, typename M::V norm,
+                                typename M::V rce_value) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V zero(S(0));
+  switch (kind) {
+    case CE:
+    case NCE_PAPER:
+      return zero - b.logp;
+    case FL:
+    case FL_DETACHED:
+    case NFL_PAPER:
+      return zero - focal_weight_from_log1mp<M>(b.log1mp, p.gamma) * b.logp;
+    case NCE_MA2020:
+      return b.logp / norm;
+    case NFL_MA2020:
+      return nfl_weight_y<M>(b, p.gamma) * b.logp / norm;
+    case MAE:
+      return b.omp;
+    case RCE:
+      return V(S(kRceA)) * rce_value;
+    case GCE: {
+      // (1 - clamp(p_y, 1e-7, 1)^q) / q taken on log p_y: -expm1(q max(log p_y, log 1e-7)) / q
+      // (expm1 keeps precision near p_y = 1; NaN stays NaN)
+      const V lp = M::select_lt(b.logp, S(kLogProbClamp), V(S(kLogProbClamp)), b.logp);
+      return (zero - M::expm1(V(p.q) * lp)) / V(p.q);
+    }
+    default:
+      return zero;
+  }
+}
+
+// A valid row's stats (st[0 .. NUM_STATS)) from its sums. `c_classes` is C.
+template <class M>
+APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& b,
+                      const RowSums<typename M::V>& s, const RowExtra<typename M::V>& x,
+                      const LossParams<typename M::S>& p, typename M::S c_classes) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V zero(S(0));
+  V norm = zero, wsum = zero;
+  if (p.active == NCE_MA2020) {
+    // sum_k log p_k = sum_{k != y} (z_k - m) - (C - 1) * shift + log p_y
+    norm = s.zsum_ny - V(c_classes - S(1)) * b.shift + b.logp;
+  } else if (p.active == NFL_MA2020) {
+    const V wy = nfl_weight_y<M>(b, p.gamma);
+    norm = x.nfl_norm + wy * b.logp;
+    wsum = x.nfl_wsum + wy;
+  }
+  st[ST_ACTIVE] = term_value<M>(p.active, b, p, norm, x.rce_value);
+  st[ST_PASSIVE] = p.passive == NONE ? zero : term_value<M>(p.passive, b, p, norm, x.rce_value);
+  st[ST_MAX_NY] = b.m;
+  st[ST_LOGSUM_NY] = b.lsum;
+  st[ST_LOG_P] = b.logp;
+  st[ST_LOG_1MP] = b.log1mp;
+  st[ST_P] = b.py;
+  st[ST_1MP] = b.omp;
+  st[ST_FOCAL_W] = uses_focal_weight(p) ? focal_weight_from_log1mp<M>(b.log1mp, p.gamma) : zero;
+  st[ST_NORM] = norm;
+  st[ST_WSUM] = wsum;
+  st[ST_RCE_MASS] = x.rce_mass;
+  st[ST_RCE_CMASS] = uses(p, RCE) ? b.py + x.rce_outside : zero;
+}
+
+template <typename T>
+APL_HD void write_ignored_stats(T* st) {
+  for (int i = 0; i < NUM_STATS; ++i) st[i] = T(0);
+}
+
+// ---------------------------------------------------------------- batch statistics
+// Scale of the active term of the paper's forms (LOSSES.md "Defined edge cases"):
+// NCE_PAPER: 1 / H, H = entropy of the batch's target histogram, H = 0 -> ln C.
+template <typename T>
+APL_HD T nce_paper_scale(T entropy, T c_classes) {
+  return T(1) / (entropy > T(0) ? entropy : apl_log(c_classes));
+}
+// NFL_PAPER: 1 / B, B = mean focal weight; B = 0 -> the term and its gradient are 0.
+template <typename T>
+APL_HD T nfl_paper_scale(T mean_weight) {
+  return mean_weight == T(0) ? T(0) : T(1) / mean_weight;
+}
+// NFL_PAPER's gradient through B: every row gets -c * d w_i / dz with
+// c = alpha * sum_i g_i FL_i / (N_valid B^2)  (g_i: upstream gradient of row i).
+template <typename T>
+APL_HD T nfl_paper_batch_coef(T alpha, T sum_g_fl, T n_valid, T mean_weight) {
+  return mean_weight == T(0) ? T(0) : alpha * sum_g_fl / (n_valid * mean_weight * mean_weight);
+}
+
+// ---------------------------------------------------------------- backward
+// The gradient of a row, dL/dz_j = P p_j + D [j = y] + K + G q_j [j != y] + W w_j + R p_j [j in M]
+// (LOSSES.md), evaluated in a form without cancellations where a probability is near 0 or 1:
+// - for j != y, p_j = q_j (1 - p_y), so P p_j + G q_j = Q q_j with Q = P (1 - p_y) + G, and
+//   each term adds its Q from a formula that is exact in floating point (e.g. FL's
+//   w (1 - p_y) - g w p_y log p_y rather than the difference of two large products);
+// - the target's entry Y = dL/dz_y is accumulated per term from exact quantities (1 - p_y
+//   from log(1 - p_y), never by subtraction);
+// - RCE's P = -A mass and R = A are folded per side of the clamp: a class in M gets
+//   A (1 - mass) p_j with 1 - mass summed directly (ST_RCE_CMASS), a class outside M gets
+//   -A mass p_j.
+// One exp per element (q_j), plus NFL_MA2020's w_j where that term is present.
+template <typename V>
+struct Coefs {
+  V Q;     // of q_j, j != y
+  V Qin;   // extra of q_j for j != y in M (RCE)
+  V Qout;  // extra of q_j for j != y outside M (RCE)
+  V K;     // constant, j != y
+  V W;     // of w_j (NFL_MA2020's detached weights), j != y
+  V Y;     // dL/dz_y
+};
+
+// Add `weight` times the gradient of one term.
+template <class M>
+APL_HD void add_term_coefs(Coefs<typename M::V>& c, int kind, typename M::V weight,
+                           const RowBasics<typename M::V>& b, const typename M::V* st,
+                           const LossParams<typename M::S>& p, typename M::S c_classes) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V py = b.py, omp = b.omp, one(S(1));
+  switch (kind) {
+    case CE:
+    case NCE_PAPER:  // p_j - [j = y]
+      c.Q = c.Q + weight * omp;
+      c.Y = c.Y - weight * omp;
+      break;
+    case FL:
+    case NFL_PAPER: {  // -w log p_y, w = (1-p_y)^g, d w = g w (q_j [j != y] - p_j)
+      const V w = focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
+      const V glp = V(p.gamma) * b.logp;
+      c.Q = c.Q + weight * w * (omp - glp * py);
+      c.Y = c.Y + weight * w * (glp * py - omp);
+      break;
+    }
+    case FL_DETACHED: {
+      const V w = focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
+      c.Q = c.Q + weight * w * omp;
+      c.Y = c.Y - weight * w * omp;
+      break;
+    }
+    case NCE_MA2020: {  // log p_y / T, T = sum_k log p_k, dT/dz_j = 1 - C p_j
+      const V t = st[ST_NORM];
+      const V t2 = t * t;
+      const V cc(c_classes);
+      c.Q = c.Q + weight * (cc * b.logp - t) / t2 * omp;
+      c.K = c.K - weight * b.logp / t2;
+      c.Y = c.Y + weight * (t * omp + b.logp * (cc * py - one)) / t2;
+      break;
+    }
+    case NFL_MA2020: {  // w_y log p_y / U, U = sum_k w_k log p_k, every w detached
+      const V u = st[ST_NORM];
+      const V wy = nfl_weight_y<M>(b, p.gamma);
+      const V num = wy * b.logp;
+      const V u2 = u * u;
+      c.Q = c.Q + weight * (num * st[ST_WSUM] / u2 - wy / u) * omp;
+      c.W = c.W - weight * num / u2;
+      c.Y = c.Y + weight * (wy * omp / u + num * (st[ST_WSUM] * py - wy) / u2);
+      break;
+    }
+    case MAE:  // 1 - p_y
+      c.Q = c.Q + weight * py * omp;
+      c.Y = c.Y - weight * py * omp;
+      break;
+    case RCE: {  // A sum_{k != y} clamp(p_k)
+      const V a = weight * V(S(kRceA));
+      c.Qin = c.Qin + a * st[ST_RCE_CMASS] * omp;
+      c.Qout = c.Qout - a * st[ST_RCE_MASS] * omp;
+      c.Y = c.Y - a * py * st[ST_RCE_MASS];
+      break;
+    }
+    case GCE: {  // no gradient where the clamp acts (log p_y below log 1e-7)
+      const V pq = M::select_gt(b.logp, S(kLogProbClamp), weight * M::exp(V(p.q) * b.logp), V(S(0)));
+      c.Q = c.Q + pq * omp;
+      c.Y = c.Y - pq * omp;
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Everything the per-element loop of a row needs.
+template <typename V>
+struct RowGrad {
+  V m, lsum, shift;  // as RowBasics
+  V omp;             // 1 - p_y
+  V q_in;            // multiplier of q_j, j != y, j in M:  Q + Qin
+  V q_out;           // multiplier of q_j, j != y, otherwise: Q + Qout
+  V K, W;
+  V grad_y;          // the target's own entry
+};
+
+// Coefficients of a valid row. `g_row` is the upstream gradient of the row's loss
+// (already divided by N_valid for the mean), `scale` the active term's batch scale
+// (1 unless NCE_PAPER/NFL_PAPER), `batch_coef` NFL_PAPER's term through B.
+template <class M>
+APL_HD RowGrad<typename M::V> row_grad(const typename M::V* st, const LossParams<typename M::S>& p,
+                                       typename M::S c_classes, typename M::V g_row,
+                                       typename M::S scale, typename M::S batch_coef) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const RowBasics<V> b = basics_from_stats(st);
+  const V zero(S(0));
+  Coefs<V> c = {zero, zero, zero, zero, zero, zero};
+  // Terms with a zero weight are skipped (also avoids 0 * inf from an unused term).
+  if (p.alpha * scale != S(0)) add_term_coefs<M>(c, p.active, g_row * V(p.alpha * scale), b, st, p, c_classes);
+  if (p.passive != NONE && p.beta != S(0)) add_term_coefs<M>(c, p.passive, g_row * V(p.beta), b, st, p, c_classes);
+  if (p.active == NFL_PAPER && batch_coef != S(0)) {
+    // -batch_coef * d w_i = -batch_coef g w (q_j [j != y] - p_j)
+    const V cgw = V(batch_coef * p.gamma) * focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
+    c.Q = c.Q - cgw * b.py;  // P (1 - p_y) + G with P = c g w, G = -c g w
+    c.Y = c.Y + cgw * b.py;
+  }
+  RowGrad<V> r;
+  r.m = b.m;
+  r.lsum = b.lsum;
+  r.shift = b.shift;
+  r.omp = b.omp;
+  r.q_in = c.Q + c.Qin;
+  r.q_out = c.Q + c.Qout;
+  r.K = c.K;
+  r.W = c.W;
+  r.grad_y = c.Y;
+  return r;
+}
+
+// dL/dz_j for j != y. kMask: the loss has an RCE term; kW: it has NFL_MA2020's w_j term.
+// `B` as for rce_terms.
+template <bool kMask, bool kW, class M, typename B>
+APL_HD typename M::V grad_not_target(const RowGrad<B>& g, typename M::S gamma, typename M::V z) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V zm = z - V(g.m);
+  const V q = M::exp(zm - V(g.lsum));  // p_j = q (1 - p_y)
+  const V coef = kMask ? M::select_inside(q * V(g.omp), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
+                       : V(g.q_out);
+  V out = q * coef + V(g.K);
+  if (kW) {
+    const V lp = zm - V(g.shift);
+    out = out + V(g.W) * focal_weight_from_omp<M>(one_minus_p<M>(q * V(g.omp), lp), gamma);
+  }
+  return out;
+}
+
+}  // namespace row
+}  // namespace apl

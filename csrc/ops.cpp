@@ -1,0 +1,134 @@
+// The apl operator library: schemas, the importable module `apl._C`, and the argument
+// checks shared by the CPU and CUDA kernels. Kernels: csrc/cpu/, csrc/cuda/. Math:
+// csrc/loss_row.h. Formulas: LOSSES.md.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops.h"
+
+extern "C" {
+// An empty module: importing apl._C loads this library, whose static TORCH_LIBRARY
+// initialisers register the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "apl-repro's fused loss operators (torch.ops.apl)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace apl {
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static const char* kind_name(int64_t k) {
+  static const char* names[] = {"NONE", "CE", "FL", "FL_DETACHED", "NCE_MA2020", "NFL_MA2020",
+                                "NCE_PAPER", "NFL_PAPER", "MAE", "RCE", "GCE"};
+  return (k >= 0 && k < row::NUM_KINDS) ? names[k] : "unknown";
+}
+
+void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active,
+                        int64_t passive, double alpha, double beta, double gamma, double q,
+                        int64_t reduction) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "apl_loss: logits must be 2-D (N, C), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()),
+                    "apl_loss: logits must be a floating tensor, got dtype ", logits.scalar_type());
+  auto dt = logits.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                    "apl_loss: logits dtype ", dt, " is not supported (float16, bfloat16, float32, float64)");
+  TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=",
+                    logits.size(1));
+  TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ",
+                    target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
+                    "apl_loss: target must be an int64 tensor of class indices, got dtype ",
+                    target.scalar_type());
+  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "apl_loss: logits have N=", logits.size(0),
+                    " rows but target has ", target.size(0), " entries");
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "apl_loss: target is on ", target.device(),
+                    " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "apl_loss: logits must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(target.is_contiguous(), "apl_loss: target must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)),
+                    "apl_loss: active kind ", active, " is not a loss kind (1..", row::NUM_KINDS - 1, ")");
+  TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive,
+                    " (", kind_name(passive), ") is not supported by the fused operator; the passive "
+                    "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE or GCE");
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta),
+                    "apl_loss: alpha and beta must be finite, got ", alpha, ", ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
+  TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
+                    "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t n = target.numel();
+  if (n == 0) return;
+  if (target.device().is_cpu()) {
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t y = t[i];
+      TORCH_CHECK_VALUE((y >= 0 && y < num_classes) || y == ignore_index, "apl_loss: target ", y,
+                        " (row ", i, ") is out of range for C=", num_classes, " classes (valid: 0..",
+                        num_classes - 1, ", or ignore_index=", ignore_index, ")");
+    }
+    return;
+  }
+  // Other devices: one reduction, one sync.
+  at::Tensor bad = at::logical_and(at::logical_or(target.lt(0), target.ge(num_classes)),
+                                   target.ne(ignore_index));
+  if (bad.any().item<bool>()) {
+    at::Tensor idx = bad.nonzero().select(1, 0);
+    const int64_t i = idx[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "apl_loss: target ", target[i].item<int64_t>(), " (row ", i,
+                      ") is out of range for C=", num_classes, " classes (valid: 0..",
+                      num_classes - 1, ", or ignore_index=", ignore_index, ")");
+  }
+}
+
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
+                         const at::Tensor& target, const at::Tensor& stats, int64_t active,
+                         int64_t passive, double alpha, double beta, double gamma, double q,
+                         int64_t reduction) {
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction);
+  const int64_t n = logits.size(0);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
+                    "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ",
+                    stats.sizes());
+  TORCH_CHECK_VALUE(stats.scalar_type() == acc_type_of(logits.scalar_type()),
+                    "apl_loss_backward: stats must have dtype ", acc_type_of(logits.scalar_type()),
+                    ", got ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.is_contiguous(), "apl_loss_backward: stats must be contiguous");
+  TORCH_CHECK_VALUE(stats.device() == logits.device(), "apl_loss_backward: stats are on ",
+                    stats.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(grad_loss.device() == logits.device(), "apl_loss_backward: grad_loss is on ",
+                    grad_loss.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()),
+                    "apl_loss_backward: grad_loss must be floating, got ", grad_loss.scalar_type());
+  if (reduction == kNone) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+                      "apl_loss_backward: grad_loss must have shape (", n, ") for reduction='none', got ",
+                      grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "apl_loss_backward: grad_loss must be a scalar for a "
+                      "reduced loss, got shape ", grad_loss.sizes());
+  }
+}
+
+TORCH_LIBRARY(apl, m) {
+  m.def("apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
+        "float gamma, float q, int reduction, int ignore_index) -> (Tensor loss, Tensor stats)");
+  m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, "
+        "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
+        "int ignore_index) -> Tensor");
+}
+
+}  // namespace apl
