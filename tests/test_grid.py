@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from apl.config import TrainConfig
 from apl.data import write_cifar10_folder
@@ -55,9 +56,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """The tiny grid, run once uninterrupted in this process (1 thread)."""
+    """The tiny grid, run once uninterrupted in this process with 1 thread, as the subprocess
+    grids run (OMP_NUM_THREADS=1): a float sum over another thread count rounds differently."""
     out = tmp_path_factory.mktemp("reference")
-    run_grid("quick", data_dir, out, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_grid("quick", data_dir, out, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
