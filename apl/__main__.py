@@ -1,19 +1,15 @@
 """Command line: ``python -m apl <command>`` or ``apl <command>``.
 
 Each subcommand's parser is built by an ``add_cli(subparsers)`` function in its own module
-(``apl.train``, and ``apl.grid`` / ``apl.report`` when they are installed), which sets
+(``apl.train``, ``apl.grid``, ``apl.report``), which sets
 ``func``: the handler returning the exit status.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from apl import train as _train
-
-#: Optional modules contributing subcommands; a missing one must not break ``train``.
-_OPTIONAL_COMMANDS = ("apl.grid", "apl.report")
+from apl import grid, report, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,16 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apl", description="Robust losses under label noise (NCE, NFL, APL): "
                                                              "training runs on CIFAR-10.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _train.add_cli(sub)
-    for name in _OPTIONAL_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # the module itself is absent: skip; a broken import inside it is raised
-                continue
-            raise
-        if hasattr(module, "add_cli"):  # a module still being written may not have it yet
-            module.add_cli(sub)
+    for module in (train, grid, report):
+        module.add_cli(sub)
     return parser
 
 

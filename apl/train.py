@@ -164,10 +164,6 @@ def _clear(out_dir: Path) -> None:
                 p.unlink()
 
 
-# Older private names, used by apl.grid.
-_device_name, _save_json = device_name, save_json
-
-
 # --------------------------------------------------------------------------- one epoch
 
 def _train_epoch(model, batches, num_batches, loss_fn, opt, config, autocast, device, bar):
