@@ -41,6 +41,16 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+def _conv_blocks(channels) -> nn.Sequential:
+    """Both CNNs' feature extractor: per block [conv-BN-ReLU] x 2 then MaxPool2d(2), from RGB."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for c in channels:
+        layers += _conv_bn_relu(cin, c) + _conv_bn_relu(c, c) + [nn.MaxPool2d(2)]
+        cin = c
+    return nn.Sequential(*layers)
+
+
 def _check_input(x: torch.Tensor) -> None:
     # The flatten size is fixed by 32x32 inputs; say so instead of a shape error deep in Linear.
     if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
@@ -73,12 +83,7 @@ class PaperCNN(nn.Module):
         width = _check_width(width)
         c1, c2, c3 = (_scaled(c, width) for c in (64, 128, 256))
         hidden = _scaled(1024, width)
-        layers: list[nn.Module] = []
-        cin = 3
-        for c in (c1, c2, c3):
-            layers += _conv_bn_relu(cin, c) + _conv_bn_relu(c, c) + [nn.MaxPool2d(2)]
-            cin = c
-        self.features = nn.Sequential(*layers)
+        self.features = _conv_blocks((c1, c2, c3))
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c3 * 4 * 4, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(hidden, num_classes))
@@ -122,12 +127,7 @@ class MaCNN(nn.Module):
         width = _check_width(width)
         c1, c2, c3 = (_scaled(c, width) for c in (64, 128, 196))
         hidden = _scaled(256, width)
-        layers: list[nn.Module] = []
-        cin = 3
-        for c in (c1, c2, c3):
-            layers += _conv_bn_relu(cin, c) + _conv_bn_relu(c, c) + [nn.MaxPool2d(2)]
-            cin = c
-        self.features = nn.Sequential(*layers)
+        self.features = _conv_blocks((c1, c2, c3))
         self.flatten_dim = c3 * 4 * 4
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(self.flatten_dim, hidden), nn.BatchNorm1d(hidden),
