@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     max_repeats = 30 if args.quick else 200
 
     isa = torch.ops.apl._cpu_kernel_isa() if args.device == "cpu" else "cuda"
-    print(f"# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
+    print("# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
     print(f"torch {torch.__version__}, device {args.device} (row kernels: {isa}), "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
     header = ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy",
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 g = torch.Generator().manual_seed(0)
                 logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
                 target = torch.randint(0, c, (n,), generator=g).to(args.device)
-                # Fewer repeats for the slow eager reference on big shapes.
+                # Repeats until min_time has passed (at least 5, at most max_repeats).
                 timing = dict(min_time=args.min_time, max_repeats=max_repeats)
                 t_fused = time_step(lambda x, y: fused.fused_loss(x, y, spec), logits, target, args.device, **timing)
                 t_ref = time_step(lambda x, y: reference_loss(x, y, spec), logits, target, args.device, **timing)
