@@ -21,8 +21,8 @@ from torch import nn
 from apl.spec import PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, spec_for, validate_inputs
 
 __all__ = [
-    "BACKENDS", "reference_loss", "compute_loss", "APLLoss", "get_loss", "available_losses",
-    "LOSSES", "CELoss", "FocalLoss", "MAELoss", "RCELoss", "GCELoss", "SCELoss", "NCELoss",
+    "BACKENDS", "reference_loss", "resolve_backend", "compute_loss", "APLLoss", "get_loss",
+    "available_losses", "LOSSES", "CELoss", "FocalLoss", "MAELoss", "RCELoss", "GCELoss", "SCELoss", "NCELoss",
     "NFLLoss", "NCEMAELoss", "NCERCELoss", "NFLMAELoss", "NFLRCELoss",
 ]
 
@@ -192,7 +192,7 @@ _fallback_warned = False
 
 
 def _fused_module():
-    """``(apl.fused, "")`` when the fused operator can run here, else ``(None, why not)``.
+    """``(apl.fused, "")`` when the fused operator is built, else ``(None, why not)``.
 
     Imported lazily: the extension is optional and ``apl`` must import without it.
     """
@@ -205,25 +205,51 @@ def _fused_module():
     return fused, ""
 
 
+def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
+    """``("fused" | "reference", why not fused)`` for ``spec`` on ``device``.
+
+    ``"auto"`` is fused when the extension is built, computes ``spec`` and has kernels for the
+    device (a CPU-only build has none for CUDA tensors); ``"fused"`` raises ``ValueError``
+    naming the reason when it cannot be used.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference", "the reference was requested"
+    fused, reason = _fused_module()
+    device = torch.device(device)
+    if fused is not None:
+        if not fused.supports(spec):
+            reason = f"the fused operator does not compute {spec.passive.name} as a passive term"
+        elif device.type == "cuda" and not fused.cuda_available():
+            reason = "the extension was built without its CUDA kernels"
+        elif device.type not in ("cpu", "cuda", "meta"):
+            reason = f"the fused operator has no kernels for {device.type} tensors"
+        else:
+            return "fused", ""
+    if backend == "fused":
+        raise ValueError(f"backend='fused' was requested but the fused operator cannot be used: "
+                         f"{reason}; use backend='auto' or 'reference'")
+    return "reference", reason
+
+
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
                  reduction: str = "mean", ignore_index: int = -100,
                  backend: str = "auto") -> torch.Tensor:
     """The loss ``spec`` (LOSSES.md) on a batch, by the chosen backend.
 
     ``backend="reference"`` runs :func:`reference_loss`; ``"fused"`` runs
-    ``apl.fused.fused_loss`` and raises ``ValueError`` if it is unavailable; ``"auto"`` uses
-    the fused operator when available, else the reference, warning once per process why.
+    ``apl.fused.fused_loss`` and raises ``ValueError`` if it cannot (see
+    :func:`resolve_backend`); ``"auto"`` uses the fused operator where it can, else the
+    reference, warning once per process why.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "reference":
-        fused, reason = _fused_module()
-        if fused is not None:
-            _check_common(spec, ignore_index)
-            return fused.fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index)
-        if backend == "fused":
-            raise ValueError(f"backend='fused' was requested but the fused operator is unavailable: "
-                             f"{reason}; use backend='auto' or 'reference'")
+    device = logits.device if isinstance(logits, torch.Tensor) else "cpu"
+    chosen, reason = resolve_backend(backend, spec, device)
+    if chosen == "fused":
+        _check_common(spec, ignore_index)
+        return importlib.import_module("apl.fused").fused_loss(
+            logits, target, spec, reduction=reduction, ignore_index=ignore_index)
+    if backend == "auto":
         _warn_fallback(reason)
     return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index)
 

@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 
 from apl.config import TrainConfig
 from apl.data import CIFAR10Arrays, DeviceData, load_cifar10
+from apl.losses import get_loss, resolve_backend
 from apl.models import build_model, param_count
+from apl.spec import spec_for
 
 __all__ = ["train", "resolve_device", "device_name", "save_json", "add_cli", "config_from_args",
            "RESULT_FILE", "CHECKPOINT_FILE", "MODEL_FILE"]
@@ -77,15 +79,10 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _backend_used(requested: str) -> str:
-    """Which loss implementation ``requested`` resolves to here ("fused" or "reference")."""
-    if requested == "reference":
-        return "reference"
-    try:
-        from apl import fused
-        return "fused" if fused.is_available() else "reference"
-    except (ImportError, AttributeError):
-        return "reference"
+def _backend_used(config, device) -> str:
+    """Which loss implementation the run's loss resolves to on ``device``."""
+    spec = spec_for(config.loss, variant=config.variant, **config.loss_params)
+    return resolve_backend(config.backend, spec, device)[0]
 
 
 def _finite_or_none(v):
@@ -132,8 +129,6 @@ def _set_rng_states(states: dict, device: torch.device) -> None:
 
 
 def _build_loss(config: TrainConfig):
-    from apl.losses import get_loss
-
     return get_loss(config.loss, num_classes=10, variant=config.variant, backend=config.backend,
                     **config.loss_params)
 
@@ -388,7 +383,7 @@ def _result(config, history, dd: DeviceData, data: CIFAR10Arrays, model, device,
         "param_count": param_count(model), "device": str(device), "device_name": device_name(device),
         "num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "apl_version": apl.__version__, "data_source": data.source,
-        "wall_time_s": wall, "resumed_at_epochs": resumed_at, "loss_backend": _backend_used(config.backend),
+        "wall_time_s": wall, "resumed_at_epochs": resumed_at, "loss_backend": _backend_used(config, device),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
 

@@ -525,9 +525,11 @@ def test_float32_stays_float32_and_matches_float64(name, variant):
 
 # ----------------------------------------------------------------------------- backend choice
 
-def _fake_fused(available, calls=None):
+def _fake_fused(available, calls=None, cuda=False):
     mod = types.ModuleType("apl.fused")
     mod.is_available = lambda: available
+    mod.cuda_available = lambda: available and cuda
+    mod.supports = lambda spec: spec.passive in (Kind.NONE, Kind.MAE, Kind.RCE)
     mod.unavailable_reason = lambda: "" if available else "extension apl._C not built (test)"
 
     def fused_loss(logits, target, spec, reduction="mean", ignore_index=-100):
@@ -569,3 +571,20 @@ def test_auto_and_fused_use_the_fused_operator_when_available(monkeypatch):
     assert calls == [(spec_for("nfl+mae", variant="paper"), "sum", 3), (spec_for("gce", q=0.5), "mean", -100)]
     assert AF.gce(z, t, q=0.5, fused=False).item() != 42.0  # fused=False: always the reference
     assert len(calls) == 2
+
+
+def test_auto_uses_the_reference_where_the_fused_operator_cannot_compute(monkeypatch):
+    monkeypatch.setitem(sys.modules, "apl.fused", _fake_fused(True, []))
+    unsupported = LossSpec(Kind.CE, Kind.NCE_MA2020, 1.0, 1.0)  # a hand-built spec
+    assert L.resolve_backend("auto", spec_for("nce+rce"), "cpu") == ("fused", "")
+    chosen, why = L.resolve_backend("auto", unsupported, "cpu")
+    assert chosen == "reference" and "NCE_MA2020" in why
+    chosen, why = L.resolve_backend("auto", spec_for("ce"), "cuda")  # CPU-only build
+    assert chosen == "reference" and "without its CUDA kernels" in why
+    with pytest.raises(ValueError, match="cannot be used: .*CUDA kernels"):
+        L.resolve_backend("fused", spec_for("ce"), "cuda")
+    monkeypatch.setattr(L, "_fallback_warned", False)
+    z, t = logits_and_targets(5, 10, seed=24)
+    with pytest.warns(RuntimeWarning, match="NCE_MA2020"):
+        got = L.compute_loss(z, t, unsupported)
+    torch.testing.assert_close(got, L.reference_loss(z, t, unsupported), rtol=0, atol=0)
