@@ -4,26 +4,7 @@
 // internal linkage or lives in the isa_avx2 namespace). See row_kernels_impl.h.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
-// GCC's C++ front end does not define the ISA macros for a target pragma (its C one does);
-// headers (sleef.h) test them, so define them as -m flags would.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI__
-#define __BMI__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
+#include "isa_macros_avx2.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define APL_ISA_NS isa_avx2

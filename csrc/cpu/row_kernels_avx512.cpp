@@ -3,26 +3,7 @@
 // first, and row_kernels_impl.h for the kernels.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
-// GCC's C++ front end does not define the ISA macros for a target pragma (its C one does);
-// headers (sleef.h) test them, so define them as -m flags would.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI__
-#define __BMI__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
+#include "isa_macros_avx2.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
