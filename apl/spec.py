@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -133,11 +133,6 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
         raise ValueError(f"beta weights a passive term; {name!r} has none")
     kind = _SIMPLE.get(name) or _ACTIVE[(name, variant)]
     return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, **common)
-
-
-def with_weights(spec: LossSpec, alpha: float, beta: float) -> LossSpec:
-    """A copy of ``spec`` with other term weights."""
-    return replace(spec, alpha=alpha, beta=beta)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
