@@ -6,10 +6,15 @@ For each loss and shape it times one training-style step (loss of a leaf tensor,
 - ``fused``: ``apl.fused.fused_loss`` (the C++/CUDA operator, csrc/);
 - ``reference``: ``apl.losses.reference_loss`` run eagerly;
 - ``compiled``: the reference under ``torch.compile`` (compiled once per loss and shape);
-- ``F.cross_entropy``: PyTorch's own cross entropy (for the CE row only).
+- ``F.cross_entropy``: PyTorch's own cross entropy (for the CE row only);
+- ``floor``: ``x.sum()`` and its backward: one read of the logits, one fresh gradient of their
+  size written, one autograd step. Every loss's training step does at least this much, so
+  reference/floor bounds the speed-up any implementation can show over the reference at that
+  shape (page faults of the fresh gradient dominate it for large N x C on Linux).
 
 Each entry is the median over repeats after a warm-up. Prints a Markdown table with the
-absolute times and the ratios reference/fused, compiled/fused and fused/F.cross_entropy.
+absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy and
+reference/floor.
 
     python benchmarks/bench_losses.py            # N in {128, 1000, 8192} x C in {10, 100, 1000, 32000}
     python benchmarks/bench_losses.py --quick    # fewer shapes, no torch.compile
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per entry (default 0.3)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (default: torch's); 1 gives stable numbers on a busy machine")
-    parser.add_argument("--losses", nargs="*", default=list(LOSSES), help="subset of: " + ", ".join(LOSSES))
+    parser.add_argument("--losses", nargs="*", default=list(LOSSES), choices=list(LOSSES), metavar="LOSS",
+                        help="subset of: " + ", ".join(LOSSES))
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -111,8 +117,8 @@ def main(argv=None) -> int:
     print("# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
     print(f"torch {torch.__version__}, device {args.device} (row kernels: {isa}), "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    header = ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy",
-              "reference/fused", "compiled/fused", "fused/F.ce"]
+    header = ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy", "floor",
+              "reference/fused", "compiled/fused", "fused/F.ce", "reference/floor"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in args.losses:
@@ -136,8 +142,10 @@ def main(argv=None) -> int:
                 t_ce = None
                 if name == "CE":
                     t_ce = time_step(lambda x, y: F.cross_entropy(x, y), logits, target, args.device, **timing)
+                t_floor = time_step(lambda x, y: x.sum(), logits, target, args.device, **timing)
                 row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_ref), _fmt_ms(t_comp), _fmt_ms(t_ce),
-                       _ratio(t_ref, t_fused), _ratio(t_comp, t_fused), _ratio(t_fused, t_ce)]
+                       _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused), _ratio(t_fused, t_ce),
+                       _ratio(t_ref, t_floor)]
                 print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

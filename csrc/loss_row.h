@@ -352,11 +352,6 @@ APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& b,
   st[ST_RCE_CMASS] = uses(p, RCE) ? b.py + x.rce_outside : zero;
 }
 
-template <typename T>
-APL_HD void write_ignored_stats(T* st) {
-  for (int i = 0; i < NUM_STATS; ++i) st[i] = T(0);
-}
-
 // ---------------------------------------------------------------- batch statistics
 // Scale of the active term of the paper's forms (LOSSES.md "Defined edge cases"):
 // NCE_PAPER: 1 / H, H = entropy of the batch's target histogram, H = 0 -> ln C.

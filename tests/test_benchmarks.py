@@ -1,0 +1,55 @@
+"""The benchmark script runs and prints the table it documents (times are not checked here:
+speed goals live in the benchmark's own output, benchmarks/RESULTS.md)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+import apl.fused as fused
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_losses.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_losses", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_bench_losses_prints_one_row_per_loss_and_shape(capsys):
+    bench = load_bench()
+    assert bench.main(["--quick", "--no-compile", "--min-time", "0",
+                       "--losses", "CE", "NCE+RCE (ma2020)"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy", "floor",
+                      "reference/fused", "compiled/fused", "fused/F.ce", "reference/floor"]
+    rows = [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[1:]]
+    # --quick: N in {128, 1000} x C in {10, 1000}, for each loss asked for
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (loss, n, c) for loss in ("CE", "NCE+RCE (ma2020)") for n in ("128", "1000") for c in ("10", "1000")]
+    number = re.compile(r"^\d+(\.\d+)?$")
+    ratio = re.compile(r"^\d+\.\d\dx$")
+    for r in rows:
+        cells = dict(zip(header, r))
+        for col in ("fused", "reference", "floor"):
+            assert number.match(cells[col]), (col, r)
+        assert cells["compiled"] == "-" and cells["compiled/fused"] == "-"  # --no-compile
+        assert ratio.match(cells["reference/fused"]) and ratio.match(cells["reference/floor"]), r
+        if cells["loss"] == "CE":
+            assert number.match(cells["F.cross_entropy"]) and ratio.match(cells["fused/F.ce"]), r
+        else:
+            assert cells["F.cross_entropy"] == "-" and cells["fused/F.ce"] == "-", r
+
+
+def test_bench_losses_rejects_an_unknown_loss(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--no-compile", "--min-time", "0", "--losses", "nonsense"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'nonsense'" in capsys.readouterr().err
