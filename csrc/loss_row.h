@@ -106,6 +106,8 @@ struct ScalarMath {
   APL_HD V exp(V x) { return apl_exp(x); }
   APL_HD V log(V x) { return apl_log(x); }
   APL_HD V expm1(V x) { return apl_expm1(x); }
+  // expm1 for x in [-ln 2, 0] (one_minus_p's branch); other lanes' results are discarded.
+  APL_HD V expm1_small(V x) { return apl_expm1(x); }
   APL_HD V sqrt(V x) { return apl_sqrt(x); }
   // whether x > t (in any lane)
   APL_HD bool any_gt(V x, S t) { return x > t; }
@@ -128,7 +130,7 @@ APL_HD typename M::V one_minus_p(typename M::V p, typename M::V logp) {
   using V = typename M::V;
   using S = typename M::S;
   V r = V(S(1)) - p;
-  if (M::any_gt(logp, S(-kLn2))) r = M::select_gt(logp, S(-kLn2), V(S(0)) - M::expm1(logp), r);
+  if (M::any_gt(logp, S(-kLn2))) r = M::select_gt(logp, S(-kLn2), V(S(0)) - M::expm1_small(logp), r);
   return r;
 }
 

@@ -4,9 +4,10 @@
 //
 // Forward of a row: pass 1 max_{k != y} z_k, pass 2 sum_{k != y} exp(z_k - m) (and
 // sum_{k != y} (z_k - m) for NCE_MA2020), pass 3 only for RCE / NFL_MA2020; then
-// row::row_stats. Two layouts: lanes = classes of one row (C > kRowsMaxC), lanes = rows of a
-// block (few classes). Backward of a row: one pass writing grad_not_target for every element,
-// then the target's own entry. All row math is in ../loss_row.h.
+// row::row_stats. Two layouts: lanes = classes of one row, lanes = rows of a block (few
+// classes: C <= kRowsMaxC, or kRowsMaxCNfl for NFL_MA2020). Backward of a row: one pass
+// writing grad_not_target for every element, then the target's own entry. All row math is in
+// ../loss_row.h.
 #pragma once
 
 #ifndef APL_ISA_NS
@@ -16,7 +17,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "row_kernels.h"
 
@@ -37,6 +40,20 @@ struct VecMath {
   static inline V exp(V x) { return x.exp_u20(); }
   static inline V log(V x) { return x.log(); }
   static inline V expm1(V x) { return x.expm1(); }
+  // expm1 on [-ln 2, 0] only: its Taylor series to the degree whose remainder is under 0.1 ulp
+  // there (|x|^n / (n+1)! relative), one FMA per degree. Sleef's full-range expm1 took about
+  // half of NFL_MA2020's backward (measured); lanes outside the range are discarded by the caller.
+  static inline V expm1_small(V x) {
+    constexpr int n = std::is_same_v<T, float> ? 10 : 17;
+    V acc(inv_factorial(n));
+    for (int k = n - 1; k >= 1; --k) acc = at::vec::fmadd(acc, x, V(inv_factorial(k)));
+    return acc * x;
+  }
+  static constexpr T inv_factorial(int k) {
+    double f = 1;
+    for (int i = 2; i <= k; ++i) f *= i;
+    return static_cast<T>(1.0 / f);
+  }
   static inline V sqrt(V x) { return x.sqrt(); }
   static inline bool any_gt(V x, T t) {  // zero_mask: bit i set when lane i is 0 (false)
     return (x > V(t)).zero_mask() != (1 << V::size()) - 1;
@@ -164,8 +181,8 @@ struct RowView {
 // (the logs, exps and divisions of loss_row.h) are computed for a block of W rows at once,
 // one row per lane, between the passes (measured on AVX-512, float32, N = 8192: CE forward
 // 112 -> 91 ns/row at C = 100, 475 -> 452 at C = 1000). The backward's per-row work is light
-// and stays scalar (no faster in lanes, measured). The forward for C > kRowsMaxC, the backward
-// always.
+// and stays scalar (no faster in lanes, measured). The forward above the rows-in-lanes limit,
+// the backward always.
 
 // Row quantities of a block of W rows, lane r = row r: written row by row, read as a vector.
 template <typename T>
@@ -302,7 +319,7 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
   }
 }
 
-// ------------------------------------------------------------ rows in lanes (forward, C <= kRowsMaxC)
+// ------------------------------------------------------------ rows in lanes (forward, few classes)
 // For few classes (CIFAR-10's 10) the one-row-at-a-time forward's per-row work (two reductions
 // across lanes, a chain of dependent steps per row) would dominate, so the vector lanes hold W
 // rows instead: a
@@ -311,9 +328,10 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
 // Ignored and missing rows are computed on zeros and discarded. The transposition costs about
 // as much as the one-row-at-a-time forward's per-row work at C = 48: above, that forward is
 // faster for most kinds (measured on AVX-512, float32, N = 8192, ns/row rows-in-lanes vs
-// one-row-at-a-time: CE 44 vs 60 at C = 32, 76 vs 67 at C = 64, 114 vs 95 at C = 100;
-// NFL_MA2020 alone stays faster in lanes up to C = 100, by about 5%).
+// one-row-at-a-time: CE 44 vs 60 at C = 32, 76 vs 67 at C = 64, 114 vs 95 at C = 100).
+// NFL_MA2020's third pass makes lanes pay up to C ~ 100 (153 vs 174 ns/row at C = 100).
 constexpr int64_t kRowsMaxC = 48;
+constexpr int64_t kRowsMaxCNfl = 112;
 
 // A block of up to W rows, class-major: buf[k * W + r] = z[row r, class k].
 template <typename T>
@@ -324,7 +342,7 @@ struct RowBlock {
   bool valid[W];
   Vec yv;   // target of each lane (-1 for ignored / missing rows)
   Vec zy;   // target logit of each lane
-  alignas(64) T buf[kRowsMaxC * W];
+  alignas(64) T buf[std::max(kRowsMaxC, kRowsMaxCNfl) * W];
 
   RowBlock(const T* logits, const int64_t* target, int64_t rows_, int64_t C, int64_t ignore_index)
       : rows(rows_) {
@@ -402,7 +420,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
 
 template <typename T>
 void forward_block(const ForwardBlock<T>& a) {
-  if (a.C <= kRowsMaxC) forward_rows_in_lanes(a);
+  if (a.C <= (a.params.active == row::NFL_MA2020 ? kRowsMaxCNfl : kRowsMaxC)) forward_rows_in_lanes(a);
   else forward_rows_serial(a);
 }
 
