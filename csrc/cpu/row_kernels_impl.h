@@ -4,10 +4,9 @@
 //
 // Forward of a row: pass 1 max_{k != y} z_k, pass 2 sum_{k != y} exp(z_k - m) (and
 // sum_{k != y} (z_k - m) for NCE_MA2020), pass 3 only for RCE / NFL_MA2020; then
-// row::row_stats. Two layouts: lanes = classes of one row, lanes = rows of a block (few
-// classes: C <= kRowsMaxC, or kRowsMaxCNfl for NFL_MA2020). Backward of a row: one pass
-// writing grad_not_target for every element, then the target's own entry. All row math is in
-// ../loss_row.h.
+// row::row_stats. Two layouts: lanes = classes of one row (C > kRowsMaxC), lanes = rows of a
+// block (few classes). Backward of a row: one pass writing grad_not_target for every element,
+// then the target's own entry. All row math is in ../loss_row.h.
 #pragma once
 
 #ifndef APL_ISA_NS
@@ -193,14 +192,17 @@ struct Lanes {
   inline void store(const Vec& x) { x.store(v); }
 };
 
-// stats of the valid rows of a block from their lanes (ignored and missing rows: zeros).
+// stats of the valid rows of a block from their lanes (ignored and missing rows: zeros),
+// transposed by ATen's transpose_mxn (register tiles on AVX-512 float).
 template <typename T>
 inline void store_lane_stats(const Vectorized<T>* st, const bool* valid, int64_t rows, T* out) {
-  Lanes<T> column;
-  for (int j = 0; j < row::NUM_STATS; ++j) {
-    column.store(st[j]);
-    for (int64_t r = 0; r < rows; ++r) out[r * row::NUM_STATS + j] = valid[r] ? column.v[r] : T(0);
-  }
+  constexpr int64_t W = Vectorized<T>::size();
+  alignas(64) T columns[row::NUM_STATS * W];
+  for (int j = 0; j < row::NUM_STATS; ++j) st[j].store(columns + j * W);
+  at::vec::transpose_mxn<T>(columns, W, out, row::NUM_STATS, row::NUM_STATS, static_cast<int>(rows));
+  for (int64_t r = 0; r < rows; ++r)
+    if (!valid[r])
+      for (int j = 0; j < row::NUM_STATS; ++j) out[r * row::NUM_STATS + j] = T(0);
 }
 
 template <typename T>
@@ -322,16 +324,15 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
 // ------------------------------------------------------------ rows in lanes (forward, few classes)
 // For few classes (CIFAR-10's 10) the one-row-at-a-time forward's per-row work (two reductions
 // across lanes, a chain of dependent steps per row) would dominate, so the vector lanes hold W
-// rows instead: a
-// block of W rows is transposed into a class-major buffer and every row quantity, the scalar
-// math included, is computed for the W rows at once with the same loss_row.h functions.
-// Ignored and missing rows are computed on zeros and discarded. The transposition costs about
-// as much as the one-row-at-a-time forward's per-row work at C = 48: above, that forward is
-// faster for most kinds (measured on AVX-512, float32, N = 8192, ns/row rows-in-lanes vs
-// one-row-at-a-time: CE 44 vs 60 at C = 32, 76 vs 67 at C = 64, 114 vs 95 at C = 100).
-// NFL_MA2020's third pass makes lanes pay up to C ~ 100 (153 vs 174 ns/row at C = 100).
-constexpr int64_t kRowsMaxC = 48;
-constexpr int64_t kRowsMaxCNfl = 112;
+// rows instead: a block of W rows is transposed into a class-major buffer and every row
+// quantity, the scalar math included, is computed for the W rows at once with the same
+// loss_row.h functions.
+// Ignored and missing rows are computed on zeros and discarded. Up to C = 112 this is faster
+// than the one-row-at-a-time forward for every kind, above it for none but the NFL_MA2020
+// kinds (measured on AVX-512, float32, ns/row rows-in-lanes vs one-row-at-a-time: CE 18 vs 35
+// at C = 10, 75 vs 83 at C = 100, 92 vs 86 at C = 128; NFL_MA2020 227 vs 247 at C = 128,
+// 283 vs 280 at C = 160).
+constexpr int64_t kRowsMaxC = 112;
 
 // A block of up to W rows, class-major: buf[k * W + r] = z[row r, class k].
 template <typename T>
@@ -342,18 +343,19 @@ struct RowBlock {
   bool valid[W];
   Vec yv;   // target of each lane (-1 for ignored / missing rows)
   Vec zy;   // target logit of each lane
-  alignas(64) T buf[std::max(kRowsMaxC, kRowsMaxCNfl) * W];
+  alignas(64) T buf[kRowsMaxC * W];
 
   RowBlock(const T* logits, const int64_t* target, int64_t rows_, int64_t C, int64_t ignore_index)
       : rows(rows_) {
+    // ATen's transpose_mxn works in 16 x 16 register tiles for float on AVX-512 (a scalar loop
+    // for other types and instruction sets, as this was before).
+    at::vec::transpose_mxn<T>(logits, C, buf, W, static_cast<int>(rows), static_cast<int>(C));
     alignas(64) T y_arr[W], zy_arr[W];
     for (int64_t r = 0; r < W; ++r) {
       valid[r] = r < rows && target[r] != ignore_index;
-      const T* z = logits + r * C;
       if (valid[r]) {
-        for (int64_t k = 0; k < C; ++k) buf[k * W + r] = z[k];
         y_arr[r] = static_cast<T>(target[r]);
-        zy_arr[r] = z[target[r]];
+        zy_arr[r] = logits[r * C + target[r]];
       } else {
         for (int64_t k = 0; k < C; ++k) buf[k * W + r] = T(0);
         y_arr[r] = T(-1);
@@ -378,19 +380,27 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
   for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
     const RowBlock<T> blk(a.logits + i0 * C, a.target + i0, std::min<int64_t>(W, a.rows - i0), C,
                           a.ignore_index);
-    // pass 1: max over k != y, NaN-propagating
-    Vec m(-std::numeric_limits<T>::infinity());
-    for (int64_t k = 0; k < C; ++k) m = at::vec::maximum(m, Vec::blendv(blk.col(k), m, blk.is_target(k)));
-    // pass 2
-    Vec s = zero, zs = zero;
+    // pass 1: max over k != y, NaN-propagating. Two accumulators (even and odd k) in passes 1
+    // and 2: a single one makes the pass a chain of dependent max/add steps.
+    const Vec neg_inf(-std::numeric_limits<T>::infinity());
+    Vec m0 = neg_inf, m1 = neg_inf;
+    int64_t k = 0;
+    for (; k + 1 < C; k += 2) {
+      m0 = at::vec::maximum(m0, Vec::blendv(blk.col(k), neg_inf, blk.is_target(k)));
+      m1 = at::vec::maximum(m1, Vec::blendv(blk.col(k + 1), neg_inf, blk.is_target(k + 1)));
+    }
+    if (k < C) m0 = at::vec::maximum(m0, Vec::blendv(blk.col(k), neg_inf, blk.is_target(k)));
+    const Vec m = at::vec::maximum(m0, m1);
+    // pass 2: sum_{k != y} exp(z_k - m)  (and sum (z_k - m) for NCE_MA2020)
+    Vec s[2] = {zero, zero}, zs[2] = {zero, zero};
     const bool want_zsum = row::needs_zsum(p);
-    for (int64_t k = 0; k < C; ++k) {
+    for (k = 0; k < C; ++k) {
       const Vec out = blk.is_target(k);
       const Vec d = blk.col(k) - m;
-      s = s + Vec::blendv(M::exp(d), zero, out);
-      if (want_zsum) zs = zs + Vec::blendv(d, zero, out);
+      s[k & 1] = s[k & 1] + Vec::blendv(M::exp(d), zero, out);
+      if (want_zsum) zs[k & 1] = zs[k & 1] + Vec::blendv(d, zero, out);
     }
-    const row::RowSums<Vec> sums{m, s, zs};
+    const row::RowSums<Vec> sums{m, s[0] + s[1], zs[0] + zs[1]};
     const row::RowBasics<Vec> b = row::basics_from_sums<M>(sums, blk.zy);
     row::RowExtra<Vec> x{zero, zero, zero, zero, zero};
     if (row::needs_rce_pass(p)) {
@@ -420,7 +430,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
 
 template <typename T>
 void forward_block(const ForwardBlock<T>& a) {
-  if (a.C <= (a.params.active == row::NFL_MA2020 ? kRowsMaxCNfl : kRowsMaxC)) forward_rows_in_lanes(a);
+  if (a.C <= kRowsMaxC) forward_rows_in_lanes(a);
   else forward_rows_serial(a);
 }
 
