@@ -6,9 +6,10 @@
 (sources in ``csrc/``). The forward is one row kernel (max, log-sum-exp and every per-row
 quantity of the active and the passive term) that writes a small per-row ``stats`` tensor; the
 batch statistic of the paper's forms (label entropy H for ``NCE_PAPER``, mean focal weight B
-for ``NFL_PAPER``) and the reduction are a short second step inside the op over the N rows
-(plain loops on CPU, ATen reductions and one tiny kernel on CUDA). The backward is one pass per
-row from the saved stats, no atomics. The autograd formula (save logits, target, stats; call
+for ``NFL_PAPER``), the optional per-class weights and the reduction are a short second step
+inside the op over the N rows (plain loops on CPU, ATen reductions and one tiny kernel on
+CUDA). The backward is one pass per row from the saved stats, no atomics. The autograd
+formula (save logits, target, stats, weight; call
 ``apl_loss_backward``) is registered in C++ (``csrc/autograd.cpp``) to keep Python out of the
 training step; the fake (meta) kernels are registered here.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from apl.spec import REDUCTIONS, Kind, LossSpec, validate_inputs
+from apl.spec import REDUCTIONS, Kind, LossSpec, validate_inputs, validate_weight
 
 __all__ = ["is_available", "unavailable_reason", "cuda_available", "supports", "fused_loss",
            "NUM_STATS", "REDUCTION_CODES"]
@@ -71,10 +72,12 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index):
+def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None):
     """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or [N] for 'none'), stats [N, NUM_STATS]."""
     torch._check(logits.dim() == 2, lambda: "apl_loss: logits must be 2-D (N, C)")
     torch._check(target.dim() == 1, lambda: "apl_loss: target must be 1-D (N,)")
+    if weight is not None:  # as the C++ check, for meta and fake tensors
+        validate_weight(weight.detach(), logits)
     n = logits.shape[0]
     loss = logits.new_empty((n,) if reduction == 0 else ())
     stats = logits.new_empty((n, NUM_STATS), dtype=_stats_dtype(logits.dtype))
@@ -82,7 +85,7 @@ def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduc
 
 
 def _fake_apl_loss_backward(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma,
-                            q, reduction, ignore_index):
+                            q, reduction, ignore_index, weight=None):
     """``apl_loss_backward`` returns a gradient shaped like the logits."""
     return torch.empty_like(logits)
 
@@ -96,14 +99,15 @@ if _C is not None:
 
 
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",
-               ignore_index: int = -100) -> torch.Tensor:
+               ignore_index: int = -100, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``spec.alpha * active + spec.beta * passive`` per row, reduced, by the fused operator.
 
     Same contract as :func:`apl.losses.reference_loss` (formulas and edge cases: ``LOSSES.md``):
     ``logits`` (N, C) floating, ``target`` (N,) integer class indices, rows whose target is
     ``ignore_index`` add 0 and are left out of the mean and of the paper forms' batch
-    statistic. Returns a tensor of the logits' dtype. Raises ``ValueError`` naming the problem
-    for bad input (the operator checks the target range) or when the operator is not built.
+    statistic; ``weight`` (C,) are optional per-class weights, as there. Returns a tensor of the
+    logits' dtype. Raises ``ValueError`` naming the problem for bad input (the operator checks
+    the target range and the weight) or when the operator is not built.
     """
     if not is_available():
         raise ValueError(f"apl.fused is unavailable: {unavailable_reason()}")
@@ -119,8 +123,9 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduc
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     target = validate_inputs(logits, target, reduction=reduction, ignore_index=ignore_index,
                              check_range=False)
+    weight = validate_weight(weight, logits)
     loss, _ = torch.ops.apl.apl_loss(
         logits.contiguous(), target.contiguous(), int(spec.active), int(spec.passive),
         float(spec.alpha), float(spec.beta), float(spec.gamma), float(spec.q),
-        REDUCTION_CODES[reduction], ignore_index)
+        REDUCTION_CODES[reduction], ignore_index, weight)
     return loss

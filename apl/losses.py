@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apl.spec import PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, spec_for, validate_inputs
+from apl.spec import PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, spec_for, validate_inputs, validate_weight
 
 __all__ = [
     "BACKENDS", "reference_loss", "resolve_backend", "compute_loss", "APLLoss", "get_loss",
@@ -144,14 +144,17 @@ def _term(kind: Kind, spec: LossSpec, rows: _Rows) -> torch.Tensor:
     raise ValueError(f"unsupported loss kind {kind!r}")
 
 
-def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``none`` keeps rows (ignored ones 0), ``sum`` adds, ``mean`` divides by the non-ignored count."""
+def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str,
+            row_weight: torch.Tensor | None) -> torch.Tensor:
+    """``none`` keeps rows (ignored ones 0), ``sum`` adds, ``mean`` divides by the non-ignored
+    count, or by the sum of the non-ignored rows' weights when there are per-class weights."""
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().to(per_row.dtype)  # 0 / 0 = NaN when every row is ignored
+    denominator = valid.sum().to(per_row.dtype) if row_weight is None else row_weight.sum()
+    return total / denominator  # 0 / 0 = NaN when every row is ignored
 
 
 def _check_common(spec, ignore_index) -> None:
@@ -162,18 +165,23 @@ def _check_common(spec, ignore_index) -> None:
 
 
 def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
-                   reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+                   reduction: str = "mean", ignore_index: int = -100,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """``spec.alpha * active + spec.beta * passive`` per row, reduced: the pure-PyTorch reference.
 
     ``logits`` (N, C) floating, ``target`` (N,) class indices. Rows whose target is
     ``ignore_index`` add 0 and are left out of every batch statistic (the paper forms' H and B)
     and of the ``mean`` denominator; ``mean`` of a batch with no valid row is NaN, like
-    ``F.cross_entropy``. Formulas, variants, clamps and edge cases: ``LOSSES.md``.
+    ``F.cross_entropy``. ``weight`` (C,), optional per-class weights: row i's loss is scaled
+    by ``weight[target[i]]`` and ``mean`` divides by the sum of those weights, as
+    ``F.cross_entropy`` (the paper forms' batch statistics stay unweighted). Formulas,
+    variants, clamps and edge cases: ``LOSSES.md``.
     Differentiable by autograd; float32/float64 are kept, float16/bfloat16 are computed in
     float32 and the result cast back to the input dtype.
     """
     _check_common(spec, ignore_index)
     target = validate_inputs(logits, target, reduction=reduction, ignore_index=ignore_index)
+    weight = validate_weight(weight, logits)
     compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     z = logits.to(compute_dtype)
     valid = target != ignore_index
@@ -183,7 +191,11 @@ def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
     if spec.passive != Kind.NONE:
         per_row = per_row + spec.beta * _term(spec.passive, spec, rows)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    return _reduce(per_row, valid, reduction).to(logits.dtype)
+    row_weight = None
+    if weight is not None:
+        row_weight = torch.where(valid, weight.to(compute_dtype)[rows.target], torch.zeros_like(per_row))
+        per_row = per_row * row_weight
+    return _reduce(per_row, valid, reduction, row_weight).to(logits.dtype)
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -235,7 +247,7 @@ def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
 
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
                  reduction: str = "mean", ignore_index: int = -100,
-                 backend: str = "auto") -> torch.Tensor:
+                 weight: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """The loss ``spec`` (LOSSES.md) on a batch, by the chosen backend.
 
     ``backend="reference"`` runs :func:`reference_loss`; ``"fused"`` runs
@@ -248,10 +260,11 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
     if chosen == "fused":
         _check_common(spec, ignore_index)
         return importlib.import_module("apl.fused").fused_loss(
-            logits, target, spec, reduction=reduction, ignore_index=ignore_index)
+            logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
     if backend == "auto":
         _warn_fallback(reason)
-    return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index)
+    return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
+                          weight=weight)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -286,6 +299,9 @@ def _describe(spec: LossSpec) -> str:
     return ", ".join(parts)
 
 
+_MODULE_PARAMS = ("reduction", "ignore_index", "backend", "num_classes", "weight")
+
+
 class APLLoss(nn.Module):
     """A loss of the project as a module: ``alpha * active + beta * passive`` (LOSSES.md).
 
@@ -295,11 +311,13 @@ class APLLoss(nn.Module):
     ``forward(logits, target)`` returns the loss reduced by ``reduction``. ``backend`` is
     ``"auto"`` (fused operator when available, else the reference with one warning),
     ``"fused"`` or ``"reference"``. ``num_classes``, when given, is checked against C.
+    ``weight`` (C,), optional per-class weights (see :func:`reference_loss`), is kept as a
+    buffer, so it moves with the module (``.to(device)``) and is saved in its ``state_dict``.
     """
 
     def __init__(self, loss: str | LossSpec = "nce+rce", *, num_classes: int | None = None,
                  reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
-                 **params):
+                 weight: torch.Tensor | None = None, **params):
         super().__init__()
         if isinstance(loss, LossSpec):
             if params:
@@ -310,7 +328,7 @@ class APLLoss(nn.Module):
             unknown = sorted(set(params) - set(SPEC_PARAMS))
             if unknown:
                 raise ValueError(f"unknown loss parameter(s) {unknown}; known: "
-                                 f"{', '.join(SPEC_PARAMS + ('reduction', 'ignore_index', 'backend', 'num_classes'))}")
+                                 f"{', '.join(SPEC_PARAMS + _MODULE_PARAMS)}")
             self.name = _canonical_name(loss)
             self.spec = spec_for(self.name, **params)
         if reduction not in REDUCTIONS:
@@ -321,8 +339,15 @@ class APLLoss(nn.Module):
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+                raise ValueError(f"weight must be a 1-D floating tensor of per-class weights or None, got {weight!r}")
+            if num_classes is not None and weight.shape[0] != num_classes:
+                raise ValueError(f"weight has {weight.shape[0]} entries but num_classes={num_classes}")
+            weight = weight.detach().clone()
         self.num_classes, self.reduction = num_classes, reduction
         self.ignore_index, self.backend = ignore_index, backend
+        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, C) against ``target`` (N,), reduced by ``self.reduction``."""
@@ -331,14 +356,14 @@ class APLLoss(nn.Module):
             validate_inputs(logits, target, reduction=self.reduction, ignore_index=self.ignore_index,
                             num_classes=self.num_classes, check_range=False)
         return compute_loss(logits, target, self.spec, reduction=self.reduction,
-                            ignore_index=self.ignore_index, backend=self.backend)
+                            ignore_index=self.ignore_index, weight=self.weight, backend=self.backend)
 
     def extra_repr(self) -> str:
         """The name, the spec's terms and weights, and the call options."""
         head = f"{self.name!r}, " if self.name else ""
         return (f"{head}{_describe(self.spec)}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, backend={self.backend!r}, "
-                f"num_classes={self.num_classes}")
+                f"num_classes={self.num_classes}, weighted={self.weight is not None}")
 
 
 class _NamedLoss(APLLoss):
@@ -435,7 +460,7 @@ def get_loss(name: str, num_classes: int | None = 10, **params) -> nn.Module:
     """Build the loss module called ``name`` (one of :func:`available_losses`; ``_`` may replace ``+``).
 
     ``params``: ``variant`` ("ma2020" | "paper"), ``gamma``, ``q``, ``lam`` or
-    ``alpha``/``beta``, ``reduction``, ``ignore_index``, ``backend``. Any other name raises
+    ``alpha``/``beta``, ``reduction``, ``ignore_index``, ``backend``, ``weight``. Any other name raises
     ``ValueError``. ``num_classes`` (default 10, CIFAR-10) is checked against the logits;
     ``None`` skips the check. Formulas: LOSSES.md.
     """

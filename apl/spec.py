@@ -178,3 +178,25 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
             raise ValueError(f"target {first} is out of range for C={c} classes "
                              f"(valid: 0..{c - 1}, or ignore_index={ignore_index})")
     return target
+
+
+def validate_weight(weight, logits: torch.Tensor) -> torch.Tensor | None:
+    """Raise ``ValueError`` naming the problem, or return ``weight`` (None stays None).
+
+    Per-class weights (LOSSES.md "Per-class weights"): a 1-D floating tensor with one entry per
+    class, on the logits' device, not requiring grad (no loss here differentiates them).
+    """
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
+    c = logits.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != c:
+        raise ValueError(f"weight must be 1-D with one entry per class ({c}), got shape {tuple(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+    if weight.device != logits.device:
+        raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+    if weight.requires_grad:
+        raise ValueError("weight must not require grad (no gradient is computed for it); pass weight.detach()")
+    return weight

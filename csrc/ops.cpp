@@ -94,6 +94,22 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
   }
 }
 
+void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value() || !weight->defined()) return;
+  const at::Tensor& w = *weight;
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), "apl_loss: weight must be 1-D with one "
+                    "entry per class (", logits.size(1), "), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "apl_loss: weight must be a floating tensor, got dtype ",
+                    w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == logits.device(), "apl_loss: weight is on ", w.device(), " but logits are on ",
+                    logits.device());
+}
+
+at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  return weight->to(acc_type_of(logits.scalar_type())).contiguous();
+}
+
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
                          const at::Tensor& target, const at::Tensor& stats, int64_t active,
                          int64_t passive, double alpha, double beta, double gamma, double q,
@@ -125,10 +141,11 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
 
 TORCH_LIBRARY(apl, m) {
   m.def("apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
-        "float gamma, float q, int reduction, int ignore_index) -> (Tensor loss, Tensor stats)");
+        "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
+        "-> (Tensor loss, Tensor stats)");
   m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, "
         "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
-        "int ignore_index) -> Tensor");
+        "int ignore_index, Tensor? weight=None) -> Tensor");
 }
 
 }  // namespace apl

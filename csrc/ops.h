@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "loss_row.h"
 
 namespace apl {
@@ -23,6 +25,12 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
 // Every target is in [0, C) or equals ignore_index. Reads the target only (on CUDA a
 // reduction and one device sync).
 void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index);
+
+// `weight`, when given: per-class weights, 1-D of C floating values on the logits' device.
+void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits);
+
+// The weight as a contiguous tensor of the accumulation dtype (undefined when not given).
+at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits);
 
 // The backward's checks: as the forward's plus stats [N, NUM_STATS] in the accumulation
 // dtype and grad_loss of the reduced shape ([] or [N]).

@@ -423,8 +423,9 @@ def test_cpu_isa_variants(capability, isa):
 
 # --------------------------------------------------------------------------- bad input
 
-def _call(z, t, active=1, passive=0, alpha=1.0, beta=0.0, gamma=0.5, q=0.7, reduction=1, ignore_index=IGNORE):
-    return torch.ops.apl.apl_loss(z, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index)
+def _call(z, t, active=1, passive=0, alpha=1.0, beta=0.0, gamma=0.5, q=0.7, reduction=1, ignore_index=IGNORE,
+          weight=None):
+    return torch.ops.apl.apl_loss(z, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight)
 
 
 Z = torch.randn(4, 3)
@@ -492,3 +493,160 @@ def test_wrapper_rejects_bad_input():
     assert not fused.supports(unsupported) and all(fused.supports(s) for s in ALL_SPECS)
     with pytest.raises(ValueError, match="passive term"):
         fused.fused_loss(Z, T, unsupported)
+
+
+# --------------------------------------------------------------------------- per-class weights
+
+def class_weights(c, seed, dtype=torch.float64):
+    """Positive per-class weights spread over two orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    return (10 ** (2 * torch.rand(c, generator=g, dtype=torch.float64) - 1)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weighted_ce_matches_f_cross_entropy(reduction, dtype):
+    """CE with per-class weights is F.cross_entropy(weight=...): the loss rows are scaled by
+    their target's weight and 'mean' divides by the sum of those weights (ignored rows out)."""
+    z, target = make_batch(128, 100, 5)
+    w = class_weights(100, 6, dtype)
+    x1 = z.to(dtype).requires_grad_()
+    x2 = z.to(dtype).requires_grad_()
+    got = fused.fused_loss(x1, target, spec_for("ce"), reduction, IGNORE, weight=w)
+    want = torch.nn.functional.cross_entropy(x2, target, weight=w, reduction=reduction, ignore_index=IGNORE)
+    upstream = torch.randn(want.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol * float(upstream.abs().max()))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=spec_id)
+def test_weighted_parity_every_spec(spec, reduction):
+    """Every spec with per-class weights: the fused op agrees with the reference (float64), the
+    paper forms' batch statistics included (they stay unweighted, LOSSES.md)."""
+    for i, (n, c) in enumerate([(7, 10), (128, 100), (5, 1000)]):
+        z, target = make_batch(n, c, 40 + i)
+        w = class_weights(c, 50 + i)
+        x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        lf = fused.fused_loss(x1, target, spec, reduction, IGNORE, weight=w)
+        lr = reference_loss(x2, target, spec, reduction, IGNORE, weight=w)
+        upstream = torch.randn(lr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        (lf * upstream).sum().backward()
+        (lr * upstream).sum().backward()
+        per_row = float(upstream.abs().max()) * float(w.max()) if upstream.numel() else 0.0
+        if reduction == "mean":
+            per_row /= float(w[target[target != IGNORE]].sum())
+        assert_scaled_close(lf.detach(), lr.detach(), 1e-10, 1.0, f"weighted loss {spec_id(spec)} N={n} C={c}")
+        assert_scaled_close(x1.grad, x2.grad, 1e-10, per_row * weight_scale(spec),
+                            f"weighted grad {spec_id(spec)} N={n} C={c}")
+
+
+def test_weights_change_the_loss_as_defined():
+    """Unit weights change nothing; scaling every weight by k leaves the mean unchanged and
+    multiplies the sum by k; a zero weight removes its class's rows from the sum."""
+    spec = spec_for("nfl+rce", variant="paper")
+    z, target = make_batch(64, 10, 8)
+    plain = fused.fused_loss(z, target, spec, "none", IGNORE)
+    ones = torch.ones(10, dtype=torch.float64)
+    torch.testing.assert_close(fused.fused_loss(z, target, spec, "none", IGNORE, weight=ones), plain)
+    w = class_weights(10, 9)
+    for_mean = fused.fused_loss(z, target, spec, "mean", IGNORE, weight=w)
+    torch.testing.assert_close(fused.fused_loss(z, target, spec, "mean", IGNORE, weight=3 * w), for_mean)
+    torch.testing.assert_close(fused.fused_loss(z, target, spec, "sum", IGNORE, weight=3 * w),
+                               3 * fused.fused_loss(z, target, spec, "sum", IGNORE, weight=w))
+    drop = ones.clone()
+    drop[target[0]] = 0
+    kept = (target != target[0]) & (target != IGNORE)
+    torch.testing.assert_close(fused.fused_loss(z, target, spec, "sum", IGNORE, weight=drop), plain[kept].sum())
+
+
+def test_weighted_gradcheck_and_opcheck():
+    """gradcheck through the weighted op (every reduction) and opcheck with a weight argument."""
+    spec = spec_for("nce+rce")
+    w = class_weights(5, 2)
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    target = torch.tensor([0, 4, IGNORE, 2, 2, 1])
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda x: fused.fused_loss(x, target, spec, reduction, IGNORE, weight=w), (z,))
+        args = _op_args(spec, reduction) + (w,)
+        torch.library.opcheck(torch.ops.apl.apl_loss.default, args)
+        loss, stats = torch.ops.apl.apl_loss(*args)
+        torch.library.opcheck(torch.ops.apl.apl_loss_backward.default,
+                              (torch.ones_like(loss), args[0].detach(), args[1], stats) + args[2:],
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_weighted_torch_compile_fullgraph():
+    """A weighted fused loss compiles without a graph break and matches eager."""
+    w = class_weights(10, 3, torch.float32)
+
+    def step(x, y):
+        return fused.fused_loss(x, y, spec_for("nce+rce"), weight=w)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(16, 10, generator=g, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y = torch.randint(0, 10, (16,), generator=g)
+    out_c, out_e = compiled(x1, y), step(x2, y)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_all_weight_zero_mean_is_nan():
+    """'mean' over rows whose weights are all 0 is 0/0 = NaN, as F.cross_entropy."""
+    z, target = make_batch(8, 10, 1)
+    w = torch.zeros(10, dtype=torch.float64)
+    assert math.isnan(fused.fused_loss(z, target, spec_for("ce"), "mean", IGNORE, weight=w).item())
+    assert math.isnan(torch.nn.functional.cross_entropy(z, target, weight=w, ignore_index=IGNORE).item())
+
+
+@pytest.mark.parametrize("weight,match", [
+    (torch.ones(4), r"weight must be 1-D with one entry per class \(3\)"),
+    (torch.ones(3, 1), r"weight must be 1-D"),
+    (torch.ones(3, dtype=torch.int64), "weight must be a floating tensor"),
+    (torch.ones(3, device="meta"), "weight is on meta"),
+], ids=["length", "2-D", "int", "device"])
+def test_bad_weight_is_rejected(weight, match):
+    """By the operator itself and by the Python wrapper, as ValueError naming the problem."""
+    with pytest.raises(ValueError, match=match):
+        _call(Z, T, 1, 0, 1.0, 0.0, 0.5, 0.7, 1, IGNORE, weight)
+    with pytest.raises(ValueError, match=match):
+        fused.fused_loss(Z, T, spec_for("ce"), weight=weight)
+
+
+def test_weight_requiring_grad_is_rejected():
+    """No gradient is computed for the weights, so a weight that asks for one is an error
+    rather than a silently missing gradient."""
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        _call(Z, T, 1, 0, 1.0, 0.0, 0.5, 0.7, 1, IGNORE, w)
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        fused.fused_loss(Z, T, spec_for("ce"), weight=w)
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        reference_loss(Z, T, spec_for("ce"), weight=w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weighted_parity_devices(device):
+    """Weighted losses on every available device (CUDA only where a GPU is present) agree with
+    the reference on the CPU, both CUDA row layouts included."""
+    for i, (n, c) in enumerate([(7, 10), (33, 1025)]):
+        for spec in (spec_for("ce"), spec_for("nfl+rce", variant="paper"), spec_for("nce+mae")):
+            z, target = make_batch(n, c, 60 + i)
+            w = class_weights(c, 70 + i)
+            x1 = z.to(device, copy=True).requires_grad_()
+            x2 = z.clone().requires_grad_()
+            lf = fused.fused_loss(x1, target.to(device), spec, "mean", IGNORE, weight=w.to(device))
+            lr = reference_loss(x2, target, spec, "mean", IGNORE, weight=w)
+            lf.backward()
+            lr.backward()
+            scale = float(w.max()) / float(w[target[target != IGNORE]].sum()) * weight_scale(spec)
+            assert_scaled_close(lf.detach().cpu(), lr.detach(), 1e-10, 1.0, f"{device} weighted loss {spec_id(spec)}")
+            assert_scaled_close(x1.grad.cpu(), x2.grad, 1e-10, scale, f"{device} weighted grad {spec_id(spec)}")

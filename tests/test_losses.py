@@ -532,7 +532,8 @@ def _fake_fused(available, calls=None, cuda=False):
     mod.supports = lambda spec: spec.passive in (Kind.NONE, Kind.MAE, Kind.RCE)
     mod.unavailable_reason = lambda: "" if available else "extension apl._C not built (test)"
 
-    def fused_loss(logits, target, spec, reduction="mean", ignore_index=-100):
+    def fused_loss(logits, target, spec, reduction="mean", ignore_index=-100, weight=None):
+        assert weight is None
         calls.append((spec, reduction, ignore_index))
         return torch.tensor(42.0)
     mod.fused_loss = fused_loss
@@ -588,3 +589,76 @@ def test_auto_uses_the_reference_where_the_fused_operator_cannot_compute(monkeyp
     with pytest.warns(RuntimeWarning, match="NCE_MA2020"):
         got = L.compute_loss(z, t, unsupported)
     torch.testing.assert_close(got, L.reference_loss(z, t, unsupported), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- per-class weights
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weighted_ce_matches_torch_cross_entropy(reduction):
+    """The reference's per-class weights are F.cross_entropy's: rows scaled by their target's
+    weight, 'mean' over the sum of the non-ignored rows' weights; value and gradient."""
+    g = torch.Generator().manual_seed(11)
+    z1 = torch.randn(40, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = z1.detach().clone().requires_grad_()
+    t = torch.randint(0, 7, (40,), generator=g)
+    t[::5] = -100
+    w = torch.rand(7, generator=g, dtype=torch.float64) * 3
+    got = reference_loss(z1, t, spec_for("ce"), reduction=reduction, weight=w)
+    want = F.cross_entropy(z2, t, weight=w, reduction=reduction)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+
+
+@pytest.mark.parametrize("name,variant", [("nce+rce", "ma2020"), ("nfl+mae", "paper"), ("nce", "paper")])
+def test_weighted_loss_is_the_weighted_mean_of_row_losses(name, variant):
+    """For any loss: 'mean' with weights = sum_i w[y_i] l_i / sum_i w[y_i] with l_i the
+    unweighted 'none' rows (the paper forms' batch statistics stay unweighted)."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 6, (30,), generator=g)
+    t[3] = -100
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    rows = ref(name, z, t, variant, reduction="none")
+    valid = t != -100
+    wy = torch.where(valid, w[t.clamp(min=0)], torch.zeros(()))
+    torch.testing.assert_close(
+        reference_loss(z, t, spec_for(name, variant=variant), reduction="none", weight=w), rows * wy)
+    torch.testing.assert_close(
+        reference_loss(z, t, spec_for(name, variant=variant), reduction="mean", weight=w),
+        (rows * wy).sum() / wy.sum())
+
+
+def test_weight_through_functional_and_modules():
+    """`weight=` reaches the loss from apl.functional and from the modules, where it is a
+    buffer: saved in the state_dict and moved by .to()."""
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(16, 10, generator=g)
+    t = torch.randint(0, 10, (16,), generator=g)
+    w = torch.rand(10, generator=g) + 0.5
+    want = reference_loss(z, t, spec_for("nce+rce"), weight=w)
+    torch.testing.assert_close(AF.nce_rce(z, t, weight=w, fused=False), want)
+    module = get_loss("nce+rce", weight=w, backend="reference")
+    torch.testing.assert_close(module(z, t), want)
+    assert torch.equal(module.state_dict()["weight"], w) and "weighted=True" in repr(module)
+    w.mul_(2)  # the module keeps its own copy
+    torch.testing.assert_close(module(z, t), want)
+    module = module.to(torch.float64)
+    assert module.weight.dtype == torch.float64
+    torch.testing.assert_close(module(z.double(), t), reference_loss(z.double(), t, spec_for("nce+rce"),
+                                                                     weight=w.double() / 2))
+    assert get_loss("ce").weight is None
+
+
+def test_bad_weights_raise_value_error():
+    z, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    for w, match in [(torch.ones(4), "one entry per class"), ([1.0, 1.0, 1.0], "must be a torch.Tensor"),
+                     (torch.ones(3, dtype=torch.int64), "floating"),
+                     (torch.ones(3, requires_grad=True), "must not require grad")]:
+        with pytest.raises(ValueError, match=match):
+            reference_loss(z, t, spec_for("ce"), weight=w)
+    with pytest.raises(ValueError, match="weight has 4 entries but num_classes=3"):
+        get_loss("ce", num_classes=3, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="1-D floating tensor"):
+        APLLoss("ce", weight=torch.ones(3, dtype=torch.int64))

@@ -5,7 +5,8 @@
 // rows at a time (the gradient is written back in the input dtype). The batch statistic of
 // the paper's forms (label entropy H, mean focal weight B) and the reduction are a short
 // serial loop over the N rows after the row kernel: no ATen calls, so small batches pay no
-// per-op overhead.
+// per-op overhead. Per-class weights scale each row's loss and its upstream gradient there;
+// the row kernels never see them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +16,7 @@
 
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -82,6 +84,18 @@ BatchInfo batch_info(const acc_t* stats, const int64_t* target, int64_t N, int64
   return info;
 }
 
+// The 'mean' denominator: the number of non-ignored rows, or the sum of their targets' weights
+// (as F.cross_entropy). 0 when there is none: the mean is then 0/0 = NaN, as F.cross_entropy.
+template <typename acc_t>
+double mean_denominator(const int64_t* target, int64_t N, int64_t ignore_index, const acc_t* w,
+                        const BatchInfo& info) {
+  if (w == nullptr) return static_cast<double>(info.n_valid);
+  double total = 0;  // double: the sum of N weights loses nothing for any N
+  for (int64_t i = 0; i < N; ++i)
+    if (target[i] != ignore_index) total += static_cast<double>(w[target[i]]);
+  return total;
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_rows(const at::Tensor& logits, const at::Tensor& target,
                   const row::LossParams<acc_t>& params, int64_t ignore_index, at::Tensor& stats) {
@@ -110,10 +124,11 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target,
 template <typename scalar_t, typename acc_t>
 at::Tensor reduce_rows(const at::Tensor& stats, const at::Tensor& target,
                        const row::LossParams<acc_t>& p, int64_t C, int64_t reduction,
-                       int64_t ignore_index, const at::TensorOptions& out_options) {
+                       int64_t ignore_index, const at::Tensor& weight, const at::TensorOptions& out_options) {
   const int64_t N = target.size(0);
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   const BatchInfo info = batch_info(st, t, N, C, ignore_index, p.active);
   const acc_t a_scale = p.alpha * static_cast<acc_t>(info.scale);
   auto row_loss = [&](int64_t i) -> acc_t {
@@ -121,7 +136,7 @@ at::Tensor reduce_rows(const at::Tensor& stats, const at::Tensor& target,
     const acc_t* s = st + i * row::NUM_STATS;
     acc_t v = a_scale * s[row::ST_ACTIVE];
     if (p.passive != row::NONE) v += p.beta * s[row::ST_PASSIVE];
-    return v;
+    return w ? v * w[t[i]] : v;
   };
   if (reduction == kNone) {
     at::Tensor out = at::empty({N}, out_options);
@@ -131,7 +146,7 @@ at::Tensor reduce_rows(const at::Tensor& stats, const at::Tensor& target,
   }
   double total = 0;  // double: the sum of N rows loses nothing for any N
   for (int64_t i = 0; i < N; ++i) total += static_cast<double>(row_loss(i));
-  if (reduction == kMean) total /= static_cast<double>(info.n_valid);  // 0/0 = NaN, as F.cross_entropy
+  if (reduction == kMean) total /= mean_denominator(t, N, ignore_index, w, info);
   at::Tensor out = at::empty({}, out_options);
   *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
   return out;
@@ -140,17 +155,20 @@ at::Tensor reduce_rows(const at::Tensor& stats, const at::Tensor& target,
 std::tuple<at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                 int64_t active, int64_t passive, double alpha,
                                                 double beta, double gamma, double q,
-                                                int64_t reduction, int64_t ignore_index) {
+                                                int64_t reduction, int64_t ignore_index,
+                                                const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction);
+  check_weight(weight_arg, logits);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
+  const at::Tensor weight = weight_for(weight_arg, logits);
   at::Tensor stats = at::empty({N, kNumStats}, logits.options().dtype(acc_type_of(logits.scalar_type())));
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
     forward_rows<scalar_t, acc_t>(logits, target, params, ignore_index, stats);
-    loss = reduce_rows<scalar_t, acc_t>(stats, target, params, C, reduction, ignore_index, logits.options());
+    loss = reduce_rows<scalar_t, acc_t>(stats, target, params, C, reduction, ignore_index, weight, logits.options());
   });
   return {loss, stats};
 }
@@ -158,13 +176,14 @@ std::tuple<at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                    const at::Tensor& stats, const row::LossParams<acc_t>& p, int64_t reduction,
-                   int64_t ignore_index, at::Tensor& grad) {
+                   int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
   const int64_t N = logits.size(0), C = logits.size(1);
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   const BatchInfo info = batch_info(st, t, N, C, ignore_index, p.active);
 
-  // Upstream gradient of each row's loss.
+  // Upstream gradient of each row's loss (its weight included).
   at::Tensor g_tensor;
   acc_t g_scalar = 0;
   const acc_t* g_rows;
@@ -175,9 +194,17 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
     g_stride = 1;
   } else {
     g_scalar = grad_loss.item<acc_t>();
-    if (reduction == kMean) g_scalar /= static_cast<acc_t>(info.n_valid);
+    if (reduction == kMean) g_scalar /= static_cast<acc_t>(mean_denominator(t, N, ignore_index, w, info));
     g_rows = &g_scalar;
     g_stride = 0;
+  }
+  std::vector<acc_t> g_weighted;
+  if (w != nullptr) {
+    g_weighted.resize(N);
+    for (int64_t i = 0; i < N; ++i)
+      g_weighted[i] = t[i] == ignore_index ? acc_t(0) : g_rows[i * g_stride] * w[t[i]];
+    g_rows = g_weighted.data();
+    g_stride = 1;
   }
   acc_t batch_coef = 0;
   if (p.active == row::NFL_PAPER) {
@@ -216,14 +243,17 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
 at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                  const at::Tensor& target, const at::Tensor& stats, int64_t active,
                                  int64_t passive, double alpha, double beta, double gamma, double q,
-                                 int64_t reduction, int64_t ignore_index) {
+                                 int64_t reduction, int64_t ignore_index,
+                                 const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction);
+  check_weight(weight_arg, logits);
   check_target_range(target, logits.size(1), ignore_index);
+  const at::Tensor weight = weight_for(weight_arg, logits);
   at::Tensor grad = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
-    backward_rows<scalar_t, acc_t>(grad_loss, logits, target, stats, params, reduction, ignore_index, grad);
+    backward_rows<scalar_t, acc_t>(grad_loss, logits, target, stats, params, reduction, ignore_index, weight, grad);
   });
   return grad;
 }

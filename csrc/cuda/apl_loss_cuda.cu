@@ -22,6 +22,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <tuple>
 
@@ -260,13 +261,28 @@ at::Tensor batch_terms(const at::Tensor& stats, const at::Tensor& target, int64_
   return batch;
 }
 
+// Weight of each row's target, 0 for ignored rows ([N]; undefined without weights).
+at::Tensor row_weights(const at::Tensor& weight, const at::Tensor& target, const at::Tensor& valid) {
+  if (!weight.defined()) return at::Tensor();
+  return at::where(valid, weight.index_select(0, target.masked_fill(valid.logical_not(), 0)),
+                   at::zeros({}, weight.options()));
+}
+
+// The 'mean' denominator: the number of non-ignored rows, or the sum of their weights.
+at::Tensor mean_denominator(const at::Tensor& n_valid, const at::Tensor& w_rows) {
+  return w_rows.defined() ? w_rows.sum() : n_valid;
+}
+
 std::tuple<at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                  int64_t active, int64_t passive, double alpha,
                                                  double beta, double gamma, double q,
-                                                 int64_t reduction, int64_t ignore_index) {
+                                                 int64_t reduction, int64_t ignore_index,
+                                                 const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction);
+  check_weight(weight_arg, logits);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
+  const at::Tensor weight = weight_for(weight_arg, logits);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
@@ -298,38 +314,49 @@ std::tuple<at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const
   at::Tensor rows = stats.select(1, ST_ACTIVE) * (batch.select(0, 0) * alpha);
   if (passive != NONE) rows = rows + stats.select(1, ST_PASSIVE) * beta;
   rows = at::where(valid, rows, at::zeros({}, rows.options()));
+  const at::Tensor w_rows = row_weights(weight, target, valid);
+  if (w_rows.defined()) rows = rows * w_rows;
   at::Tensor loss;
   if (reduction == kNone) loss = rows.to(logits.scalar_type());
   else if (reduction == kSum) loss = rows.sum().to(logits.scalar_type());
-  else loss = (rows.sum() / n_valid).to(logits.scalar_type());  // 0/0 = NaN, as F.cross_entropy
+  else loss = (rows.sum() / mean_denominator(n_valid, w_rows)).to(logits.scalar_type());  // 0/0 = NaN, as F.cross_entropy
   return {loss, stats};
 }
 
 at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                                   const at::Tensor& target, const at::Tensor& stats, int64_t active,
                                   int64_t passive, double alpha, double beta, double gamma, double q,
-                                  int64_t reduction, int64_t ignore_index) {
+                                  int64_t reduction, int64_t ignore_index,
+                                  const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction);
+  check_weight(weight_arg, logits);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
+  const at::Tensor weight = weight_for(weight_arg, logits);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
   at::Tensor grad = at::empty_like(logits);
   if (N == 0) return grad;
 
-  const at::Tensor n_valid = target.ne(ignore_index).sum().to(acc);
-  at::Tensor g_rows;  // upstream gradient of each row's loss ([N], or [] for every row)
+  const at::Tensor valid = target.ne(ignore_index);
+  const at::Tensor n_valid = valid.sum().to(acc);
+  const at::Tensor w_rows = row_weights(weight, target, valid);
+  at::Tensor g_rows;  // upstream gradient of each row's loss, weight included ([N], or [] for every row)
   int64_t g_stride;
   if (reduction == kNone) {
-    g_rows = grad_loss.to(acc).contiguous();
+    g_rows = grad_loss.to(acc);
     g_stride = 1;
   } else {
     g_rows = grad_loss.to(acc).reshape({});
-    if (reduction == kMean) g_rows = g_rows / n_valid;
-    g_rows = g_rows.contiguous();
+    if (reduction == kMean) g_rows = g_rows / mean_denominator(n_valid, w_rows);
     g_stride = 0;
   }
+  if (w_rows.defined()) {
+    g_rows = g_rows * w_rows;
+    g_stride = 1;
+  }
+  g_rows = g_rows.contiguous();
   const at::Tensor batch = batch_terms(stats, target, C, static_cast<int>(active), alpha, ignore_index, n_valid, &g_rows);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_backward_cuda", [&] {
