@@ -12,7 +12,8 @@ For each loss and shape it times one training-style step (loss of a leaf tensor,
   reference/floor bounds the speed-up any implementation can show over the reference at that
   shape (page faults of the fresh gradient dominate it for large N x C on Linux).
 
-Each entry is the median over repeats after a warm-up. Prints a Markdown table with the
+Each entry is the median over repeats after a warm-up; the contenders of a row are timed
+round-robin (one step of each in turn). Prints a Markdown table with the
 absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy and
 reference/floor.
 
@@ -50,26 +51,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(loss_fn, logits: torch.Tensor, target: torch.Tensor, device: str, *,
-              min_time: float, max_repeats: int, warmup: int = 3) -> float:
-    """Median seconds of ``loss_fn(x, target).backward()`` for a fresh leaf ``x``."""
-    x = logits.detach().clone().requires_grad_()
+def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, device: str, *,
+               min_time: float, max_repeats: int, warmup: int = 3) -> dict:
+    """Median seconds of ``loss_fn(x, target).backward()`` (``x`` a leaf of its own per
+    function) for each of ``loss_fns``, timed round-robin: one step of each in turn, so a
+    slow spell of the machine falls on every contender alike, not on whichever ran then.
+    Repeats until ``min_time`` per function has passed (at least 5, at most ``max_repeats``)."""
+    xs = {name: logits.detach().clone().requires_grad_() for name in loss_fns}
 
-    def step():
+    def step(name):
+        x = xs[name]
         x.grad = None
-        loss_fn(x, target).backward()
+        loss_fns[name](x, target).backward()
 
     for _ in range(warmup):
-        step()
+        for name in loss_fns:
+            step(name)
     _sync(device)
-    times = []
+    times = {name: [] for name in loss_fns}
     start_all = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < 5 or time.perf_counter() - start_all < min_time):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    budget = min_time * len(loss_fns)
+    for rep in range(max_repeats):
+        if rep >= 5 and time.perf_counter() - start_all >= budget:
+            break
+        for name in loss_fns:
+            t0 = time.perf_counter()
+            step(name)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _fmt_ms(seconds: float | None) -> str:
@@ -130,19 +140,18 @@ def main(argv=None) -> int:
                 g = torch.Generator().manual_seed(0)
                 logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
                 target = torch.randint(0, c, (n,), generator=g).to(args.device)
-                # Repeats until min_time has passed (at least 5, at most max_repeats).
-                timing = dict(min_time=args.min_time, max_repeats=max_repeats)
-                t_fused = time_step(lambda x, y: fused.fused_loss(x, y, spec), logits, target, args.device, **timing)
-                t_ref = time_step(lambda x, y: reference_loss(x, y, spec), logits, target, args.device, **timing)
-                t_comp = None
+                contenders = {"fused": lambda x, y: fused.fused_loss(x, y, spec),
+                              "reference": lambda x, y: reference_loss(x, y, spec),
+                              "floor": lambda x, y: x.sum()}
                 if use_compile:
                     torch._dynamo.reset()
-                    compiled = torch.compile(lambda x, y: reference_loss(x, y, spec), dynamic=False)
-                    t_comp = time_step(compiled, logits, target, args.device, warmup=3, **timing)
-                t_ce = None
+                    contenders["compiled"] = torch.compile(lambda x, y: reference_loss(x, y, spec), dynamic=False)
                 if name == "CE":
-                    t_ce = time_step(lambda x, y: F.cross_entropy(x, y), logits, target, args.device, **timing)
-                t_floor = time_step(lambda x, y: x.sum(), logits, target, args.device, **timing)
+                    contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
+                t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
+                               max_repeats=max_repeats)
+                t_fused, t_ref, t_floor = t["fused"], t["reference"], t["floor"]
+                t_comp, t_ce = t.get("compiled"), t.get("F.cross_entropy")
                 row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_ref), _fmt_ms(t_comp), _fmt_ms(t_ce),
                        _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused), _ratio(t_fused, t_ce),
                        _ratio(t_ref, t_floor)]

@@ -179,9 +179,8 @@ struct RowView {
 // Vector lanes are classes of one row for the passes over the row. The row's own quantities
 // (the logs, exps and divisions of loss_row.h) are computed for a block of W rows at once,
 // one row per lane, between the passes (measured on AVX-512, float32, N = 8192: CE forward
-// 112 -> 91 ns/row at C = 100, 475 -> 452 at C = 1000). The backward's per-row work is light
-// and stays scalar (no faster in lanes, measured). The forward above the rows-in-lanes limit,
-// the backward always.
+// 475 -> 452 ns/row at C = 1000). The backward's per-row work is light and stays scalar (no
+// faster in lanes, measured). The forward above the rows-in-lanes limit, the backward always.
 
 // Row quantities of a block of W rows, lane r = row r: written row by row, read as a vector.
 template <typename T>
