@@ -12,8 +12,8 @@ For each loss and shape it times one training-style step (loss of a leaf tensor,
   reference/floor bounds the speed-up any implementation can show over the reference at that
   shape (page faults of the fresh gradient dominate it for large N x C on Linux).
 
-Each entry is the median over repeats after a warm-up; the contenders of a row are timed
-round-robin (one step of each in turn). Prints a Markdown table with the
+Each entry is the median over repeats after a warm-up; the contenders of a row take turns in
+blocks of a few steps (see ``time_steps``). Prints a Markdown table with the
 absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy and
 reference/floor.
 
@@ -52,11 +52,13 @@ def _sync(device: str) -> None:
 
 
 def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, device: str, *,
-               min_time: float, max_repeats: int, warmup: int = 3) -> dict:
+               min_time: float, max_repeats: int, warmup: int = 3, block: int = 5) -> dict:
     """Median seconds of ``loss_fn(x, target).backward()`` (``x`` a leaf of its own per
-    function) for each of ``loss_fns``, timed round-robin: one step of each in turn, so a
-    slow spell of the machine falls on every contender alike, not on whichever ran then.
-    Repeats until ``min_time`` per function has passed (at least 5, at most ``max_repeats``)."""
+    function) for each of ``loss_fns``. The functions take turns in blocks of ``block`` steps,
+    so a slow spell of the shared machine falls on every contender alike, while each still runs
+    warm, as it would called step after step (one step of each in turn measured the caches the
+    others had just evicted: small shapes came out 2-3x slower). Repeats until ``min_time`` per
+    function has passed (at least 5 steps, at most ``max_repeats``)."""
     xs = {name: logits.detach().clone().requires_grad_() for name in loss_fns}
 
     def step(name):
@@ -71,14 +73,16 @@ def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, devic
     times = {name: [] for name in loss_fns}
     start_all = time.perf_counter()
     budget = min_time * len(loss_fns)
-    for rep in range(max_repeats):
-        if rep >= 5 and time.perf_counter() - start_all >= budget:
+    while True:
+        done = len(times[next(iter(loss_fns))])
+        if done >= max_repeats or (done >= 5 and time.perf_counter() - start_all >= budget):
             break
         for name in loss_fns:
-            t0 = time.perf_counter()
-            step(name)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                step(name)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
