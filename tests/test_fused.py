@@ -63,6 +63,12 @@ def make_batch(n, c, seed, *, ignore_frac=0.25):
     return z, target
 
 
+def class_weights(c, seed, dtype=torch.float64):
+    """Positive per-class weights spread over two orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    return (10 ** (2 * torch.rand(c, generator=g, dtype=torch.float64) - 1)).to(dtype)
+
+
 def weight_scale(spec):
     """Size of the gradient coefficients of a spec: |alpha| + |beta| (x A for RCE terms)."""
     a = abs(spec.alpha) * (RCE_A if spec.active == Kind.RCE else 1.0)
@@ -256,12 +262,15 @@ def test_opcheck(spec, reduction):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_torch_compile_fullgraph():
-    """fused_loss compiles without a graph break and matches eager in value and gradient."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_torch_compile_fullgraph(weighted):
+    """fused_loss compiles without a graph break and matches eager in value and gradient, with
+    and without per-class weights."""
     spec = spec_for("nfl+rce", variant="paper")
+    w = class_weights(10, 3, torch.float32) if weighted else None
 
     def step(x, y):
-        return fused.fused_loss(x * 2.0, y, spec) + 0.5 * fused.fused_loss(x, y, spec_for("ce"), "sum")
+        return fused.fused_loss(x * 2.0, y, spec, weight=w) + 0.5 * fused.fused_loss(x, y, spec_for("ce"), "sum")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     g = torch.Generator().manual_seed(0)
@@ -497,12 +506,6 @@ def test_wrapper_rejects_bad_input():
 
 # --------------------------------------------------------------------------- per-class weights
 
-def class_weights(c, seed, dtype=torch.float64):
-    """Positive per-class weights spread over two orders of magnitude."""
-    g = torch.Generator().manual_seed(seed)
-    return (10 ** (2 * torch.rand(c, generator=g, dtype=torch.float64) - 1)).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_weighted_ce_matches_f_cross_entropy(reduction, dtype):
@@ -522,26 +525,32 @@ def test_weighted_ce_matches_f_cross_entropy(reduction, dtype):
     torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol * float(upstream.abs().max()))
 
 
+def check_weighted_parity(spec, n, c, reduction, seed, device="cpu"):
+    """With per-class weights, the fused op (float64, on `device`) agrees with the reference."""
+    z, target = make_batch(n, c, seed)
+    w = class_weights(c, seed + 1)
+    x1 = z.to(device, copy=True).requires_grad_()
+    x2 = z.clone().requires_grad_()
+    lf = fused.fused_loss(x1, target.to(device), spec, reduction, IGNORE, weight=w.to(device))
+    lr = reference_loss(x2, target, spec, reduction, IGNORE, weight=w)
+    upstream = torch.randn(lr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (lf * upstream.to(device)).sum().backward()
+    (lr * upstream).sum().backward()
+    per_row = float(upstream.abs().max()) * float(w.max()) if upstream.numel() else 0.0
+    if reduction == "mean":
+        per_row /= float(w[target[target != IGNORE]].sum())
+    what = f"{device} weighted {spec_id(spec)} N={n} C={c} {reduction}"
+    assert_scaled_close(lf.detach().cpu(), lr.detach(), 1e-10, 1.0, "loss " + what)
+    assert_scaled_close(x1.grad.cpu(), x2.grad, 1e-10, per_row * weight_scale(spec), "grad " + what)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=spec_id)
 def test_weighted_parity_every_spec(spec, reduction):
     """Every spec with per-class weights: the fused op agrees with the reference (float64), the
     paper forms' batch statistics included (they stay unweighted, LOSSES.md)."""
     for i, (n, c) in enumerate([(7, 10), (128, 100), (5, 1000)]):
-        z, target = make_batch(n, c, 40 + i)
-        w = class_weights(c, 50 + i)
-        x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
-        lf = fused.fused_loss(x1, target, spec, reduction, IGNORE, weight=w)
-        lr = reference_loss(x2, target, spec, reduction, IGNORE, weight=w)
-        upstream = torch.randn(lr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
-        (lf * upstream).sum().backward()
-        (lr * upstream).sum().backward()
-        per_row = float(upstream.abs().max()) * float(w.max()) if upstream.numel() else 0.0
-        if reduction == "mean":
-            per_row /= float(w[target[target != IGNORE]].sum())
-        assert_scaled_close(lf.detach(), lr.detach(), 1e-10, 1.0, f"weighted loss {spec_id(spec)} N={n} C={c}")
-        assert_scaled_close(x1.grad, x2.grad, 1e-10, per_row * weight_scale(spec),
-                            f"weighted grad {spec_id(spec)} N={n} C={c}")
+        check_weighted_parity(spec, n, c, reduction, seed=40 + 10 * i)
 
 
 def test_weights_change_the_loss_as_defined():
@@ -578,25 +587,6 @@ def test_weighted_gradcheck_and_opcheck():
         torch.library.opcheck(torch.ops.apl.apl_loss_backward.default,
                               (torch.ones_like(loss), args[0].detach(), args[1], stats) + args[2:],
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
-def test_weighted_torch_compile_fullgraph():
-    """A weighted fused loss compiles without a graph break and matches eager."""
-    w = class_weights(10, 3, torch.float32)
-
-    def step(x, y):
-        return fused.fused_loss(x, y, spec_for("nce+rce"), weight=w)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    g = torch.Generator().manual_seed(0)
-    x1 = torch.randn(16, 10, generator=g, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y = torch.randint(0, 10, (16,), generator=g)
-    out_c, out_e = compiled(x1, y), step(x2, y)
-    out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 def test_all_weight_zero_mean_is_nan():
@@ -639,14 +629,4 @@ def test_weighted_parity_devices(device):
     the reference on the CPU, both CUDA row layouts included."""
     for i, (n, c) in enumerate([(7, 10), (33, 1025)]):
         for spec in (spec_for("ce"), spec_for("nfl+rce", variant="paper"), spec_for("nce+mae")):
-            z, target = make_batch(n, c, 60 + i)
-            w = class_weights(c, 70 + i)
-            x1 = z.to(device, copy=True).requires_grad_()
-            x2 = z.clone().requires_grad_()
-            lf = fused.fused_loss(x1, target.to(device), spec, "mean", IGNORE, weight=w.to(device))
-            lr = reference_loss(x2, target, spec, "mean", IGNORE, weight=w)
-            lf.backward()
-            lr.backward()
-            scale = float(w.max()) / float(w[target[target != IGNORE]].sum()) * weight_scale(spec)
-            assert_scaled_close(lf.detach().cpu(), lr.detach(), 1e-10, 1.0, f"{device} weighted loss {spec_id(spec)}")
-            assert_scaled_close(x1.grad.cpu(), x2.grad, 1e-10, scale, f"{device} weighted grad {spec_id(spec)}")
+            check_weighted_parity(spec, n, c, "mean", seed=60 + 10 * i, device=device)
