@@ -33,9 +33,21 @@ static const char* kind_name(int64_t k) {
   return (k >= 0 && k < row::NUM_KINDS) ? names[k] : "unknown";
 }
 
+// `weight`, when given: per-class weights, 1-D of C floating values on the logits' device.
+static void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value() || !weight->defined()) return;
+  const at::Tensor& w = *weight;
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), "apl_loss: weight must be 1-D with one "
+                    "entry per class (", logits.size(1), "), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "apl_loss: weight must be a floating tensor, got dtype ",
+                    w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == logits.device(), "apl_loss: weight is on ", w.device(), " but logits are on ",
+                    logits.device());
+}
+
 void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active,
                         int64_t passive, double alpha, double beta, double gamma, double q,
-                        int64_t reduction) {
+                        int64_t reduction, const std::optional<at::Tensor>& weight) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "apl_loss: logits must be 2-D (N, C), got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()),
@@ -67,6 +79,7 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
   TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
                     "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  check_weight(weight, logits);
 }
 
 void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
@@ -94,17 +107,6 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
   }
 }
 
-void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
-  if (!weight.has_value() || !weight->defined()) return;
-  const at::Tensor& w = *weight;
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), "apl_loss: weight must be 1-D with one "
-                    "entry per class (", logits.size(1), "), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "apl_loss: weight must be a floating tensor, got dtype ",
-                    w.scalar_type());
-  TORCH_CHECK_VALUE(w.device() == logits.device(), "apl_loss: weight is on ", w.device(), " but logits are on ",
-                    logits.device());
-}
-
 at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   return weight->to(acc_type_of(logits.scalar_type())).contiguous();
@@ -113,8 +115,8 @@ at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor&
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
                          const at::Tensor& target, const at::Tensor& stats, int64_t active,
                          int64_t passive, double alpha, double beta, double gamma, double q,
-                         int64_t reduction) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction);
+                         int64_t reduction, const std::optional<at::Tensor>& weight) {
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight);
   const int64_t n = logits.size(0);
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
                     "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ",

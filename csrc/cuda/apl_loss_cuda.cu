@@ -278,8 +278,7 @@ std::tuple<at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const
                                                  double beta, double gamma, double q,
                                                  int64_t reduction, int64_t ignore_index,
                                                  const std::optional<at::Tensor>& weight_arg) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction);
-  check_weight(weight_arg, logits);
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
@@ -328,8 +327,8 @@ at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                   int64_t passive, double alpha, double beta, double gamma, double q,
                                   int64_t reduction, int64_t ignore_index,
                                   const std::optional<at::Tensor>& weight_arg) {
-  check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction);
-  check_weight(weight_arg, logits);
+  check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction,
+                      weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
