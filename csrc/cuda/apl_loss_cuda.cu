@@ -268,7 +268,8 @@ at::Tensor row_weights(const at::Tensor& weight, const at::Tensor& target, const
                    at::zeros({}, weight.options()));
 }
 
-// The 'mean' denominator: the number of non-ignored rows, or the sum of their weights.
+// The 'mean' denominator: the number of non-ignored rows, or the sum of their weights (0 when
+// there is none: the mean is then 0/0 = NaN, as F.cross_entropy).
 at::Tensor mean_denominator(const at::Tensor& n_valid, const at::Tensor& w_rows) {
   return w_rows.defined() ? w_rows.sum() : n_valid;
 }
@@ -318,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const
   at::Tensor loss;
   if (reduction == kNone) loss = rows.to(logits.scalar_type());
   else if (reduction == kSum) loss = rows.sum().to(logits.scalar_type());
-  else loss = (rows.sum() / mean_denominator(n_valid, w_rows)).to(logits.scalar_type());  // 0/0 = NaN, as F.cross_entropy
+  else loss = (rows.sum() / mean_denominator(n_valid, w_rows)).to(logits.scalar_type());
   return {loss, stats};
 }
 
