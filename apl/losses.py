@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apl.spec import PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, spec_for, validate_inputs, validate_weight
+from apl.spec import (PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, check_num_classes, spec_for, validate_inputs,
+                      validate_weight)
 
 __all__ = [
     "BACKENDS", "reference_loss", "resolve_backend", "compute_loss", "APLLoss", "get_loss",
@@ -226,6 +227,8 @@ def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
     if backend == "reference":
         return "reference", "the reference was requested"
     fused, reason = _fused_module()
@@ -258,9 +261,8 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
     device = logits.device if isinstance(logits, torch.Tensor) else "cpu"
     chosen, reason = resolve_backend(backend, spec, device)
     if chosen == "fused":
-        _check_common(spec, ignore_index)
-        return importlib.import_module("apl.fused").fused_loss(
-            logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
+        return _fused_module()[0].fused_loss(logits, target, spec, reduction=reduction,
+                                             ignore_index=ignore_index, weight=weight)
     if backend == "auto":
         _warn_fallback(reason)
     return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
@@ -351,10 +353,7 @@ class APLLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, C) against ``target`` (N,), reduced by ``self.reduction``."""
-        if self.num_classes is not None:
-            # Shape checks only; the backend checks the target range.
-            validate_inputs(logits, target, reduction=self.reduction, ignore_index=self.ignore_index,
-                            num_classes=self.num_classes, check_range=False)
+        check_num_classes(logits, self.num_classes)  # the backend checks the rest
         return compute_loss(logits, target, self.spec, reduction=self.reduction,
                             ignore_index=self.ignore_index, weight=self.weight, backend=self.backend)
 

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
-    "spec_for", "validate_inputs",
+    "spec_for", "validate_inputs", "check_num_classes", "validate_weight",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
@@ -160,8 +160,7 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     n, c = logits.shape
     if c < 2:
         raise ValueError(f"logits need at least 2 classes, got C={c}")
-    if num_classes is not None and c != num_classes:
-        raise ValueError(f"logits have C={c} classes but the loss was built for {num_classes}")
+    check_num_classes(logits, num_classes)
     if target.dim() != 1:
         raise ValueError(f"target must be 1-D (N,), got shape {tuple(target.shape)}")
     if target.dtype not in _INT_DTYPES:
@@ -178,6 +177,17 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
             raise ValueError(f"target {first} is out of range for C={c} classes "
                              f"(valid: 0..{c - 1}, or ignore_index={ignore_index})")
     return target
+
+
+def check_num_classes(logits: torch.Tensor, num_classes: int | None) -> None:
+    """Raise ``ValueError`` when 2-D ``logits`` do not have ``num_classes`` columns (None: any).
+
+    Only the class count: the rest of the input is :func:`validate_inputs`' (or the fused
+    operator's) to check, so a loss module that knows its C checks the input once.
+    """
+    if num_classes is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2 \
+            and logits.shape[1] != num_classes:
+        raise ValueError(f"logits have C={logits.shape[1]} classes but the loss was built for {num_classes}")
 
 
 def validate_weight(weight, logits: torch.Tensor) -> torch.Tensor | None:

@@ -448,13 +448,19 @@ def test_bad_loss_construction_raises_value_error():
         APLLoss(spec_for("nfl"), gamma=2.0)
     with pytest.raises(ValueError, match="spec must be an apl.spec.LossSpec"):
         reference_loss(GOOD_Z, GOOD_T, "nce")
+    for backend in L.BACKENDS:
+        with pytest.raises(ValueError, match="spec must be an apl.spec.LossSpec"):
+            compute_loss(GOOD_Z, GOOD_T, "nce", backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         compute_loss(GOOD_Z, GOOD_T, spec_for("ce"), backend="gpu")
 
 
-def test_num_classes_mismatch_raises_value_error():
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_num_classes_mismatch_raises_value_error(backend):
     with pytest.raises(ValueError, match="C=3 classes but the loss was built for 10"):
-        get_loss("nce+rce", backend="reference")(GOOD_Z, GOOD_T)
+        get_loss("nce+rce", backend=backend)(GOOD_Z, GOOD_T)
+    with pytest.raises(ValueError, match="logits must be 2-D"):  # shape first, then the count
+        get_loss("nce+rce", backend=backend)(GOOD_Z[0], GOOD_T[:1])
 
 
 # ----------------------------------------------------------------------------- modules
