@@ -521,6 +521,18 @@ def test_low_precision_inputs(name, variant, dtype):
     assert g.dtype == dtype and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("reduction, shape", [("none", (6,)), ("mean", ()), ("sum", ())])
+@pytest.mark.parametrize("name, variant", ALL)
+def test_reference_on_meta_tensors(name, variant, reduction, shape):
+    """Meta tensors hold no values: the reference skips its target range check and gives the
+    output's shape and dtype, as the fused operator does."""
+    z = torch.empty(6, 9, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(6, device="meta", dtype=torch.int64)
+    out = reference_loss(z, t, spec_for(name, variant=variant), reduction=reduction,
+                         weight=torch.empty(9, device="meta"))
+    assert out.device.type == "meta" and out.shape == shape and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("name, variant", [("nce+rce", "ma2020"), ("nfl", "paper"), ("ce", "ma2020")])
 def test_float32_stays_float32_and_matches_float64(name, variant):
     z, t = logits_and_targets(16, 10, seed=20, scale=3.0)
