@@ -241,3 +241,19 @@ def test_paper_numbers_are_the_seed_papers_table_1():
     assert sorted(printed) == sorted(stored) == sorted(GRID_LOSSES)
     for loss, values in printed.items():
         assert [stored[loss][k] for k in ("0.2", "0.4", "0.6", "0.8")] == values, loss
+
+
+QUICK = Path(__file__).resolve().parents[1] / "paper_figures" / "quick"
+
+
+def test_committed_quick_tables_rebuild_from_their_committed_run_records(tmp_path):
+    """paper_figures/quick/ ships the run records it was made from (README): every run of its
+    manifest has its result.json there, and the tables rebuilt from them are the committed ones."""
+    records = QUICK / "run_records"
+    manifest = json.loads((records / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(r["_run"] for r in load_run_records(records)) == sorted(manifest["runs"])
+    make_report(records, tmp_path, figures=False)
+    committed = sorted(QUICK.glob("table1_*"))
+    assert len(committed) == 6
+    for path in committed:
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
