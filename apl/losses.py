@@ -261,8 +261,8 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
     device = logits.device if isinstance(logits, torch.Tensor) else "cpu"
     chosen, reason = resolve_backend(backend, spec, device)
     if chosen == "fused":
-        return _fused_module()[0].fused_loss(logits, target, spec, reduction=reduction,
-                                             ignore_index=ignore_index, weight=weight)
+        return importlib.import_module("apl.fused").fused_loss(
+            logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
     if backend == "auto":
         _warn_fallback(reason)
     return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,

@@ -21,6 +21,7 @@ from apl.paper import paper_numbers, reference_accuracy
 from apl.report import group_runs, load_run_records, make_report, table_rows
 
 GOLDEN = Path(__file__).parent / "golden" / "report"
+QUICK = Path(__file__).resolve().parents[1] / "paper_figures" / "quick"  # committed quick report
 SEED_PAPER = Path("/work/shared/seed/000_751a3e17ea3f2e34.txt")
 TABLES = [f"table1_{v}.{ext}" for v in GRID_VARIANTS for ext in ("md", "csv", "tex")]
 EPOCHS = 3
@@ -241,9 +242,6 @@ def test_paper_numbers_are_the_seed_papers_table_1():
     assert sorted(printed) == sorted(stored) == sorted(GRID_LOSSES)
     for loss, values in printed.items():
         assert [stored[loss][k] for k in ("0.2", "0.4", "0.6", "0.8")] == values, loss
-
-
-QUICK = Path(__file__).resolve().parents[1] / "paper_figures" / "quick"
 
 
 def test_committed_quick_tables_rebuild_from_their_committed_run_records(tmp_path):
