@@ -306,21 +306,33 @@ def test_double_backward_raises():
 
 # --------------------------------------------------------------------------- edge cases
 
+# NaN columns per row: the target's own (row 0), then, at C = 1000, one in each of the max
+# pass's accumulator chains for float32 and float64 vectors, its tail and the partial vector.
+NAN_COLUMNS = {6: [1, 5], 1000: [1, 13, 29, 37, 53, 970, 999]}
+
+
+@pytest.mark.parametrize("c, dtype", [(6, torch.float64), (6, torch.float32), (1000, torch.float64),
+                                      (1000, torch.float32)])
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=spec_id)
-def test_nan_logits_give_nan(spec):
+def test_nan_logits_give_nan(spec, c, dtype):
     """A NaN logit (in the target's column or elsewhere) makes that row's loss NaN, and the mean
     NaN; the other rows are unaffected (the batch statistic of NFL_PAPER spreads it, as in the
-    reference)."""
-    z = torch.randn(4, 6, dtype=torch.float64)
-    target = torch.tensor([1, 2, 3, 4])
-    z[0, 1] = float("nan")  # the target's logit
-    z[1, 5] = float("nan")  # another class
+    reference). C = 6 and 1000 run the two forward layouts."""
+    z = torch.randn(8, c, dtype=torch.float64).to(dtype)
+    target = torch.tensor([1, 2, 3, 4, 0, 0, 0, 0])
+    for row, col in enumerate(NAN_COLUMNS[c]):
+        z[row, col] = float("nan")
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     for reduction in ("none", "mean", "sum"):
         out = fused.fused_loss(z, target, spec, reduction)
         expected = reference_loss(z, target, spec, reduction)
         assert out.isnan().any(), f"{reduction}: a NaN logit gave a finite loss {out}"
         assert torch.equal(out.isnan(), expected.isnan())
-        torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=tol, atol=tol)
+    x, xr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fused.fused_loss(x, target, spec, "sum"), x)
+    (grad_ref,) = torch.autograd.grad(reference_loss(xr, target, spec, "sum"), xr)
+    assert torch.equal(grad.isnan().any(dim=1), grad_ref.isnan().any(dim=1)), "rows with a NaN gradient differ"
 
 
 @pytest.mark.parametrize("spec", [spec_for("nce+rce"), spec_for("nfl+rce", variant="paper"),

@@ -34,9 +34,9 @@ struct VecMath {
   using V = Vectorized<T>;
   using S = T;
   // exp_u20: ATen's fast exp (the one its softmax kernels use). It maps NaN to a finite
-  // value, which is harmless here: a NaN logit already makes the row's max (or z_y) NaN,
-  // and every row quantity goes through that.
-  static inline V exp(V x) { return x.exp_u20(); }
+  // value, so NaN lanes are put back: a NaN logit makes its row's max (or z_y) NaN, and the
+  // row quantities must carry that to the loss and the gradient, never a finite number.
+  static inline V exp(V x) { return V::blendv(x.exp_u20(), x, x != x); }
   static inline V log(V x) { return x.log(); }
   static inline V expm1(V x) { return x.expm1(); }
   // expm1 on [-ln 2, 0] only: its Taylor series to the degree whose remainder is under 0.1 ulp
