@@ -117,24 +117,28 @@ struct RowView {
     return (lane < Vec(static_cast<T>(valid))) & (lane != Vec(static_cast<T>(yl)));
   }
 
-  // max_{k != y} z_k, NaN-propagating (two chains for throughput).
+  // max_{k != y} z_k, NaN-propagating. at::vec::maximum is a dependent compare/max/or chain,
+  // so four accumulators are in flight (two left the pass latency-bound: CE's forward at
+  // C = 1000 measured 397 -> 371 ns/row, AVX-512, float32).
   T max() const {
+    constexpr int kChains = 4;
     const Vec neg_inf(-std::numeric_limits<T>::infinity());
-    Vec a0 = neg_inf, a1 = neg_inf;
+    Vec a[kChains];
+    for (auto& v : a) v = neg_inf;
     int64_t k = 0;
-    for (; k + 2 * W <= full; k += 2 * W) {
-      Vec v0 = Vec::loadu(z + k), v1 = Vec::loadu(z + k + W);
-      if (k == y_vec) v0 = Vec::blendv(neg_inf, v0, keep(k));
-      if (k + W == y_vec) v1 = Vec::blendv(neg_inf, v1, keep(k + W));
-      a0 = at::vec::maximum(a0, v0);
-      a1 = at::vec::maximum(a1, v1);
+    for (; k + kChains * W <= full; k += kChains * W) {
+      for (int j = 0; j < kChains; ++j) {
+        Vec v = Vec::loadu(z + k + j * W);
+        if (k + j * W == y_vec) v = Vec::blendv(neg_inf, v, keep(k + j * W));
+        a[j] = at::vec::maximum(a[j], v);
+      }
     }
-    for (; k < C; k += W) {  // at most one full vector, then the partial one
+    for (; k < C; k += W) {  // fewer than kChains full vectors, then the partial one
       Vec v = k + W <= C ? Vec::loadu(z + k) : Vec::loadu(z + k, C - k);
       if (k == y_vec || k + W > C) v = Vec::blendv(neg_inf, v, keep(k));
-      a0 = at::vec::maximum(a0, v);
+      a[0] = at::vec::maximum(a[0], v);
     }
-    return hmax(at::vec::maximum(a0, a1));
+    return hmax(at::vec::maximum(at::vec::maximum(a[0], a[1]), at::vec::maximum(a[2], a[3])));
   }
 
   // sum_{k != y} f(z_k), f returning Acc<NA, T>. Summed in chunks of at most 32 vectors into
