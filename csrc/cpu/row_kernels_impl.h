@@ -138,7 +138,8 @@ struct RowView {
       if (k == y_vec || k + W > C) v = Vec::blendv(neg_inf, v, keep(k));
       a[0] = at::vec::maximum(a[0], v);
     }
-    return hmax(at::vec::maximum(at::vec::maximum(a[0], a[1]), at::vec::maximum(a[2], a[3])));
+    for (int j = 1; j < kChains; ++j) a[0] = at::vec::maximum(a[0], a[j]);
+    return hmax(a[0]);
   }
 
   // sum_{k != y} f(z_k), f returning Acc<NA, T>. Summed in chunks of at most 32 vectors into
