@@ -8,6 +8,8 @@ process), ``fused=False`` always the reference. Formulas: ``LOSSES.md``.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from apl.losses import compute_loss
@@ -17,9 +19,18 @@ __all__ = ["ce", "fl", "mae", "rce", "gce", "sce", "nce", "nfl",
            "nce_mae", "nce_rce", "nfl_mae", "nfl_rce"]
 
 
+_cached_spec = lru_cache(maxsize=512)(spec_for)
+
+
+def _spec(name, **params):
+    """The spec of ``name``, built once per parameter set in eager calls (torch.compile traces
+    the call once anyway, and would warn about the cache)."""
+    return spec_for(name, **params) if torch.compiler.is_compiling() else _cached_spec(name, **params)
+
+
 def _call(name, logits, target, fused, reduction, ignore_index, weight, **params) -> torch.Tensor:
     """Build the spec of ``name`` and compute it with the backend ``fused`` selects."""
-    return compute_loss(logits, target, spec_for(name, **params), reduction=reduction,
+    return compute_loss(logits, target, _spec(name, **params), reduction=reduction,
                         ignore_index=ignore_index, weight=weight, backend="auto" if fused else "reference")
 
 

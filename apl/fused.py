@@ -4,20 +4,21 @@
 :func:`apl.losses.reference_loss` (formulas: ``LOSSES.md``) with the operators
 ``torch.ops.apl.apl_loss`` / ``apl_loss_backward`` of the compiled extension ``apl._C``
 (sources in ``csrc/``). The forward is one row kernel (max, log-sum-exp and every per-row
-quantity of the active and the passive term) that writes a small per-row ``stats`` tensor; the
-batch statistic of the paper's forms (label entropy H for ``NCE_PAPER``, mean focal weight B
-for ``NFL_PAPER``), the optional per-class weights and the reduction are a short second step
-inside the op over the N rows (plain loops on CPU, ATen reductions and one tiny kernel on
-CUDA). The backward is one pass per row from the saved stats, no atomics. The autograd
-formula (save logits, target, stats, weight; call
-``apl_loss_backward``) is registered in C++ (``csrc/autograd.cpp``) to keep Python out of the
-training step; the fake (meta) kernels are registered here.
+quantity of the active and the passive term) writing a small per-row ``stats`` tensor, then,
+unless it is ``reduction="none"`` of a per-row loss, one batch step over the N rows (the paper
+forms' statistic H or B, the per-class weights, the reduction) that also writes the ``batch``
+terms the backward reads. The backward is one pass per row (NFL (paper) with ``"none"``: one
+step more), no atomics. :func:`launch_counts` gives the numbers per loss. On CUDA nothing
+reads tensor data on the host: a call never syncs and can be captured in a CUDA graph; targets
+are checked on the device (an assert), or on the host with a named ``ValueError`` after
+:func:`set_sync_target_check`. The autograd formula is registered in C++
+(``csrc/autograd.cpp``) to keep Python out of the training step; the fake (meta) kernels are
+registered here.
 
 Supported: logits float16/bfloat16/float32/float64 (half types computed in float32), any C >= 2,
 any :class:`~apl.spec.LossSpec` whose passive term is NONE, CE, FL, FL_DETACHED, MAE, RCE or
 GCE (every loss of :func:`apl.spec.spec_for`). Works with ``torch.compile(fullgraph=True)``,
 on meta tensors and with ``torch.library.opcheck``. Double backward is not supported: it raises.
-On CUDA, the target range check costs one device sync.
 
 Importing this module never fails: :func:`is_available` tells whether the extension is built.
 """
@@ -25,13 +26,16 @@ from __future__ import annotations
 
 import torch
 
-from apl.spec import REDUCTIONS, Kind, LossSpec, validate_inputs, validate_weight
+from apl.spec import INDEX_DTYPES, REDUCTIONS, Kind, LossSpec, validate_weight
 
-__all__ = ["is_available", "unavailable_reason", "cuda_available", "supports", "fused_loss",
-           "NUM_STATS", "REDUCTION_CODES"]
+__all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
+           "fused_loss", "op_args", "apply", "launch_counts", "set_sync_target_check", "sync_target_check",
+           "NUM_STATS", "NUM_BATCH", "REDUCTION_CODES"]
 
 #: Columns of the per-row statistics the forward saves (csrc/loss_row.h, enum Stat).
 NUM_STATS = 13
+#: Entries of the batch terms the forward saves (csrc/loss_row.h, enum BatchTerm).
+NUM_BATCH = 5
 #: ``reduction`` string -> the operator's integer code.
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 #: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
@@ -45,11 +49,15 @@ except ImportError as exc:  # not built, or built against another torch
                     f"`pip install --no-build-isolation -e .`"
 else:
     _IMPORT_ERROR = ""
+# Constants, so the backend choice is plain Python that torch.compile folds.
+_AVAILABLE = _C is not None
+_CUDA_BUILT = _AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("apl::apl_loss", "CUDA")
+_OP = torch.ops.apl.apl_loss.default if _AVAILABLE else None
 
 
 def is_available() -> bool:
     """True when the compiled operator is loaded and usable (CPU kernels at least)."""
-    return _C is not None
+    return _AVAILABLE
 
 
 def unavailable_reason() -> str:
@@ -58,8 +66,47 @@ def unavailable_reason() -> str:
 
 
 def cuda_available() -> bool:
-    """True when the extension was built with its CUDA kernels (a GPU is a separate question)."""
-    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("apl::apl_loss", "CUDA")
+    """True when the extension was built with its CUDA kernels (a GPU is a separate question:
+    see :func:`cuda_launch_problem`)."""
+    return _CUDA_BUILT
+
+
+#: device -> '' (the kernels run there) or why not; filled by cuda_launch_problem.
+_LAUNCH_PROBLEMS: dict[str, str] = {}
+
+
+def cuda_launch_problem(device) -> str:
+    """``""`` when the CUDA kernels run on ``device``, else why not (e.g. the build has no
+    kernel image for that GPU's architecture). Proved once per device by a one-row call in
+    eager mode; under ``torch.compile`` or CUDA graph capture an unproved device is assumed fine."""
+    device = torch.device(device)
+    if not _CUDA_BUILT:
+        return "the extension was built without its CUDA kernels"
+    if torch.compiler.is_compiling():
+        return _LAUNCH_PROBLEMS.get(str(device), "")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to this process"
+    key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    known = _LAUNCH_PROBLEMS.get(key)
+    if known is not None:
+        return known
+    if torch.cuda.is_current_stream_capturing():  # a probe would sync inside the capture
+        return ""
+    try:
+        _probe(key)
+        problem = ""
+    except (RuntimeError, AssertionError) as exc:  # no kernel image for this GPU, a failed launch
+        problem = f"the CUDA kernels do not run on {key} ({str(exc).strip().splitlines()[0]})"
+    _LAUNCH_PROBLEMS[key] = problem
+    return problem
+
+
+def _probe(device: str) -> None:
+    """One row of CE through the operator on ``device``, synchronised: raises if it cannot run."""
+    x = torch.zeros(1, 2, device=device)
+    _OP(x, torch.zeros(1, dtype=torch.int64, device=device), int(Kind.CE), int(Kind.NONE), 1.0, 0.0, 0.0, 0.7,
+        REDUCTION_CODES["mean"], -100, None)
+    torch.cuda.synchronize(device)
 
 
 def supports(spec: LossSpec) -> bool:
@@ -68,12 +115,37 @@ def supports(spec: LossSpec) -> bool:
     return isinstance(spec, LossSpec) and spec.passive in SUPPORTED_PASSIVE
 
 
+def launch_counts(spec: LossSpec, reduction: str = "mean") -> tuple[int, int]:
+    """Kernel launches of one forward and one backward call on CUDA (N > 0; the same steps run
+    on the CPU): the row kernel, plus the batch step unless ``reduction="none"`` of a per-row
+    loss; the backward adds one step for NFL (paper) with ``"none"``."""
+    _require(spec, reduction)
+    forward, backward = torch.ops.apl._launch_counts(int(spec.active), REDUCTION_CODES[reduction])
+    return int(forward), int(backward)
+
+
+def set_sync_target_check(enabled: bool) -> bool:
+    """Debug switch: on CUDA, check targets on the host before the kernels (one device sync
+    per forward) so that a bad target raises ``ValueError`` naming its row and value, instead
+    of the kernels' device-side assert (which ends the CUDA context). Returns the previous
+    setting. The CPU always checks on the host. Also set by ``APL_SYNC_TARGET_CHECK=1``."""
+    _require_built()
+    return bool(torch.ops.apl._set_sync_target_check(bool(enabled)))
+
+
+def sync_target_check() -> bool:
+    """Whether :func:`set_sync_target_check` is on."""
+    _require_built()
+    return bool(torch.ops.apl._sync_target_check())
+
+
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None):
-    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or [N] for 'none'), stats [N, NUM_STATS]."""
+    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or [N] for 'none'), stats
+    [N, NUM_STATS], batch [NUM_BATCH]."""
     torch._check(logits.dim() == 2, lambda: "apl_loss: logits must be 2-D (N, C)")
     torch._check(target.dim() == 1, lambda: "apl_loss: target must be 1-D (N,)")
     if weight is not None:  # as the C++ check, for meta and fake tensors
@@ -81,10 +153,11 @@ def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduc
     n = logits.shape[0]
     loss = logits.new_empty((n,) if reduction == 0 else ())
     stats = logits.new_empty((n, NUM_STATS), dtype=_stats_dtype(logits.dtype))
-    return loss, stats
+    batch = logits.new_empty((NUM_BATCH,), dtype=_stats_dtype(logits.dtype))
+    return loss, stats, batch
 
 
-def _fake_apl_loss_backward(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma,
+def _fake_apl_loss_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma,
                             q, reduction, ignore_index, weight=None):
     """``apl_loss_backward`` returns a gradient shaped like the logits."""
     return torch.empty_like(logits)
@@ -98,6 +171,47 @@ if _C is not None:
     torch.library.register_fake("apl::apl_loss_backward", _fake_apl_loss_backward)
 
 
+def _require_built() -> None:
+    if not _AVAILABLE:
+        raise ValueError(f"apl.fused is unavailable: {_IMPORT_ERROR}")
+
+
+def _require(spec: LossSpec, reduction: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` is a LossSpec the operator computes and ``reduction`` is known."""
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
+    if not supports(spec):
+        raise ValueError(f"the fused operator does not support {spec.passive.name} as the passive "
+                         f"term (supported: {', '.join(k.name for k in SUPPORTED_PASSIVE)}); "
+                         f"use apl.losses.reference_loss")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> tuple:
+    """The operator's scalar arguments for ``spec``, checked (``ValueError`` naming the problem):
+    build them once and pass them to :func:`apply` on every call."""
+    _require_built()
+    _require(spec, reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return (int(spec.active), int(spec.passive), float(spec.alpha), float(spec.beta), float(spec.gamma),
+            float(spec.q), REDUCTION_CODES[reduction], ignore_index)
+
+
+def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
+          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
+    modules and functions. The operator itself checks the tensors (``ValueError``)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("logits and target must be torch.Tensors")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
+    if target.dtype != torch.int64 and target.dtype in INDEX_DTYPES:
+        target = target.long()
+    return _OP(logits.contiguous(), target.contiguous(), *args, weight)[0]
+
+
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",
                ignore_index: int = -100, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``spec.alpha * active + spec.beta * passive`` per row, reduced, by the fused operator.
@@ -107,25 +221,6 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduc
     ``ignore_index`` add 0 and are left out of the mean and of the paper forms' batch
     statistic; ``weight`` (C,) are optional per-class weights, as there. Returns a tensor of the
     logits' dtype. Raises ``ValueError`` naming the problem for bad input (the operator checks
-    the target range and the weight) or when the operator is not built.
+    the tensors, the target range and the weight) or when the operator is not built.
     """
-    if not is_available():
-        raise ValueError(f"apl.fused is unavailable: {unavailable_reason()}")
-    if not isinstance(spec, LossSpec):
-        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
-    if not supports(spec):
-        raise ValueError(f"the fused operator does not support {spec.passive.name} as the passive "
-                         f"term (supported: {', '.join(k.name for k in SUPPORTED_PASSIVE)}); "
-                         f"use apl.losses.reference_loss")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    target = validate_inputs(logits, target, reduction=reduction, ignore_index=ignore_index,
-                             check_range=False)
-    weight = validate_weight(weight, logits)
-    loss, _ = torch.ops.apl.apl_loss(
-        logits.contiguous(), target.contiguous(), int(spec.active), int(spec.passive),
-        float(spec.alpha), float(spec.beta), float(spec.gamma), float(spec.q),
-        REDUCTION_CODES[reduction], ignore_index, weight)
-    return loss
+    return apply(logits, target, op_args(spec, reduction, ignore_index), weight)

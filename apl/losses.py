@@ -8,16 +8,15 @@ modules (:class:`APLLoss`, :func:`get_loss`, the named subclasses) wrap it.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
-from functools import cached_property
 from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apl import fused
 from apl.spec import (PROB_CLAMP, RCE_A, REDUCTIONS, Kind, LossSpec, check_num_classes, spec_for, validate_inputs,
                       validate_weight)
 
@@ -53,6 +52,20 @@ def _focal_weight(log1m: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.exp(gamma * log1m)
 
 
+class _lazy:
+    """``functools.cached_property`` without its lock (Python < 3.12), which torch.compile cannot trace."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, fn.__name__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        setattr(obj, self.name, value)  # the instance attribute now shadows this descriptor
+        return value
+
+
 class _Rows:
     """Per-row quantities of one batch, each computed on first use and shared by both terms.
 
@@ -64,33 +77,33 @@ class _Rows:
         self.z, self.target, self.valid = z, target, valid
         self.num_classes = z.shape[1]
 
-    @cached_property
+    @_lazy
     def onehot(self) -> torch.Tensor:
         return F.one_hot(self.target, self.num_classes).bool()
 
-    @cached_property
+    @_lazy
     def log_p(self) -> torch.Tensor:
         return F.log_softmax(self.z, dim=1)
 
-    @cached_property
+    @_lazy
     def p(self) -> torch.Tensor:
         return self.log_p.exp()
 
-    @cached_property
+    @_lazy
     def log_p_y(self) -> torch.Tensor:
         return self.log_p.gather(1, self.target.unsqueeze(1)).squeeze(1)
 
-    @cached_property
+    @_lazy
     def log1m_p_y(self) -> torch.Tensor:
         # log(1 - p_y) = logsumexp over the other classes of log p_k: exact when p_y rounds to 1.
         # The target's entry is -inf, where logsumexp's gradient is 0.
         return torch.logsumexp(self.log_p.masked_fill(self.onehot, float("-inf")), dim=1)
 
-    @cached_property
+    @_lazy
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum().to(self.z.dtype)
 
-    @cached_property
+    @_lazy
     def label_entropy(self) -> torch.Tensor:
         """H of the non-ignored targets' class frequencies; ln C when one class (or none) occurs."""
         counts = torch.zeros(self.num_classes, dtype=self.z.dtype, device=self.z.device)
@@ -202,27 +215,16 @@ def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
 # --------------------------------------------------------------------------- backend choice
 
 _fallback_warned = False
-
-
-def _fused_module():
-    """``(apl.fused, "")`` when the fused operator is built, else ``(None, why not)``.
-
-    Imported lazily: the extension is optional and ``apl`` must import without it.
-    """
-    try:
-        fused = importlib.import_module("apl.fused")
-    except ImportError as exc:
-        return None, f"apl.fused could not be imported ({exc})"
-    if not fused.is_available():
-        return None, fused.unavailable_reason()
-    return fused, ""
+#: (backend, spec, device) -> the backend used; decided once, so a call costs a dict lookup.
+_CHOICES: dict = {}
 
 
 def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
     """``("fused" | "reference", why not fused)`` for ``spec`` on ``device``.
 
-    ``"auto"`` is fused when the extension is built, computes ``spec`` and has kernels for the
-    device (a CPU-only build has none for CUDA tensors); ``"fused"`` raises ``ValueError``
+    ``"auto"`` is fused when the extension is built, computes ``spec`` and its kernels run on
+    the device (a CPU-only build has none for CUDA tensors; a CUDA device is proved once by a
+    one-row call, :func:`apl.fused.cuda_launch_problem`); ``"fused"`` raises ``ValueError``
     naming the reason when it cannot be used.
     """
     if backend not in BACKENDS:
@@ -231,21 +233,38 @@ def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
         raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
     if backend == "reference":
         return "reference", "the reference was requested"
-    fused, reason = _fused_module()
     device = torch.device(device)
-    if fused is not None:
-        if not fused.supports(spec):
-            reason = f"the fused operator does not compute {spec.passive.name} as a passive term"
-        elif device.type == "cuda" and not fused.cuda_available():
-            reason = "the extension was built without its CUDA kernels"
-        elif device.type not in ("cpu", "cuda", "meta"):
-            reason = f"the fused operator has no kernels for {device.type} tensors"
-        else:
-            return "fused", ""
+    if not fused.is_available():
+        reason = fused.unavailable_reason()
+    elif not fused.supports(spec):
+        reason = f"the fused operator does not compute {spec.passive.name} as a passive term"
+    elif device.type == "cuda":
+        reason = fused.cuda_launch_problem(device)
+    elif device.type not in ("cpu", "meta"):
+        reason = f"the fused operator has no kernels for {device.type} tensors"
+    else:
+        reason = ""
+    if not reason:
+        return "fused", ""
     if backend == "fused":
         raise ValueError(f"backend='fused' was requested but the fused operator cannot be used: "
                          f"{reason}; use backend='auto' or 'reference'")
     return "reference", reason
+
+
+def _backend_for(backend: str, spec: LossSpec, device: torch.device) -> str:
+    """The backend a call uses: :func:`resolve_backend`, decided once per (backend, spec, device)
+    and warned about once (``"auto"`` falling back)."""
+    if torch.compiler.is_compiling():  # traced once per graph; no global state to mutate
+        return resolve_backend(backend, spec, device)[0]
+    key = (backend, spec, device)
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen, reason = resolve_backend(backend, spec, device)
+        if chosen == "reference" and backend == "auto" and not torch.compiler.is_compiling():
+            _warn_fallback(reason)
+        _CHOICES[key] = chosen
+    return chosen
 
 
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
@@ -254,19 +273,14 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
     """The loss ``spec`` (LOSSES.md) on a batch, by the chosen backend.
 
     ``backend="reference"`` runs :func:`reference_loss`; ``"fused"`` runs
-    ``apl.fused.fused_loss`` and raises ``ValueError`` if it cannot (see
+    :func:`apl.fused.fused_loss` and raises ``ValueError`` if it cannot (see
     :func:`resolve_backend`); ``"auto"`` uses the fused operator where it can, else the
     reference, warning once per process why.
     """
-    device = logits.device if isinstance(logits, torch.Tensor) else "cpu"
-    chosen, reason = resolve_backend(backend, spec, device)
-    if chosen == "fused":
-        return importlib.import_module("apl.fused").fused_loss(
-            logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
-    if backend == "auto":
-        _warn_fallback(reason)
-    return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
-                          weight=weight)
+    device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+    if _backend_for(backend, spec, device) == "fused":
+        return fused.fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
+    return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -350,12 +364,24 @@ class APLLoss(nn.Module):
         self.num_classes, self.reduction = num_classes, reduction
         self.ignore_index, self.backend = ignore_index, backend
         self.register_buffer("weight", weight)
+        # The operator's arguments, checked once here rather than on every call.
+        self._op_args = fused.op_args(self.spec, reduction, ignore_index) \
+            if fused.is_available() and fused.supports(self.spec) else None
+        self._backends: dict[torch.device, str] = {}  # device -> backend, decided on first use
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, C) against ``target`` (N,), reduced by ``self.reduction``."""
         check_num_classes(logits, self.num_classes)  # the backend checks the rest
-        return compute_loss(logits, target, self.spec, reduction=self.reduction,
-                            ignore_index=self.ignore_index, weight=self.weight, backend=self.backend)
+        device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+        chosen = None if torch.compiler.is_compiling() else self._backends.get(device)
+        if chosen is None:
+            chosen = _backend_for(self.backend, self.spec, device)
+            if not torch.compiler.is_compiling():
+                self._backends[device] = chosen
+        if chosen == "fused":
+            return fused.apply(logits, target, self._op_args, self.weight)
+        return reference_loss(logits, target, self.spec, reduction=self.reduction,
+                              ignore_index=self.ignore_index, weight=self.weight)
 
     def extra_repr(self) -> str:
         """The name, the spec's terms and weights, and the call options."""

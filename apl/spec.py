@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
-    "spec_for", "validate_inputs", "check_num_classes", "validate_weight",
+    "spec_for", "validate_inputs", "check_num_classes", "validate_weight", "INDEX_DTYPES",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
@@ -136,7 +136,8 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+#: Integer dtypes accepted as class-index targets (converted to int64).
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean",
@@ -163,14 +164,14 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     check_num_classes(logits, num_classes)
     if target.dim() != 1:
         raise ValueError(f"target must be 1-D (N,), got shape {tuple(target.shape)}")
-    if target.dtype not in _INT_DTYPES:
+    if target.dtype not in INDEX_DTYPES:
         raise ValueError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
     if target.shape[0] != n:
         raise ValueError(f"logits have N={n} rows but target has {target.shape[0]} entries")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     target = target.long()
-    if check_range and n > 0 and target.device.type != "meta":  # meta tensors hold no values
+    if check_range and n > 0 and target.device.type != "meta" and not torch.compiler.is_compiling():
         bad = ((target < 0) | (target >= c)) & (target != ignore_index)
         if bool(bad.any()):
             first = int(target[bad][0])

@@ -354,7 +354,23 @@ APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& b,
   st[ST_RCE_CMASS] = uses(p, RCE) ? b.py + x.rce_outside : zero;
 }
 
-// ---------------------------------------------------------------- batch statistics
+// ---------------------------------------------------------------- batch step
+// After the row pass, one step over the N rows' stats makes the batch terms (the paper forms'
+// statistic, the 'mean' denominator) and the reduced loss. Both devices run it with these
+// functions: the CPU in a serial loop, CUDA in one block (LOSSES.md "The fused operator").
+
+enum Reduction : int { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
+
+// Entries of the op's `batch` output, which the backward reads.
+enum BatchTerm : int {
+  BT_SCALE = 0,     // active term's batch scale: 1/H (NCE_PAPER), 1/B (NFL_PAPER), else 1
+  BT_MEAN_W = 1,    // NFL_PAPER's B, the mean focal weight of the non-ignored rows
+  BT_N_VALID = 2,   // number of non-ignored rows
+  BT_DENOM = 3,     // 'mean' denominator: N_valid, or the sum of the valid rows' class weights
+  BT_SUM_WACT = 4,  // sum over valid rows of class weight * active value (NFL_PAPER's gradient)
+  NUM_BATCH = 5,
+};
+
 // Scale of the active term of the paper's forms (LOSSES.md "Defined edge cases"):
 // NCE_PAPER: 1 / H, H = entropy of the batch's target histogram, H = 0 -> ln C.
 template <typename T>
@@ -371,6 +387,91 @@ APL_HD T nfl_paper_scale(T mean_weight) {
 template <typename T>
 APL_HD T nfl_paper_batch_coef(T alpha, T sum_g_fl, T n_valid, T mean_weight) {
   return mean_weight == T(0) ? T(0) : alpha * sum_g_fl / (n_valid * mean_weight * mean_weight);
+}
+
+// Sums over the non-ignored rows (w: the row's class weight, 1 without weights).
+template <typename T>
+struct BatchSums {
+  T n_valid;  // count
+  T wsum;     // sum w
+  T wact;     // sum w * active value
+  T wpas;     // sum w * passive value
+  T focal;    // sum of the focal weights (unweighted: B is a batch statistic, LOSSES.md)
+};
+
+template <typename T, typename S>
+APL_HD void add_row(BatchSums<T>& s, const S* st, T w) {
+  s.n_valid += T(1);
+  s.wsum += w;
+  s.wact += w * static_cast<T>(st[ST_ACTIVE]);
+  s.wpas += w * static_cast<T>(st[ST_PASSIVE]);
+  s.focal += static_cast<T>(st[ST_FOCAL_W]);
+}
+
+// One class's share of the label entropy H: -pi log pi with pi = count / N_valid.
+template <typename T>
+APL_HD T entropy_term(T count, T n_valid) {
+  if (count <= T(0)) return T(0);
+  const T pi = count / n_valid;
+  return -pi * apl_log(pi);
+}
+
+// The batch terms (BatchTerm) from the sums; `entropy` is H (NCE_PAPER only).
+template <typename T>
+APL_HD void batch_terms(int active, bool weighted, const BatchSums<T>& s, T entropy, T c_classes,
+                        T* batch) {
+  T scale = T(1), mean_w = T(0);
+  if (active == NCE_PAPER) {
+    scale = nce_paper_scale(entropy, c_classes);
+  } else if (active == NFL_PAPER) {
+    mean_w = s.focal / s.n_valid;
+    scale = nfl_paper_scale(mean_w);
+  }
+  batch[BT_SCALE] = scale;
+  batch[BT_MEAN_W] = mean_w;
+  batch[BT_N_VALID] = s.n_valid;
+  batch[BT_DENOM] = weighted ? s.wsum : s.n_valid;  // 0 with no valid row: the mean is NaN, as F.cross_entropy
+  batch[BT_SUM_WACT] = s.wact;
+}
+
+// A row's loss before its class weight: alpha * scale * active + beta * passive.
+template <typename T>
+APL_HD T row_loss(const T* st, T alpha_scale, T beta, bool has_passive) {
+  T v = alpha_scale * st[ST_ACTIVE];
+  if (has_passive) v += beta * st[ST_PASSIVE];
+  return v;
+}
+
+// The 'mean' or 'sum' of the rows' losses from the sums and the batch terms.
+template <typename T>
+APL_HD T reduced_loss(int reduction, T alpha, T beta, bool has_passive, const BatchSums<T>& s,
+                      const T* batch) {
+  T total = alpha * batch[BT_SCALE] * s.wact;
+  if (has_passive) total += beta * s.wpas;
+  return reduction == RED_MEAN ? total / batch[BT_DENOM] : total;
+}
+
+// The reduced loss's upstream gradient per unit class weight: g / denominator for 'mean'.
+template <typename T>
+APL_HD T reduced_grad(int reduction, T grad_loss, const T* batch) {
+  return reduction == RED_MEAN ? grad_loss / batch[BT_DENOM] : grad_loss;
+}
+
+// NFL_PAPER's batch coefficient of a reduced loss: sum_i g_i FL_i = g * sum_i w_i FL_i.
+template <typename T>
+APL_HD T nfl_paper_reduced_coef(T alpha, T g_unit, const T* batch) {
+  return nfl_paper_batch_coef(alpha, g_unit * batch[BT_SUM_WACT], batch[BT_N_VALID], batch[BT_MEAN_W]);
+}
+
+// Which steps a call runs (LaunchPlan: the same on every device). The row pass writes each
+// row's loss itself when nothing batch-level is needed ('none' of a per-row loss).
+APL_HD bool row_pass_writes_loss(int active, int reduction) {
+  return reduction == RED_NONE && !is_batch_level(active);
+}
+APL_HD bool needs_batch_step(int active, int reduction) { return !row_pass_writes_loss(active, reduction); }
+// NFL_PAPER's 'none' gradient needs sum_i g_i FL_i over the rows first: one more step.
+APL_HD bool needs_backward_batch_step(int active, int reduction) {
+  return active == NFL_PAPER && reduction == RED_NONE;
 }
 
 // ---------------------------------------------------------------- backward

@@ -6,7 +6,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
 
 #include "ops.h"
 
@@ -77,9 +81,14 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
                     "apl_loss: alpha and beta must be finite, got ", alpha, ", ", beta);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
   TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
+  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM,
                     "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   check_weight(weight, logits);
+}
+
+static void target_out_of_range(int64_t y, int64_t i, int64_t num_classes, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(false, "apl_loss: target ", y, " (row ", i, ") is out of range for C=", num_classes,
+                    " classes (valid: 0..", num_classes - 1, ", or ignore_index=", ignore_index, ")");
 }
 
 void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
@@ -89,23 +98,41 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
     const int64_t* t = target.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t y = t[i];
-      TORCH_CHECK_VALUE((y >= 0 && y < num_classes) || y == ignore_index, "apl_loss: target ", y,
-                        " (row ", i, ") is out of range for C=", num_classes, " classes (valid: 0..",
-                        num_classes - 1, ", or ignore_index=", ignore_index, ")");
+      if (!((y >= 0 && y < num_classes) || y == ignore_index)) target_out_of_range(y, i, num_classes, ignore_index);
     }
     return;
   }
-  // Other devices: one reduction, one sync.
+  // Other devices: one reduction and a host read (a sync); the debug path only.
   at::Tensor bad = at::logical_and(at::logical_or(target.lt(0), target.ge(num_classes)),
                                    target.ne(ignore_index));
   if (bad.any().item<bool>()) {
-    at::Tensor idx = bad.nonzero().select(1, 0);
-    const int64_t i = idx[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "apl_loss: target ", target[i].item<int64_t>(), " (row ", i,
-                      ") is out of range for C=", num_classes, " classes (valid: 0..",
-                      num_classes - 1, ", or ignore_index=", ignore_index, ")");
+    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    target_out_of_range(target[i].item<int64_t>(), i, num_classes, ignore_index);
   }
 }
+
+static std::atomic<bool>& sync_target_check_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* v = std::getenv("APL_SYNC_TARGET_CHECK");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }()};
+  return flag;
+}
+
+bool sync_target_check() { return sync_target_check_flag().load(std::memory_order_relaxed); }
+
+static bool set_sync_target_check(bool enabled) {
+  return sync_target_check_flag().exchange(enabled, std::memory_order_relaxed);
+}
+
+LaunchPlan launch_plan(int64_t active, int64_t reduction) {
+  const int a = static_cast<int>(active), r = static_cast<int>(reduction);
+  return LaunchPlan{1 + int64_t(row::needs_batch_step(a, r)), 1 + int64_t(row::needs_backward_batch_step(a, r))};
+}
+
+static std::atomic<int64_t> steps_run{0};
+
+void count_step() { steps_run.fetch_add(1, std::memory_order_relaxed); }
 
 at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
@@ -113,25 +140,30 @@ at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor&
 }
 
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
-                         const at::Tensor& target, const at::Tensor& stats, int64_t active,
-                         int64_t passive, double alpha, double beta, double gamma, double q,
-                         int64_t reduction, const std::optional<at::Tensor>& weight) {
+                         const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
+                         int64_t active, int64_t passive, double alpha, double beta, double gamma,
+                         double q, int64_t reduction, const std::optional<at::Tensor>& weight) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight);
   const int64_t n = logits.size(0);
+  const at::ScalarType acc = acc_type_of(logits.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
                     "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ",
                     stats.sizes());
-  TORCH_CHECK_VALUE(stats.scalar_type() == acc_type_of(logits.scalar_type()),
-                    "apl_loss_backward: stats must have dtype ", acc_type_of(logits.scalar_type()),
-                    ", got ", stats.scalar_type());
-  TORCH_CHECK_VALUE(stats.is_contiguous(), "apl_loss_backward: stats must be contiguous");
-  TORCH_CHECK_VALUE(stats.device() == logits.device(), "apl_loss_backward: stats are on ",
-                    stats.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(batch.dim() == 1 && batch.size(0) == kNumBatch, "apl_loss_backward: batch must have shape (",
+                    kNumBatch, "), got ", batch.sizes());
+  for (const at::Tensor* t : {&stats, &batch}) {
+    const char* name = t == &stats ? "stats" : "batch";
+    TORCH_CHECK_VALUE(t->scalar_type() == acc, "apl_loss_backward: ", name, " must have dtype ", acc, ", got ",
+                      t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_contiguous(), "apl_loss_backward: ", name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == logits.device(), "apl_loss_backward: ", name, " is on ", t->device(),
+                      " but logits are on ", logits.device());
+  }
   TORCH_CHECK_VALUE(grad_loss.device() == logits.device(), "apl_loss_backward: grad_loss is on ",
                     grad_loss.device(), " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()),
                     "apl_loss_backward: grad_loss must be floating, got ", grad_loss.scalar_type());
-  if (reduction == kNone) {
+  if (reduction == row::RED_NONE) {
     TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n,
                       "apl_loss_backward: grad_loss must have shape (", n, ") for reduction='none', got ",
                       grad_loss.sizes());
@@ -141,13 +173,29 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
   }
 }
 
+static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
+  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "_launch_counts: active kind ", active,
+                    " is not a loss kind");
+  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM, "_launch_counts: reduction must be "
+                    "0, 1 or 2, got ", reduction);
+  const LaunchPlan p = launch_plan(active, reduction);
+  return {p.forward, p.backward};
+}
+
+static int64_t steps_run_so_far() { return steps_run.load(std::memory_order_relaxed); }
+
 TORCH_LIBRARY(apl, m) {
   m.def("apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
         "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
-        "-> (Tensor loss, Tensor stats)");
-  m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, "
+        "-> (Tensor loss, Tensor stats, Tensor batch)");
+  m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch, "
         "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
         "int ignore_index, Tensor? weight=None) -> Tensor");
+  // Host-side helpers (no tensors): the step plan, the step counter, the debug switch.
+  m.def("_launch_counts(int active, int reduction) -> int[]", &launch_counts);
+  m.def("_steps_run() -> int", &steps_run_so_far);
+  m.def("_set_sync_target_check(bool enabled) -> bool", &set_sync_target_check);
+  m.def("_sync_target_check() -> bool", &sync_target_check);
 }
 
 }  // namespace apl

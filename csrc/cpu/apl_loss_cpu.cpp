@@ -2,11 +2,10 @@
 //
 // Rows are split over threads with at::parallel_for and handed to the row kernels of the
 // best instruction set (row_kernels.h). float16/bfloat16 rows are converted to float32 a few
-// rows at a time (the gradient is written back in the input dtype). The batch statistic of
-// the paper's forms (label entropy H, mean focal weight B) and the reduction are a short
-// serial loop over the N rows after the row kernel: no ATen calls, so small batches pay no
-// per-op overhead. Per-class weights scale each row's loss and its upstream gradient there;
-// the row kernels never see them.
+// rows at a time (the gradient is written back in the input dtype). The batch step of
+// loss_row.h (the paper forms' statistic, the per-class weights, the reduction) is a serial
+// loop over the N rows' stats after the row pass, as CUDA runs it in one block: no ATen
+// calls, so small batches pay no per-op overhead. The row kernels never see the weights.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,50 +51,6 @@ int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int
 // rows so the few-class kernels can fill their vector lanes.
 int64_t half_rows(int64_t C) { return std::max<int64_t>(16, 4096 / std::max<int64_t>(C, 1)); }
 
-struct BatchInfo {
-  int64_t n_valid = 0;
-  double scale = 1.0;       // batch scale of the active term
-  double mean_weight = 0;   // NFL_PAPER's B
-};
-
-// N_valid and the active term's batch scale (LOSSES.md, paper forms and their edge cases).
-template <typename acc_t>
-BatchInfo batch_info(const acc_t* stats, const int64_t* target, int64_t N, int64_t C,
-                     int64_t ignore_index, int active) {
-  BatchInfo info;
-  for (int64_t i = 0; i < N; ++i) info.n_valid += target[i] != ignore_index;
-  if (active == row::NCE_PAPER) {
-    std::vector<int64_t> counts(C, 0);
-    for (int64_t i = 0; i < N; ++i)
-      if (target[i] != ignore_index) ++counts[target[i]];
-    double h = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      if (counts[c] == 0) continue;
-      const double pi = static_cast<double>(counts[c]) / static_cast<double>(info.n_valid);
-      h -= pi * std::log(pi);
-    }
-    info.scale = row::nce_paper_scale<double>(h, static_cast<double>(C));
-  } else if (active == row::NFL_PAPER) {
-    double wsum = 0;  // ignored rows have zero stats
-    for (int64_t i = 0; i < N; ++i) wsum += stats[i * row::NUM_STATS + row::ST_FOCAL_W];
-    info.mean_weight = wsum / static_cast<double>(info.n_valid);
-    info.scale = row::nfl_paper_scale<double>(info.mean_weight);
-  }
-  return info;
-}
-
-// The 'mean' denominator: the number of non-ignored rows, or the sum of their targets' weights
-// (as F.cross_entropy). 0 when there is none: the mean is then 0/0 = NaN, as F.cross_entropy.
-template <typename acc_t>
-double mean_denominator(const int64_t* target, int64_t N, int64_t ignore_index, const acc_t* w,
-                        const BatchInfo& info) {
-  if (w == nullptr) return static_cast<double>(info.n_valid);
-  double total = 0;  // double: the sum of N weights loses nothing for any N
-  for (int64_t i = 0; i < N; ++i)
-    if (target[i] != ignore_index) total += static_cast<double>(w[target[i]]);
-  return total;
-}
-
 template <typename scalar_t, typename acc_t>
 void forward_rows(const at::Tensor& logits, const at::Tensor& target,
                   const row::LossParams<acc_t>& params, int64_t ignore_index, at::Tensor& stats) {
@@ -121,80 +76,103 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target,
   });
 }
 
+// The batch step (row::needs_batch_step): the sums over the valid rows, the batch terms and the
+// reduced loss, or each row's loss of a 'none' paper form. Otherwise only the rows' losses are
+// written, as part of the row pass, with the batch terms of a per-row loss (scale 1, rest 0).
 template <typename scalar_t, typename acc_t>
-at::Tensor reduce_rows(const at::Tensor& stats, const at::Tensor& target,
-                       const row::LossParams<acc_t>& p, int64_t C, int64_t reduction,
-                       int64_t ignore_index, const at::Tensor& weight, const at::TensorOptions& out_options) {
+void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::LossParams<acc_t>& p, int64_t C,
+                int64_t reduction, int64_t ignore_index, const at::Tensor& weight, at::Tensor& batch,
+                at::Tensor& loss) {
   const int64_t N = target.size(0);
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  const BatchInfo info = batch_info(st, t, N, C, ignore_index, p.active);
-  const acc_t a_scale = p.alpha * static_cast<acc_t>(info.scale);
-  auto row_loss = [&](int64_t i) -> acc_t {
-    if (t[i] == ignore_index) return acc_t(0);
-    const acc_t* s = st + i * row::NUM_STATS;
-    acc_t v = a_scale * s[row::ST_ACTIVE];
-    if (p.passive != row::NONE) v += p.beta * s[row::ST_PASSIVE];
-    return w ? v * w[t[i]] : v;
-  };
-  if (reduction == kNone) {
-    at::Tensor out = at::empty({N}, out_options);
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N; ++i) o[i] = static_cast<scalar_t>(row_loss(i));
-    return out;
+  acc_t* b = batch.mutable_data_ptr<acc_t>();
+  const bool has_passive = p.passive != row::NONE;
+  const int red = static_cast<int>(reduction);
+  // double: sums of N rows lose nothing for any N
+  double bt[row::NUM_BATCH];
+  if (row::needs_batch_step(p.active, red)) {
+    count_step();
+    row::BatchSums<double> sums{};
+    std::vector<int64_t> counts(p.active == row::NCE_PAPER ? C : 0, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      if (t[i] == ignore_index) continue;
+      row::add_row(sums, st + i * row::NUM_STATS, w ? static_cast<double>(w[t[i]]) : 1.0);
+      if (!counts.empty()) ++counts[t[i]];
+    }
+    double entropy = 0;
+    for (int64_t c = 0; c < static_cast<int64_t>(counts.size()); ++c)
+      entropy += row::entropy_term<double>(static_cast<double>(counts[c]), sums.n_valid);
+    row::batch_terms<double>(p.active, w != nullptr, sums, entropy, static_cast<double>(C), bt);
+    if (red != row::RED_NONE) {
+      *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(
+          row::reduced_loss<double>(red, p.alpha, p.beta, has_passive, sums, bt));
+    }
+  } else {
+    bt[row::BT_SCALE] = 1;
+    for (int j = 1; j < row::NUM_BATCH; ++j) bt[j] = 0;
   }
-  double total = 0;  // double: the sum of N rows loses nothing for any N
-  for (int64_t i = 0; i < N; ++i) total += static_cast<double>(row_loss(i));
-  if (reduction == kMean) total /= mean_denominator(t, N, ignore_index, w, info);
-  at::Tensor out = at::empty({}, out_options);
-  *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
-  return out;
+  for (int j = 0; j < row::NUM_BATCH; ++j) b[j] = static_cast<acc_t>(bt[j]);
+  if (red == row::RED_NONE) {
+    scalar_t* o = loss.mutable_data_ptr<scalar_t>();
+    const acc_t alpha_scale = p.alpha * b[row::BT_SCALE];
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t v = t[i] == ignore_index ? acc_t(0)
+                                            : row::row_loss<acc_t>(st + i * row::NUM_STATS, alpha_scale, p.beta, has_passive);
+      o[i] = static_cast<scalar_t>(w && t[i] != ignore_index ? v * w[t[i]] : v);
+    }
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                int64_t active, int64_t passive, double alpha,
-                                                double beta, double gamma, double q,
-                                                int64_t reduction, int64_t ignore_index,
-                                                const std::optional<at::Tensor>& weight_arg) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                            int64_t active, int64_t passive, double alpha,
+                                                            double beta, double gamma, double q,
+                                                            int64_t reduction, int64_t ignore_index,
+                                                            const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
-  at::Tensor stats = at::empty({N, kNumStats}, logits.options().dtype(acc_type_of(logits.scalar_type())));
-  at::Tensor loss;
+  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
+  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
+  at::Tensor batch = at::empty({kNumBatch}, acc_options);
+  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
-    forward_rows<scalar_t, acc_t>(logits, target, params, ignore_index, stats);
-    loss = reduce_rows<scalar_t, acc_t>(stats, target, params, C, reduction, ignore_index, weight, logits.options());
+    if (N > 0) {
+      count_step();
+      forward_rows<scalar_t, acc_t>(logits, target, params, ignore_index, stats);
+    }
+    batch_step<scalar_t, acc_t>(stats, target, params, C, reduction, ignore_index, weight, batch, loss);
   });
-  return {loss, stats};
+  return {loss, stats, batch};
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                   const at::Tensor& stats, const row::LossParams<acc_t>& p, int64_t reduction,
-                   int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
+                   const at::Tensor& stats, const at::Tensor& batch, const row::LossParams<acc_t>& p,
+                   int64_t reduction, int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
   const int64_t N = logits.size(0), C = logits.size(1);
   const acc_t* st = stats.const_data_ptr<acc_t>();
+  const acc_t* bt = batch.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  const BatchInfo info = batch_info(st, t, N, C, ignore_index, p.active);
+  const int red = static_cast<int>(reduction);
 
   // Upstream gradient of each row's loss (its weight included).
   at::Tensor g_tensor;
-  acc_t g_scalar = 0;
+  acc_t g_unit = 0;
   const acc_t* g_rows;
   int64_t g_stride;
-  if (reduction == kNone) {
+  if (red == row::RED_NONE) {
     g_tensor = grad_loss.to(stats.scalar_type()).contiguous();
     g_rows = g_tensor.const_data_ptr<acc_t>();
     g_stride = 1;
   } else {
-    g_scalar = grad_loss.item<acc_t>();
-    if (reduction == kMean) g_scalar /= static_cast<acc_t>(mean_denominator(t, N, ignore_index, w, info));
-    g_rows = &g_scalar;
+    g_unit = row::reduced_grad<acc_t>(red, grad_loss.item<acc_t>(), bt);
+    g_rows = &g_unit;
     g_stride = 0;
   }
   std::vector<acc_t> g_weighted;
@@ -206,17 +184,21 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
     g_stride = 1;
   }
   acc_t batch_coef = 0;
-  if (p.active == row::NFL_PAPER) {
-    double sum_g_fl = 0;  // sum_i g_i FL_i over valid rows (ignored rows have FL = 0)
+  if (row::needs_backward_batch_step(p.active, red)) {
+    count_step();
+    double sum_g_fl = 0;  // sum_i g_i FL_i over valid rows
     for (int64_t i = 0; i < N; ++i)
       if (t[i] != ignore_index)
         sum_g_fl += static_cast<double>(g_rows[i * g_stride]) * st[i * row::NUM_STATS + row::ST_ACTIVE];
     batch_coef = static_cast<acc_t>(row::nfl_paper_batch_coef<double>(
-        p.alpha, sum_g_fl, static_cast<double>(info.n_valid), info.mean_weight));
+        p.alpha, sum_g_fl, static_cast<double>(bt[row::BT_N_VALID]), static_cast<double>(bt[row::BT_MEAN_W])));
+  } else if (p.active == row::NFL_PAPER) {
+    batch_coef = row::nfl_paper_reduced_coef<acc_t>(p.alpha, g_unit, bt);
   }
-  const acc_t scale = static_cast<acc_t>(info.scale);
+  const acc_t scale = bt[row::BT_SCALE];
   const scalar_t* z = logits.const_data_ptr<scalar_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  count_step();
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       run_backward(BackwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, p,
@@ -240,19 +222,22 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
 }
 
 at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                 const at::Tensor& target, const at::Tensor& stats, int64_t active,
-                                 int64_t passive, double alpha, double beta, double gamma, double q,
-                                 int64_t reduction, int64_t ignore_index,
+                                 const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
+                                 int64_t active, int64_t passive, double alpha, double beta, double gamma,
+                                 double q, int64_t reduction, int64_t ignore_index,
                                  const std::optional<at::Tensor>& weight_arg) {
-  check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction,
+  check_backward_args(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
+  // Cheap on the CPU, and it keeps a direct call with bad targets from reading out of bounds.
   check_target_range(target, logits.size(1), ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
   at::Tensor grad = at::empty_like(logits);
+  if (logits.size(0) == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
-    backward_rows<scalar_t, acc_t>(grad_loss, logits, target, stats, params, reduction, ignore_index, weight, grad);
+    backward_rows<scalar_t, acc_t>(grad_loss, logits, target, stats, batch, params, reduction, ignore_index, weight,
+                                   grad);
   });
   return grad;
 }

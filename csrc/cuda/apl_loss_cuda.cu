@@ -8,9 +8,12 @@
 // (no atomics). Logits of any floating dtype are read and computed in float32 (float64 for
 // float64 inputs). All row math: ../loss_row.h.
 //
-// The batch statistic of the paper's forms and the reduction are ATen reductions over the
-// N rows plus one single-thread kernel that applies loss_row.h's edge-case rules; the target
-// range check is one reduction and one device sync (ops.cpp).
+// No host sync and no data-dependent allocation (a step can be captured in a CUDA graph):
+// targets are checked on the device (an assert, as F.cross_entropy; the debug switch of ops.h
+// restores the host check), and loss_row.h's batch step — the paper forms' statistic, the
+// per-class weights, the reduction — is one single-block kernel. Launches per call: ops.h's
+// launch_plan (forward: the row kernel, plus the batch step unless 'none' of a per-row loss;
+// backward: the row kernel, plus one step for NFL_PAPER's 'none').
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -171,61 +174,166 @@ struct RowSchedule {
 template <bool kWarpPerRow, int kThreads>
 using GroupOf = std::conditional_t<kWarpPerRow, WarpGroup, BlockGroup<kThreads>>;
 
+// The target of row r, asserted on the device to be a class or ignore_index (no host sync).
+__device__ __forceinline__ int64_t checked_target(const int64_t* __restrict__ target, int64_t r, int64_t C,
+                                                  int64_t ignore_index) {
+  const int64_t y = target[r];
+  CUDA_KERNEL_ASSERT_PRINTF((y >= 0 && y < C) || y == ignore_index,
+                            "apl_loss: target %lld (row %lld) is out of range for C=%lld classes",
+                            static_cast<long long>(y), static_cast<long long>(r), static_cast<long long>(C));
+  return y;
+}
+
+// Where the row kernel writes each row's loss itself (row::row_pass_writes_loss): the loss,
+// the class weights, and the batch terms of a per-row loss (scale 1, the rest 0).
+template <typename scalar_t, typename acc_t>
+struct RowLossOut {
+  scalar_t* loss;          // [N], or nullptr when the batch step writes the loss
+  const acc_t* weight;     // [C] or nullptr
+  acc_t* batch;            // [NUM_BATCH]
+};
+
 template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
-                   int64_t C, int64_t ignore_index, LossParams<acc_t> p, acc_t* __restrict__ stats) {
+                   int64_t C, int64_t ignore_index, LossParams<acc_t> p, acc_t* __restrict__ stats,
+                   RowLossOut<scalar_t, acc_t> out) {
   using S = RowSchedule<kWarpPerRow, kThreads>;
   const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
+  if (out.loss != nullptr && blockIdx.x == 0 && threadIdx.x < NUM_BATCH)
+    out.batch[threadIdx.x] = threadIdx.x == BT_SCALE ? acc_t(1) : acc_t(0);
   // Every thread of a group sees the same rows, so the block-wide reductions stay uniform.
   for (int64_t r = S::first(); r < N; r += S::stride()) {
     acc_t* st = stats + r * NUM_STATS;
-    const int64_t y = target[r];
+    const int64_t y = checked_target(target, r, C, ignore_index);
     if (y == ignore_index) {
       for (int i = g.lane; i < NUM_STATS; i += GroupOf<kWarpPerRow, kThreads>::kSize) st[i] = acc_t(0);
+      if (out.loss != nullptr && g.lane == 0) out.loss[r] = scalar_t(0);
       continue;
     }
     forward_row<scalar_t, acc_t>(g, logits + r * C, C, y, p, st);
+    if (out.loss != nullptr && g.lane == 0) {
+      // lane 0 wrote st (row_stats), so it reads its own writes
+      const acc_t v = row_loss<acc_t>(st, p.alpha, p.beta, p.passive != NONE);
+      out.loss[r] = static_cast<scalar_t>(out.weight != nullptr ? v * out.weight[y] : v);
+    }
   }
 }
+
+// The upstream gradient the backward kernel needs: grad_loss (the loss's dtype) with its
+// stride for 'none' (0 when expanded), the class weights, and NFL_PAPER's 'none' coefficient
+// from the backward batch step.
+template <typename scalar_t, typename acc_t>
+struct Upstream {
+  const scalar_t* grad;
+  int64_t stride;
+  int reduction;
+  const acc_t* weight;      // [C] or nullptr
+  const acc_t* batch_coef;  // [1] (NFL_PAPER 'none') or nullptr
+};
 
 template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
                     int64_t C, int64_t ignore_index, LossParams<acc_t> p, const acc_t* __restrict__ stats,
-                    const acc_t* __restrict__ g_rows, int64_t g_stride, const acc_t* __restrict__ batch,
-                    scalar_t* __restrict__ grad) {
+                    const acc_t* __restrict__ batch, Upstream<scalar_t, acc_t> up, scalar_t* __restrict__ grad) {
   using S = RowSchedule<kWarpPerRow, kThreads>;
   const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
-  const acc_t scale = batch[0], batch_coef = batch[1];
+  const acc_t scale = batch[BT_SCALE];
+  const acc_t g_unit = up.reduction == RED_NONE ? acc_t(0)
+                                                : reduced_grad<acc_t>(up.reduction, static_cast<acc_t>(up.grad[0]), batch);
+  acc_t batch_coef = 0;
+  if (p.active == NFL_PAPER)
+    batch_coef = up.batch_coef != nullptr ? up.batch_coef[0] : nfl_paper_reduced_coef<acc_t>(p.alpha, g_unit, batch);
   for (int64_t r = S::first(); r < N; r += S::stride()) {
     scalar_t* out = grad + r * C;
-    const int64_t y = target[r];
+    const int64_t y = checked_target(target, r, C, ignore_index);
     if (y == ignore_index) {
       for (int64_t k = g.lane; k < C; k += GroupOf<kWarpPerRow, kThreads>::kSize) out[k] = scalar_t(0);
       continue;
     }
-    backward_row<scalar_t, acc_t>(g, logits + r * C, C, y, p, stats + r * NUM_STATS,
-                                  g_rows[r * g_stride], scale, batch_coef, out);
+    acc_t g_row = up.reduction == RED_NONE ? static_cast<acc_t>(up.grad[r * up.stride]) : g_unit;
+    if (up.weight != nullptr) g_row *= up.weight[y];
+    backward_row<scalar_t, acc_t>(g, logits + r * C, C, y, p, stats + r * NUM_STATS, g_row, scale, batch_coef, out);
   }
 }
 
-// batch = {scale of the active term, NFL_PAPER's batch coefficient} from the batch sums,
-// with loss_row.h's edge-case rules. One thread.
-template <typename acc_t>
-__global__ void batch_terms_kernel(int active, const acc_t* __restrict__ stat, const acc_t* __restrict__ n_valid,
-                                   const acc_t* __restrict__ sum_g_fl, acc_t c_classes, acc_t alpha,
-                                   acc_t* __restrict__ batch) {
-  acc_t scale = 1, coef = 0;
-  if (active == NCE_PAPER) {
-    scale = nce_paper_scale(*stat, c_classes);  // stat: label entropy H
-  } else if (active == NFL_PAPER) {
-    const acc_t mean_w = *stat / *n_valid;      // stat: sum of the focal weights
-    scale = nfl_paper_scale(mean_w);
-    if (sum_g_fl != nullptr) coef = nfl_paper_batch_coef(alpha, *sum_g_fl, *n_valid, mean_w);
+// ---------------------------------------------------------------- batch steps (one block)
+constexpr int kBatchThreads = 512;
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  return BlockGroup<kBatchThreads>{static_cast<int>(threadIdx.x)}.all_reduce(v, SumOp<T>());
+}
+
+// loss_row.h's batch step: the sums over the valid rows, the label histogram (NCE_PAPER, in
+// `counts`, C ints of scratch), the batch terms, and the reduced loss or each row's loss.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBatchThreads)
+    batch_step_kernel(const acc_t* __restrict__ stats, const int64_t* __restrict__ target, int64_t N, int64_t C,
+                      int64_t ignore_index, LossParams<acc_t> p, int reduction, const acc_t* __restrict__ weight,
+                      int* __restrict__ counts, acc_t* __restrict__ batch, scalar_t* __restrict__ loss) {
+  const int tid = threadIdx.x;
+  if (counts != nullptr) {
+    for (int64_t c = tid; c < C; c += kBatchThreads) counts[c] = 0;
+    __syncthreads();
   }
-  batch[0] = scale;
-  batch[1] = coef;
+  BatchSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  long long n_valid = 0;
+  for (int64_t i = tid; i < N; i += kBatchThreads) {
+    const int64_t y = target[i];
+    if (y == ignore_index) continue;
+    ++n_valid;
+    add_row(s, stats + i * NUM_STATS, weight != nullptr ? weight[y] : acc_t(1));
+    if (counts != nullptr) atomicAdd(counts + y, 1);
+  }
+  // exact for any N (a float count is not above 2^24)
+  s.n_valid = static_cast<acc_t>(block_sum(n_valid));
+  s.wsum = block_sum(s.wsum);
+  s.wact = block_sum(s.wact);
+  s.wpas = block_sum(s.wpas);
+  s.focal = block_sum(s.focal);  // block_sum synchronises: every count is in place after it
+  acc_t entropy = 0;
+  if (counts != nullptr) {
+    for (int64_t c = tid; c < C; c += kBatchThreads) entropy += entropy_term(static_cast<acc_t>(counts[c]), s.n_valid);
+    entropy = block_sum(entropy);
+  }
+  acc_t bt[NUM_BATCH];
+  batch_terms<acc_t>(p.active, weight != nullptr, s, entropy, static_cast<acc_t>(C), bt);
+  if (tid < NUM_BATCH) batch[tid] = bt[tid];
+  const bool has_passive = p.passive != NONE;
+  if (reduction != RED_NONE) {
+    if (tid == 0) loss[0] = static_cast<scalar_t>(reduced_loss<acc_t>(reduction, p.alpha, p.beta, has_passive, s, bt));
+    return;
+  }
+  const acc_t alpha_scale = p.alpha * bt[BT_SCALE];
+  for (int64_t i = tid; i < N; i += kBatchThreads) {
+    const int64_t y = target[i];
+    acc_t v = 0;
+    if (y != ignore_index) {
+      v = row_loss<acc_t>(stats + i * NUM_STATS, alpha_scale, p.beta, has_passive);
+      if (weight != nullptr) v *= weight[y];
+    }
+    loss[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// NFL_PAPER's backward batch step for 'none': c = nfl_paper_batch_coef(sum_i g_i w_i FL_i).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBatchThreads)
+    backward_batch_kernel(const acc_t* __restrict__ stats, const int64_t* __restrict__ target, int64_t N,
+                          int64_t ignore_index, acc_t alpha, const acc_t* __restrict__ batch,
+                          Upstream<scalar_t, acc_t> up, acc_t* __restrict__ coef) {
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < N; i += kBatchThreads) {
+    const int64_t y = target[i];
+    if (y == ignore_index) continue;
+    acc_t g = static_cast<acc_t>(up.grad[i * up.stride]);
+    if (up.weight != nullptr) g *= up.weight[y];
+    sum += g * stats[i * NUM_STATS + ST_ACTIVE];
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) coef[0] = nfl_paper_batch_coef(alpha, sum, batch[BT_N_VALID], batch[BT_MEAN_W]);
 }
 
 // Blocks for N rows at rows_per_block rows each (grid-stride beyond kMaxBlocks).
@@ -233,131 +341,90 @@ int64_t blocks_for(int64_t N, int64_t rows_per_block) {
   return std::min<int64_t>(kMaxBlocks, (N + rows_per_block - 1) / rows_per_block);
 }
 
-// The batch terms for this loss (a 2-element device tensor). `g_rows` (the upstream gradient
-// per row, or a 0-dim tensor for all rows) is given in the backward only.
-at::Tensor batch_terms(const at::Tensor& stats, const at::Tensor& target, int64_t C, int active,
-                       double alpha, int64_t ignore_index, const at::Tensor& n_valid,
-                       const at::Tensor* g_rows) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor batch = at::empty({2}, stats.options());
-  at::Tensor stat, sum_g_fl;
-  if (active == NCE_PAPER) {
-    const at::Tensor valid = target.ne(ignore_index);
-    at::Tensor counts = at::zeros({C}, stats.options());
-    counts.index_add_(0, target.masked_fill(valid.logical_not(), 0), valid.to(stats.scalar_type()));
-    const at::Tensor pi = counts / n_valid.clamp_min(1);
-    stat = at::xlogy(pi, pi).sum().neg();
-  } else if (active == NFL_PAPER) {
-    stat = stats.select(1, ST_FOCAL_W).sum();  // ignored rows have zero stats
-    if (g_rows != nullptr) sum_g_fl = (*g_rows * stats.select(1, ST_ACTIVE)).sum();
+// The row kernel's layout for C classes: a warp per row, or a block per row.
+template <typename Launch>
+void launch_rows(int64_t N, int64_t C, Launch&& launch) {
+  if (C <= kWarpMaxC) {
+    launch(std::true_type{}, blocks_for(N, kWarpBlockThreads / kWarpSize));
+  } else {
+    launch(std::false_type{}, blocks_for(N, 1));
   }
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "apl_batch_terms", [&] {
-    batch_terms_kernel<scalar_t><<<1, 1, 0, stream>>>(
-        active, stat.defined() ? stat.const_data_ptr<scalar_t>() : nullptr, n_valid.const_data_ptr<scalar_t>(),
-        sum_g_fl.defined() ? sum_g_fl.const_data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(C),
-        static_cast<scalar_t>(alpha), batch.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return batch;
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Weight of each row's target, 0 for ignored rows ([N]; undefined without weights).
-at::Tensor row_weights(const at::Tensor& weight, const at::Tensor& target, const at::Tensor& valid) {
-  if (!weight.defined()) return at::Tensor();
-  return at::where(valid, weight.index_select(0, target.masked_fill(valid.logical_not(), 0)),
-                   at::zeros({}, weight.options()));
+template <typename acc_t>
+const acc_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
-// The 'mean' denominator: the number of non-ignored rows, or the sum of their weights (0 when
-// there is none: the mean is then 0/0 = NaN, as F.cross_entropy).
-at::Tensor mean_denominator(const at::Tensor& n_valid, const at::Tensor& w_rows) {
-  return w_rows.defined() ? w_rows.sum() : n_valid;
-}
-
-std::tuple<at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                 int64_t active, int64_t passive, double alpha,
-                                                 double beta, double gamma, double q,
-                                                 int64_t reduction, int64_t ignore_index,
-                                                 const std::optional<at::Tensor>& weight_arg) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                             int64_t active, int64_t passive, double alpha,
+                                                             double beta, double gamma, double q,
+                                                             int64_t reduction, int64_t ignore_index,
+                                                             const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
-  check_target_range(target, C, ignore_index);
-  const at::Tensor weight = weight_for(weight_arg, logits);
+  if (sync_target_check()) check_target_range(target, C, ignore_index);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor weight = weight_for(weight_arg, logits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType acc = acc_type_of(logits.scalar_type());
-  at::Tensor stats = at::empty({N, kNumStats}, logits.options().dtype(acc));
+  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
+  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
+  at::Tensor batch = at::empty({kNumBatch}, acc_options);
+  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
+  const bool rows_write_loss = row_pass_writes_loss(static_cast<int>(active), static_cast<int>(reduction));
+  // Only NCE_PAPER's histogram needs scratch; its size depends on C alone.
+  at::Tensor counts = active == NCE_PAPER ? at::empty({C}, logits.options().dtype(at::kInt)) : at::Tensor();
 
-  if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto p = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
-      const scalar_t* z = logits.const_data_ptr<scalar_t>();
-      const int64_t* t = target.const_data_ptr<int64_t>();
-      acc_t* st = stats.mutable_data_ptr<acc_t>();
-      if (C <= kWarpMaxC) {
-        constexpr int rows = kWarpBlockThreads / kWarpSize;
-        forward_kernel<scalar_t, acc_t, true, kWarpBlockThreads>
-            <<<blocks_for(N, rows), kWarpBlockThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st);
-      } else {
-        forward_kernel<scalar_t, acc_t, false, kRowBlockThreads>
-            <<<blocks_for(N, 1), kRowBlockThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st);
-      }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    const acc_t* w = data_or_null<acc_t>(weight);
+    if (N > 0) {
+      count_step();
+      const RowLossOut<scalar_t, acc_t> out{rows_write_loss ? loss.mutable_data_ptr<scalar_t>() : nullptr, w,
+                                            batch.mutable_data_ptr<acc_t>()};
+      launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
+        constexpr bool kWarp = decltype(warp_per_row)::value;
+        constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
+        forward_kernel<scalar_t, acc_t, kWarp, kThreads><<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index,
+                                                                                          p, st, out);
+      });
+    } else if (rows_write_loss) {
+      batch.zero_();  // nothing reads it for N = 0; defined contents all the same
+    }
+    if (!rows_write_loss) {
+      count_step();
+      batch_step_kernel<scalar_t, acc_t><<<1, kBatchThreads, 0, stream>>>(
+          st, t, N, C, ignore_index, p, static_cast<int>(reduction), w,
+          counts.defined() ? counts.mutable_data_ptr<int>() : nullptr, batch.mutable_data_ptr<acc_t>(),
+          loss.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-
-  // Batch step: per-row loss alpha * scale * active + beta * passive, ignored rows 0, reduced.
-  const at::Tensor valid = target.ne(ignore_index);
-  const at::Tensor n_valid = valid.sum().to(acc);
-  const at::Tensor batch = batch_terms(stats, target, C, static_cast<int>(active), alpha, ignore_index, n_valid, nullptr);
-  at::Tensor rows = stats.select(1, ST_ACTIVE) * (batch.select(0, 0) * alpha);
-  if (passive != NONE) rows = rows + stats.select(1, ST_PASSIVE) * beta;
-  rows = at::where(valid, rows, at::zeros({}, rows.options()));
-  const at::Tensor w_rows = row_weights(weight, target, valid);
-  if (w_rows.defined()) rows = rows * w_rows;
-  at::Tensor loss;
-  if (reduction == kNone) loss = rows.to(logits.scalar_type());
-  else if (reduction == kSum) loss = rows.sum().to(logits.scalar_type());
-  else loss = (rows.sum() / mean_denominator(n_valid, w_rows)).to(logits.scalar_type());
-  return {loss, stats};
+    }
+  });
+  return {loss, stats, batch};
 }
 
-at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                  const at::Tensor& target, const at::Tensor& stats, int64_t active,
-                                  int64_t passive, double alpha, double beta, double gamma, double q,
+at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Tensor& logits,
+                                  const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
+                                  int64_t active, int64_t passive, double alpha, double beta, double gamma, double q,
                                   int64_t reduction, int64_t ignore_index,
                                   const std::optional<at::Tensor>& weight_arg) {
-  check_backward_args(grad_loss, logits, target, stats, active, passive, alpha, beta, gamma, q, reduction,
+  check_backward_args(grad_loss_arg, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
-  check_target_range(target, C, ignore_index);
-  const at::Tensor weight = weight_for(weight_arg, logits);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor weight = weight_for(weight_arg, logits);
+  // Autograd hands the loss's own dtype; any other is converted (one extra launch).
+  const at::Tensor grad_loss = grad_loss_arg.to(logits.scalar_type());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType acc = acc_type_of(logits.scalar_type());
   at::Tensor grad = at::empty_like(logits);
   if (N == 0) return grad;
-
-  const at::Tensor valid = target.ne(ignore_index);
-  const at::Tensor n_valid = valid.sum().to(acc);
-  const at::Tensor w_rows = row_weights(weight, target, valid);
-  at::Tensor g_rows;  // upstream gradient of each row's loss, weight included ([N], or [] for every row)
-  int64_t g_stride;
-  if (reduction == kNone) {
-    g_rows = grad_loss.to(acc);
-    g_stride = 1;
-  } else {
-    g_rows = grad_loss.to(acc).reshape({});
-    if (reduction == kMean) g_rows = g_rows / mean_denominator(n_valid, w_rows);
-    g_stride = 0;
-  }
-  if (w_rows.defined()) {
-    g_rows = g_rows * w_rows;
-    g_stride = 1;
-  }
-  g_rows = g_rows.contiguous();
-  const at::Tensor batch = batch_terms(stats, target, C, static_cast<int>(active), alpha, ignore_index, n_valid, &g_rows);
+  const bool coef_step = needs_backward_batch_step(static_cast<int>(active), static_cast<int>(reduction));
+  at::Tensor coef = coef_step ? at::empty({1}, stats.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -365,18 +432,25 @@ at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor&
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     const acc_t* st = stats.const_data_ptr<acc_t>();
-    const acc_t* g = g_rows.const_data_ptr<acc_t>();
-    const acc_t* b = batch.const_data_ptr<acc_t>();
-    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    if (C <= kWarpMaxC) {
-      constexpr int rows = kWarpBlockThreads / kWarpSize;
-      backward_kernel<scalar_t, acc_t, true, kWarpBlockThreads>
-          <<<blocks_for(N, rows), kWarpBlockThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st, g, g_stride, b, out);
-    } else {
-      backward_kernel<scalar_t, acc_t, false, kRowBlockThreads>
-          <<<blocks_for(N, 1), kRowBlockThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st, g, g_stride, b, out);
+    const acc_t* bt = batch.const_data_ptr<acc_t>();
+    Upstream<scalar_t, acc_t> up{grad_loss.const_data_ptr<scalar_t>(),
+                                 reduction == row::RED_NONE ? grad_loss.stride(0) : 0, static_cast<int>(reduction),
+                                 data_or_null<acc_t>(weight), nullptr};
+    if (coef_step) {
+      count_step();
+      backward_batch_kernel<scalar_t, acc_t><<<1, kBatchThreads, 0, stream>>>(
+          st, t, N, ignore_index, static_cast<acc_t>(alpha), bt, up, coef.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      up.batch_coef = coef.const_data_ptr<acc_t>();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    count_step();
+    launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
+      constexpr bool kWarp = decltype(warp_per_row)::value;
+      constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
+      backward_kernel<scalar_t, acc_t, kWarp, kThreads><<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index, p,
+                                                                                         st, bt, up, out);
+    });
   });
   return grad;
 }
