@@ -13,7 +13,9 @@ ARG GIT_COMMIT=unknown
 # APL_IN_DOCKER: reproduce.sh never sets the environment up again inside the image.
 # APL_VENV: scripts/setup_env.sh creates and fills this venv (Ubuntu 24.04's system Python
 # refuses pip installs); it comes first on PATH, so `python` and `pytest` are the project's.
-# TORCH_CUDA_ARCH_LIST: A100 8.0, RTX 30xx/A10 8.6, L4/RTX 40xx 8.9, H100 9.0, B200 10.0.
+# TORCH_CUDA_ARCH_LIST (scripts/setup_env.sh's default list): A100 8.0, RTX 30xx/A10 8.6,
+# L4/RTX 40xx 8.9, H100/H200 9.0, B200 10.0, RTX 50xx/RTX PRO 6000 12.0, and 12.0's PTX so newer
+# GPUs run it too (the build has no GPU to ask: docker build sees none).
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     APL_IN_DOCKER=1 \
@@ -21,7 +23,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     APL_DATA_DIR=/data \
     APL_GIT_COMMIT=${GIT_COMMIT} \
     CUDA_HOME=/usr/local/cuda \
-    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0" \
+    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0+PTX" \
     PATH=/opt/venv/bin:${PATH}
 
 # Ubuntu's packages follow the pinned base tag; pinning their versions too would break the

@@ -1,0 +1,334 @@
+"""The GPU check's parts that need no GPU: options, bandwidth arithmetic, the peak table, the
+grid projection, the report writer, the launch-count comparison, the no-GPU exit, the shell
+scripts' syntax and setup_env.sh's choice of CUDA architectures."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import apl.fused as fused
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- options
+
+def test_defaults_and_quick(gc):
+    args = gc.parse_args([])
+    assert args.steps == gc.STEPS and not args.quick
+    assert (args.train_subset, args.shared_runs) == (10240, 4)
+    assert args.train_subset % 128 == 0  # one batch shape for torch.compile
+    assert args.bench_timeout == gc.TIME_BOXES["bench"]
+    quick = gc.parse_args(["--quick"])
+    assert (quick.train_subset, quick.shared_runs) == (5120, 2)
+
+
+def test_steps_and_skip_tests(gc):
+    assert gc.parse_args(["--steps", "bench,launches"]).steps == ("bench", "launches")
+    assert gc.parse_args(["--skip-tests"]).steps == ("bench", "launches", "epochs")
+    assert gc.parse_args(["--steps", "tests,epochs", "--skip-tests"]).steps == ("epochs",)
+    explicit = gc.parse_args(["--train-subset", "2048", "--shared-runs", "3", "--quick", "--out", "x"])
+    assert (explicit.train_subset, explicit.shared_runs, explicit.out) == (2048, 3, "x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "bench,nonsense"], "unknown step(s) nonsense"),
+    (["--steps", ","], "unknown step(s) (none given)"),
+    (["--steps", "tests", "--skip-tests"], "leaves no step"),
+    (["--bench-timeout", "0"], "must be > 0"),
+    (["--train-subset", "many"], "not a number"),
+    (["--epoch-loss", "hinge"], "--epoch-loss must be one of"),
+])
+def test_bad_options_exit_2_with_the_reason(gc, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        gc.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_names_every_step_and_option():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("--out", "--steps", "--quick", "--skip-tests", "--data-dir", "--peak-gbps",
+                 "tests,bench,launches,epochs", "--build-rc"):
+        assert word in proc.stdout
+    assert "--worker" not in proc.stdout  # the subprocess interface stays out of the help
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 3350),
+    ("NVIDIA H100 PCIe", 2000),
+    ("NVIDIA H100 NVL", 3900),
+    ("NVIDIA H200", 4800),
+    ("NVIDIA A100-SXM4-40GB", 1555),
+    ("NVIDIA A100-PCIE-40GB", 1555),
+    ("NVIDIA A100-SXM4-80GB", 2039),
+    ("NVIDIA A100 80GB PCIe", 1935),
+    ("NVIDIA L4", 300),
+    ("NVIDIA L40S", 864),
+    ("NVIDIA A10G", 600),
+    ("NVIDIA GH200 480GB", None),  # two memory versions under one name
+    ("NVIDIA GeForce GTX 1080", None),
+    ("", None),
+])
+def test_peak_bandwidth_lookup(gc, name, peak):
+    assert gc.peak_bandwidth_gbps(name) == peak
+
+
+def test_bytes_gbps_and_fraction_of_peak(gc):
+    # 4096 x 32000 float32: logits read twice, gradient written once, int64 targets.
+    nbytes = gc.loss_bytes(4096, 32000, 4)
+    assert nbytes == 3 * 4096 * 32000 * 4 + 4096 * 8
+    assert gc.loss_bytes(4096, 32000, 2) == 3 * 4096 * 32000 * 2 + 4096 * 8
+    gbps = gc.achieved_gbps(nbytes, 1e-3)
+    assert gbps == pytest.approx(nbytes / 1e-3 / 1e9)
+    assert gc.fraction_of_peak(gbps, 3350) == pytest.approx(gbps / 3350)
+    assert gc.fraction_of_peak(gbps, None) is None
+    assert gc.achieved_gbps(nbytes, None) is None and gc.achieved_gbps(nbytes, 0.0) is None
+
+
+def test_full_epoch_estimate_scales_the_second_epoch(gc):
+    history = [{"train_time_s": 9.0, "epoch_time_s": 12.0}, {"train_time_s": 2.0, "epoch_time_s": 2.5}]
+    est = gc.full_epoch_estimate(history, num_train=10000, num_test=5000)
+    assert est["full_epoch_s"] == pytest.approx(2.0 * 5 + 0.5 * 2)
+    assert est["warmup_s"] == pytest.approx(9.5)
+    assert est["train_images_per_s"] == pytest.approx(5000)
+    with pytest.raises(ValueError, match="two epochs"):
+        gc.full_epoch_estimate(history[:1], 10000, 5000)
+
+
+def test_grid_projection(gc):
+    assert gc.project_grid(10.0, 5.0, runs=75, epochs=30) == pytest.approx(75 * (5 + 300))
+    # Four at a time: ceil(75 / 4) = 19 rounds, each as long as one (slower) shared run.
+    assert gc.project_grid(20.0, 5.0, runs=75, epochs=30, concurrent=4) == pytest.approx(19 * (5 + 600))
+    with pytest.raises(ValueError):
+        gc.project_grid(1.0, 0.0, runs=0, epochs=30)
+
+
+def test_paper_grid_size_comes_from_the_grid_plan(gc):
+    from apl.grid import plan_grid
+
+    runs, epochs = gc.paper_grid_size()
+    assert (runs, epochs) == (len(plan_grid("paper")), plan_grid("paper")[0].epochs)
+    assert (runs, epochs) == (75, 30)
+
+
+def test_projection_uses_each_timed_mode(gc):
+    step = {"modes": [{"mode": "fp32", "full_epoch_s": 4.0, "warmup_s": 2.0},
+                      {"mode": "fp32 compile", "error": "RuntimeError: x"}],
+            "shared": {"mode": "fp32", "runs": 4, "full_epoch_s": 8.0, "warmup_s": 3.0}}
+    proj = gc.projection(step)
+    assert [(r["mode"], r["concurrent"]) for r in proj["rows"]] == [("fp32", 1), ("fp32", 4)]
+    assert proj["rows"][0]["seconds"] == pytest.approx(75 * (2 + 30 * 4))
+    assert proj["rows"][1]["seconds"] == pytest.approx(19 * (3 + 30 * 8))
+
+
+def test_pytest_summary_and_skipped_gpu_tests(gc):
+    out = ("....s\n=== short test summary info ===\n"
+           "SKIPPED [4] tests/test_fused.py:181: needs a GPU and the extension built with its CUDA kernels\n"
+           "SKIPPED [2] tests/test_fused.py:190: needs CUDA: the extension has no CUDA kernels\n"
+           "SKIPPED [2] tests/test_fused.py:190: needs two GPUs: 1 visible\n"
+           "SKIPPED [1] tests/test_x.py:3: hypothesis not installed\n"
+           "3 failed, 40 passed, 9 skipped, 120 deselected, 1 error in 12.3s\n")
+    s = gc.parse_pytest_summary(out)
+    assert s["counts"] == {"failed": 3, "passed": 40, "skipped": 9, "deselected": 120, "errors": 1}
+    # A one-GPU machine skips the two-GPU tests legitimately; the others mean CUDA never ran.
+    assert gc.cuda_tests_skipped(s["skip_reasons"]) == [
+        "tests/test_fused.py:181: needs a GPU and the extension built with its CUDA kernels",
+        "tests/test_fused.py:190: needs CUDA: the extension has no CUDA kernels"]
+    assert gc.parse_pytest_summary("no tests ran in 0.01s\n")["counts"] == {}
+
+
+def test_slug(gc):
+    assert gc.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert gc.slug("  /// ") == "gpu"
+
+
+# --------------------------------------------------------------------------- report
+
+def fabricated_results():
+    return {
+        "environment": {"date": "2026-12-01T10:00:00+00:00", "gpu_name": "NVIDIA H100 80GB HBM3",
+                        "compute_capability": "9.0", "gpu_memory_gib": 79.6, "sm_count": 132,
+                        "driver_version": "580.65.06", "peak_bandwidth_gbps": 3350,
+                        "torch_version": "2.14.1+cu130", "cuda_version": "13.0", "cudnn_version": 91000,
+                        "git_commit": "abc123", "git_dirty": True, "python_version": "3.11.7",
+                        "platform": "Linux", "command": "gpu_check.py --quick"},
+        "steps": {
+            "build": {"status": "ok", "rc": 0, "seconds": 95.0, "archs": "9.0+PTX", "log": "logs/build.log"},
+            "tests": {"status": "failed", "rc": 1, "seconds": 80.0, "command": "pytest -q tests -k 'cuda'",
+                      "counts": {"failed": 1, "passed": 99}, "error": "pytest exit 1: 1 failed, 99 passed",
+                      "log": "logs/tests.log", "cuda_skips": []},
+            "bench": {"status": "ok", "seconds": 60.0, "rows": [
+                {"loss": "CE", "dtype": "float32", "n": 4096, "c": 32000,
+                 "seconds": {"fused": 0.5e-3, "reference": 2e-3, "compiled": 1e-3, "F.cross_entropy": 0.6e-3},
+                 "gbps": {"fused": 3145.8}, "fraction_of_peak": {"fused": 0.939}, "skipped": {}},
+                {"loss": "NFL (paper)", "dtype": "bfloat16", "n": 4096, "c": 128000,
+                 "seconds": {"fused": 2e-3}, "gbps": {"fused": 1572.9, "reference": float("nan")},
+                 "fraction_of_peak": {"fused": 0.47}, "skipped": {"reference": "out of memory"}}]},
+            "launches": {"status": "ok", "seconds": 10.0, "shape": [512, 1000], "rows": [
+                {"loss": "nce+rce (ma2020)", "reduction": "mean", "forward": 2, "backward": 1, "copies": 1,
+                 "expected": [2, 1], "match": "yes", "reference_forward": 31, "reference_backward": 40},
+                {"loss": "ce", "reduction": "none", "forward": 3, "backward": 1, "copies": 0,
+                 "expected": None, "match": "n/a"}]},
+            "epochs": {"status": "failed", "seconds": 100.0, "error": "shared runs: shared1.log: timed out",
+                       "params": {"loss": "nce+rce", "train_subset": 10240, "batch_size": 128},
+                       "data_source": "synthetic", "modes": [
+                           {"mode": "fp32", "train_images_per_s": 25000.0, "full_epoch_s": 2.25, "warmup_s": 1.5},
+                           {"mode": "fp32 compile", "error": "RuntimeError: compile failed"}],
+                       "shared": {"runs": 4, "mode": "fp32", "error": "shared1.log: timed out"}},
+        },
+        "projection": {"runs": 75, "epochs": 30, "rows": [{"mode": "fp32", "concurrent": 1, "seconds": 5175.0}]},
+    }
+
+
+def test_report_writer(gc, tmp_path):
+    json_path, md_path = gc.write_report(fabricated_results(), tmp_path / "out")
+    data = json.loads(json_path.read_text())  # strict JSON: the NaN became null
+    assert data["steps"]["bench"]["rows"][1]["gbps"]["reference"] is None
+    assert data["environment"]["gpu_name"] == "NVIDIA H100 80GB HBM3"
+    md = md_path.read_text()
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3, 2026-12-01T10:00:00+00:00")
+    for text in ("580.65.06", "2.14.1+cu130", "abc123 (uncommitted changes)", "3350 GB/s", "9.0+PTX",
+                 "1 failed, 99 passed", "3 * N * C * s + 8 * N",
+                 "| CE | float32 | 4096 | 32000 | 0.500 | 2.00 | 1.00 | 0.600 | 3146 | 94% | 4.00x | 2.00x | 0.83x |  |",
+                 "reference: out of memory",
+                 "| nce+rce (ma2020) | mean | 2 | 1 | 2 / 1 | yes | 1 | 31 | 40 |",
+                 "| ce | none | 3 | 1 | n/a | n/a |",
+                 "| fp32 | 25000 | 2.25 | 1.5 |  |",
+                 "| fp32 compile | - | - | - | RuntimeError: compile failed |",
+                 "4 x fp32 sharing the GPU", "75 runs x 30 epochs", "| fp32 | 1 | 1.44 h |",
+                 "- tests: pytest exit 1: 1 failed, 99 passed"):
+        assert text in md, text
+    summary = md.split("## Summary")[1].split("##")[0]
+    assert "| tests | failed | 80 | pytest exit 1: 1 failed, 99 passed |" in summary
+    assert "| build | ok | 95 | " in summary
+
+
+def test_report_of_an_unknown_gpu_with_skipped_steps(gc, tmp_path):
+    results = {"environment": {"date": "d", "gpu_name": "Some GPU", "peak_bandwidth_gbps": None},
+               "steps": {"build": {"status": "skipped", "note": "not built by this check"},
+                         "tests": {"status": "skipped", "note": "not selected"}}}
+    _, md_path = gc.write_report(results, tmp_path)
+    md = md_path.read_text()
+    assert "peak memory bandwidth: unknown" in md
+    assert "| tests | skipped | - | not selected |" in md
+    assert "## Build" not in md and "## Loss speed" not in md and "## Errors" not in md
+
+
+# --------------------------------------------------------------------------- launch counts
+
+def test_loss_variants_list_each_distinct_spec_once(gc):
+    from apl.spec import LOSS_NAMES
+
+    labels = [label for label, _ in gc._loss_variants()]
+    assert len(labels) == len(set(labels))
+    assert "ce" in labels and "ce (paper)" not in labels  # CE is the same in both variants
+    assert {"nce (paper)", "nce (ma2020)", "nfl+rce (paper)"} <= set(labels)
+    assert {label.split(" ")[0] for label in labels} == set(LOSS_NAMES)
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_launch_rows_compare_with_launch_counts(gc, tmp_path, monkeypatch):
+    from apl.spec import spec_for
+
+    # The profiler's counting is replaced (no GPU here): the comparison and the table are tested.
+    monkeypatch.setattr(gc, "_count_kernels", lambda fn: (fn(), (1, 0))[1])
+    monkeypatch.setattr(gc, "_loss_variants", lambda: [("ce", spec_for("ce"))])
+    monkeypatch.setattr(fused, "launch_counts", lambda spec, reduction: (1, 1) if reduction == "mean" else (2, 1),
+                        raising=False)
+    out = tmp_path / "launches.json"
+    gc._worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean", "sum"], "reference": True,
+                         "budget_s": 60}, out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["reduction"], r["forward"], r["backward"], r["expected"], r["match"]) for r in rows] == [
+        ("mean", 1, 1, [1, 1], "yes"), ("sum", 1, 1, [2, 1], "NO")]
+    assert rows[0]["reference_forward"] == 1 and "reference_forward" not in rows[1]
+    monkeypatch.delattr(fused, "launch_counts")
+    gc._worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean"], "reference": False,
+                         "budget_s": 60}, out)
+    data = json.loads(out.read_text())
+    assert not data["launch_counts_available"]
+    assert [(r["expected"], r["match"]) for r in data["rows"]] == [(None, "n/a")]
+
+
+# --------------------------------------------------------------------------- data
+
+def test_synthetic_cifar10_has_cifar_shapes(gc):
+    data = gc.synthetic_cifar10(n_train=50, n_test=20)
+    assert data.train_x.shape == (50, 32, 32, 3) and data.test_x.shape == (20, 32, 32, 3)
+    assert data.train_x.dtype.name == "uint8" and not data.official
+    assert sorted(set(data.train_y.tolist())) == list(range(10)) and "synthetic" in data.source
+
+
+# --------------------------------------------------------------------------- no GPU, shell scripts
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is visible")
+def test_without_a_gpu_exits_2_with_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("gpu_check: no CUDA GPU is visible to torch")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["scripts/gpu_check.sh", "scripts/setup_env.sh"])
+def test_shell_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _archs(tmp_path, *flags, gpus=None, arch_list=None):
+    """What setup_env.sh --print-cuda-archs says, with a fake nvidia-smi listing ``gpus``."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    if gpus is None:  # a driver-less machine: nvidia-smi exists and fails
+        fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    else:
+        fake.write_text("#!/bin/sh\nprintf '" + "".join(f"{g}\\n" for g in gpus) + "'\n")
+    fake.chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    if arch_list is not None:
+        env["TORCH_CUDA_ARCH_LIST"] = arch_list
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "setup_env.sh"), *flags, "--print-cuda-archs"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_setup_env_arch_list(tmp_path):
+    # Visible GPUs: each capability once, ascending numerically, the highest with its PTX.
+    assert _archs(tmp_path, gpus=["9.0", "8.6", "9.0", "12.0"]) == "8.6;9.0;12.0+PTX"
+    assert _archs(tmp_path, "--test", gpus=["9.0"]) == "9.0+PTX"
+    # No GPU: the documented default, or the one-architecture compile check for tests/CI.
+    default = _archs(tmp_path)
+    assert default == "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    assert _archs(tmp_path, "--test") == "9.0+PTX"
+    # A list given by the user always wins.
+    assert _archs(tmp_path, "--test", gpus=["9.0"], arch_list="8.0;8.6") == "8.0;8.6"
+
+
+def test_dockerfile_builds_the_default_arch_list(tmp_path):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f'TORCH_CUDA_ARCH_LIST="{_archs(tmp_path)}"' in dockerfile
