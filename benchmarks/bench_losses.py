@@ -4,6 +4,8 @@ For each loss and shape it times one training-style step (loss of a leaf tensor,
 ``backward``) of:
 
 - ``fused``: ``apl.fused.fused_loss`` (the C++/CUDA operator, csrc/);
+- ``module``: the same operator through the ``nn.Module`` users call (``get_loss``), Python
+  wrapper included;
 - ``reference``: ``apl.losses.reference_loss`` run eagerly;
 - ``compiled``: the reference under ``torch.compile`` (compiled once per loss and shape);
 - ``F.cross_entropy``: PyTorch's own cross entropy (for the CE row only);
@@ -14,11 +16,12 @@ For each loss and shape it times one training-style step (loss of a leaf tensor,
 
 Each entry is the median over repeats after a warm-up; the contenders of a row take turns in
 blocks of a few steps (see ``time_steps``). Prints a Markdown table with the
-absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy and
-reference/floor.
+absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy,
+module/F.cross_entropy and reference/floor.
 
     python benchmarks/bench_losses.py            # N in {128, 1000, 8192} x C in {10, 100, 1000, 32000}
     python benchmarks/bench_losses.py --quick    # fewer shapes, no torch.compile
+    python benchmarks/bench_losses.py --ns 128 --cs 10,100 --no-compile   # the shapes people train with
     python benchmarks/bench_losses.py --device cuda
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import apl.fused as fused
-from apl.losses import reference_loss
+from apl.losses import APLLoss, reference_loss
 from apl.spec import spec_for
 
 LOSSES = {
@@ -93,6 +96,17 @@ def _fmt_ms(seconds: float | None) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
+def _int_list(text: str) -> list[int]:
+    """'128,1000' -> [128, 1000] (argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
                         help="intra-op threads (default: torch's); 1 gives stable numbers on a busy machine")
     parser.add_argument("--losses", nargs="*", default=list(LOSSES), choices=list(LOSSES), metavar="LOSS",
                         help="subset of: " + ", ".join(LOSSES))
+    parser.add_argument("--ns", type=_int_list, default=None, help="batch sizes, e.g. 128,1000 (overrides the presets)")
+    parser.add_argument("--cs", type=_int_list, default=None, help="class counts, e.g. 10,100 (overrides the presets)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -122,8 +138,8 @@ def main(argv=None) -> int:
         print("--device cuda needs a GPU and the extension built with CUDA kernels", file=sys.stderr)
         return 1
 
-    ns = [128, 1000] if (args.quick or args.no_large) else [128, 1000, 8192]
-    cs = [10, 1000] if args.quick else [10, 100, 1000, 32000]
+    ns = args.ns or ([128, 1000] if (args.quick or args.no_large) else [128, 1000, 8192])
+    cs = args.cs or ([10, 1000] if args.quick else [10, 100, 1000, 32000])
     use_compile = not (args.quick or args.no_compile)
     max_repeats = 30 if args.quick else 200
 
@@ -131,8 +147,8 @@ def main(argv=None) -> int:
     print("# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
     print(f"torch {torch.__version__}, device {args.device} (row kernels: {isa}), "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    header = ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy", "floor",
-              "reference/fused", "compiled/fused", "fused/F.ce", "reference/floor"]
+    header = ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
+              "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in args.losses:
@@ -144,7 +160,9 @@ def main(argv=None) -> int:
                 g = torch.Generator().manual_seed(0)
                 logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
                 target = torch.randint(0, c, (n,), generator=g).to(args.device)
+                module = APLLoss(spec, backend="fused")
                 contenders = {"fused": lambda x, y: fused.fused_loss(x, y, spec),
+                              "module": module,
                               "reference": lambda x, y: reference_loss(x, y, spec),
                               "floor": lambda x, y: x.sum()}
                 if use_compile:
@@ -154,11 +172,11 @@ def main(argv=None) -> int:
                     contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
                 t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
                                max_repeats=max_repeats)
-                t_fused, t_ref, t_floor = t["fused"], t["reference"], t["floor"]
+                t_fused, t_mod, t_ref, t_floor = t["fused"], t["module"], t["reference"], t["floor"]
                 t_comp, t_ce = t.get("compiled"), t.get("F.cross_entropy")
-                row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_ref), _fmt_ms(t_comp), _fmt_ms(t_ce),
-                       _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused), _ratio(t_fused, t_ce),
-                       _ratio(t_ref, t_floor)]
+                row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_mod), _fmt_ms(t_ref), _fmt_ms(t_comp),
+                       _fmt_ms(t_ce), _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused),
+                       _ratio(t_fused, t_ce), _ratio(t_mod, t_ce), _ratio(t_ref, t_floor)]
                 print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

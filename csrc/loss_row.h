@@ -247,20 +247,38 @@ APL_HD RowBasics<V> basics_from_stats(const V* st) {
 
 // Per-element contributions of the optional third pass (k != y). `B` is the type of the row
 // quantities: a scalar broadcast over a vector of classes, or the vector of rows itself.
+// Each comes in two forms: from the logit z, or from q = exp(z - m) / sum_{k != y} exp(z_k - m)
+// where a kernel kept the second pass's exps (one exp per element less).
 // RCE: p_k = q_k (1 - p_y); value sums clamp(p_k, 1e-7, 1), mass the unclamped p_k (k in M),
 // outside the others.
 template <class M, typename B>
-APL_HD void rce_terms(typename M::V z, const RowBasics<B>& b, typename M::V& value,
-                      typename M::V& mass, typename M::V& outside) {
+APL_HD void rce_terms_q(typename M::V q, const RowBasics<B>& b, typename M::V& value, typename M::V& mass,
+                        typename M::V& outside) {
   using V = typename M::V;
   using S = typename M::S;
-  const V pk = M::exp((z - V(b.m)) - V(b.lsum)) * V(b.omp);
+  const V pk = q * V(b.omp);
   value = M::clamp(pk, S(kProbClamp), S(1));
   mass = M::select_inside(pk, S(kProbClamp), S(1), pk, V(S(0)));
   outside = M::select_inside(pk, S(kProbClamp), S(1), V(S(0)), pk);
 }
 
+template <class M, typename B>
+APL_HD void rce_terms(typename M::V z, const RowBasics<B>& b, typename M::V& value,
+                      typename M::V& mass, typename M::V& outside) {
+  using V = typename M::V;
+  rce_terms_q<M>(M::exp((z - V(b.m)) - V(b.lsum)), b, value, mass, outside);
+}
+
 // NFL_MA2020: w_k log p_k and w_k with w_k = (1 - p_k)^gamma detached.
+template <class M, typename B>
+APL_HD void nfl_terms_q(typename M::V z, typename M::V q, const RowBasics<B>& b, typename M::S gamma,
+                        typename M::V& wlogp, typename M::V& w) {
+  using V = typename M::V;
+  const V lp = (z - V(b.m)) - V(b.shift);
+  w = focal_weight_from_omp<M>(one_minus_p<M>(q * V(b.omp), lp), gamma);
+  wlogp = w * lp;
+}
+
 template <class M, typename B>
 APL_HD void nfl_terms(typename M::V z, const RowBasics<B>& b, typename M::S gamma, typename M::V& wlogp,
                       typename M::V& w) {
@@ -424,7 +442,8 @@ APL_HD void batch_terms(int active, bool weighted, const BatchSums<T>& s, T entr
   if (active == NCE_PAPER) {
     scale = nce_paper_scale(entropy, c_classes);
   } else if (active == NFL_PAPER) {
-    mean_w = s.focal / s.n_valid;
+    // no valid row: B = 0, so the term is 0 ('sum' 0, 'mean' 0/0 = NaN, as without weights)
+    mean_w = s.n_valid > T(0) ? s.focal / s.n_valid : T(0);
     scale = nfl_paper_scale(mean_w);
   }
   batch[BT_SCALE] = scale;

@@ -27,8 +27,8 @@ def test_bench_losses_prints_one_row_per_loss_and_shape(capsys):
                        "--losses", "CE", "NCE+RCE (ma2020)"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["loss", "N", "C", "fused", "reference", "compiled", "F.cross_entropy", "floor",
-                      "reference/fused", "compiled/fused", "fused/F.ce", "reference/floor"]
+    assert header == ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
+                      "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
     rows = [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[1:]]
     # --quick: N in {128, 1000} x C in {10, 1000}, for each loss asked for
     assert [(r[0], r[1], r[2]) for r in rows] == [
@@ -37,14 +37,25 @@ def test_bench_losses_prints_one_row_per_loss_and_shape(capsys):
     ratio = re.compile(r"^\d+\.\d\dx$")
     for r in rows:
         cells = dict(zip(header, r))
-        for col in ("fused", "reference", "floor"):
+        for col in ("fused", "module", "reference", "floor"):
             assert number.match(cells[col]), (col, r)
         assert cells["compiled"] == "-" and cells["compiled/fused"] == "-"  # --no-compile
         assert ratio.match(cells["reference/fused"]) and ratio.match(cells["reference/floor"]), r
         if cells["loss"] == "CE":
             assert number.match(cells["F.cross_entropy"]) and ratio.match(cells["fused/F.ce"]), r
+            assert ratio.match(cells["module/F.ce"]), r
         else:
-            assert cells["F.cross_entropy"] == "-" and cells["fused/F.ce"] == "-", r
+            assert cells["F.cross_entropy"] == "-" and cells["fused/F.ce"] == "-" == cells["module/F.ce"], r
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_bench_losses_takes_its_shapes_from_the_options(capsys):
+    bench = load_bench()
+    assert bench.main(["--ns", "3", "--cs", "10,20", "--no-compile", "--min-time", "0", "--losses", "CE"]) == 0
+    rows = [ln.split("|")[1:4] for ln in capsys.readouterr().out.splitlines() if ln.startswith("| CE")]
+    assert [tuple(c.strip() for c in r) for r in rows] == [("CE", "3", "10"), ("CE", "3", "20")]
+    with pytest.raises(SystemExit):
+        bench.main(["--ns", "0,x"])
 
 
 def test_bench_losses_rejects_an_unknown_loss(capsys):

@@ -381,6 +381,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
   const row::LossParams<T>& p = a.params;
   const int64_t C = a.C;
   const Vec zero(T(0));
+  alignas(64) T exps[kRowsMaxC * W];  // exp(z_k - m) of the block, class-major like RowBlock::buf
   for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
     const RowBlock<T> blk(a.logits + i0 * C, a.target + i0, std::min<int64_t>(W, a.rows - i0), C,
                           a.ignore_index);
@@ -395,33 +396,38 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
     }
     if (k < C) m0 = at::vec::maximum(m0, Vec::blendv(blk.col(k), neg_inf, blk.is_target(k)));
     const Vec m = at::vec::maximum(m0, m1);
-    // pass 2: sum_{k != y} exp(z_k - m)  (and sum (z_k - m) for NCE_MA2020)
+    // pass 2: sum_{k != y} exp(z_k - m)  (and sum (z_k - m) for NCE_MA2020); the exps are kept
+    // for pass 3, which then needs no exp of its own
     Vec s[2] = {zero, zero}, zs[2] = {zero, zero};
     const bool want_zsum = row::needs_zsum(p);
+    const bool rce = row::needs_rce_pass(p), nfl = row::needs_nfl_pass(p);
     for (k = 0; k < C; ++k) {
       const Vec out = blk.is_target(k);
       const Vec d = blk.col(k) - m;
-      s[k & 1] = s[k & 1] + Vec::blendv(M::exp(d), zero, out);
+      const Vec e = M::exp(d);
+      if (rce || nfl) e.store(exps + k * W);
+      s[k & 1] = s[k & 1] + Vec::blendv(e, zero, out);
       if (want_zsum) zs[k & 1] = zs[k & 1] + Vec::blendv(d, zero, out);
     }
     const row::RowSums<Vec> sums{m, s[0] + s[1], zs[0] + zs[1]};
     const row::RowBasics<Vec> b = row::basics_from_sums<M>(sums, blk.zy);
     row::RowExtra<Vec> x{zero, zero, zero, zero, zero};
-    if (row::needs_rce_pass(p)) {
+    const Vec inv_s = Vec(T(1)) / sums.sum_ny;  // q_k = exp(z_k - m) / sum
+    if (rce) {
       for (int64_t k = 0; k < C; ++k) {
         const Vec out = blk.is_target(k);
         Vec val, mass, outside;
-        row::rce_terms<M>(blk.col(k), b, val, mass, outside);
+        row::rce_terms_q<M>(Vec::loadu(exps + k * W) * inv_s, b, val, mass, outside);
         x.rce_value = x.rce_value + Vec::blendv(val, zero, out);
         x.rce_mass = x.rce_mass + Vec::blendv(mass, zero, out);
         x.rce_outside = x.rce_outside + Vec::blendv(outside, zero, out);
       }
     }
-    if (row::needs_nfl_pass(p)) {
+    if (nfl) {
       for (int64_t k = 0; k < C; ++k) {
         const Vec out = blk.is_target(k);
         Vec wlogp, w;
-        row::nfl_terms<M>(blk.col(k), b, p.gamma, wlogp, w);
+        row::nfl_terms_q<M>(blk.col(k), Vec::loadu(exps + k * W) * inv_s, b, p.gamma, wlogp, w);
         x.nfl_norm = x.nfl_norm + Vec::blendv(wlogp, zero, out);
         x.nfl_wsum = x.nfl_wsum + Vec::blendv(w, zero, out);
       }
