@@ -1,0 +1,74 @@
+"""Shared test helpers: the devices a test can run on and a seeded random-batch builder.
+
+``DEVICES`` (also the ``device`` fixture) is ``"cpu"``, always run, then ``"cuda"`` and
+``"cuda:1"``, each skipped with its reason where it cannot run. ``requires_cuda`` and
+``requires_two_gpus`` mark tests that only make sense on a GPU. ``random_batch`` builds logits
+and targets the same way on every device. Test modules import these names
+(``from conftest import ...``: pytest puts this directory on ``sys.path``).
+"""
+import pytest
+import torch
+
+import apl.fused as fused
+
+#: The target value of ignored rows (as F.cross_entropy's default).
+IGNORE_INDEX = -100
+
+
+def _cuda_skip_reason() -> str:
+    """Why the fused operator cannot run on CUDA here ('' when it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if not fused.is_available():
+        return f"the fused operator is not built: {fused.unavailable_reason()}"
+    if not fused.cuda_available():
+        return "the apl extension was built without its CUDA kernels (rebuild with scripts/setup_env.sh --cuda)"
+    return ""
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+CUDA_OK = not CUDA_SKIP_REASON
+TWO_GPUS = CUDA_OK and torch.cuda.device_count() >= 2
+
+requires_cuda = pytest.mark.skipif(not CUDA_OK, reason=f"needs CUDA: {CUDA_SKIP_REASON}")
+requires_two_gpus = pytest.mark.skipif(
+    not TWO_GPUS, reason=f"needs two GPUs: {CUDA_SKIP_REASON or f'{torch.cuda.device_count()} visible'}")
+
+#: Devices for ``pytest.mark.parametrize("device", DEVICES)``; cuda:1 runs while cuda:0 is current.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda), pytest.param("cuda:1", marks=requires_two_gpus)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each available device in turn (the others are reported as skipped, with the reason)."""
+    return request.param
+
+
+def random_batch(n, c, seed, *, dtype=torch.float64, device="cpu", scale=1.0, regimes=False,
+                 ignore_frac=0.0, ignore_index=IGNORE_INDEX):
+    """Logits (n, c) and int64 targets (n,) drawn from a CPU generator seeded with ``seed``.
+
+    The draws are float64 on the CPU, then cast to ``dtype`` and moved to ``device``, so every
+    device gets the same batch. ``scale`` multiplies the logits. ``regimes=True`` mixes row
+    regimes: each row's scale is one of 1, 5, 30 or 1e4 (times ``scale``; p_y rounds to 0 or 1
+    at the larger ones) and a fifth of the rows have a target logit 40 above the row's max.
+    A fraction ``ignore_frac`` of the rows (drawn at random) get ``ignore_index`` as target;
+    the first row is kept unless ``ignore_frac >= 1``, which ignores every row.
+    """
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
+    if regimes:
+        scales = torch.tensor([1.0, 5.0, 30.0, 1e4], dtype=torch.float64)
+        z = z * scales[torch.randint(0, 4, (n,), generator=g)][:, None]
+    target = torch.randint(0, c, (n,), generator=g)
+    if regimes:
+        dominant = torch.rand(n, generator=g) < 0.2
+        rows = torch.arange(n)
+        z[rows[dominant], target[dominant]] = z[dominant].amax(dim=1) + 40.0
+    if ignore_frac >= 1:
+        target[:] = ignore_index
+    elif ignore_frac > 0:
+        ignored = torch.rand(n, generator=g) < ignore_frac
+        ignored[:1] = False
+        target[ignored] = ignore_index
+    return z.to(device=device, dtype=dtype), target.to(device)
