@@ -203,6 +203,10 @@ def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
           weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
     modules and functions. The operator itself checks the tensors (``ValueError``)."""
+    if not torch.compiler.is_compiling():  # eager: straight to the dispatcher (csrc/python_module.cpp)
+        loss = _C.loss(logits, target, args, weight)
+        if loss is not NotImplemented:
+            return loss
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("logits and target must be torch.Tensors")
     if weight is not None and not isinstance(weight, torch.Tensor):

@@ -1,8 +1,6 @@
-// The apl operator library: schemas, the importable module `apl._C`, and the argument
-// checks shared by the CPU and CUDA kernels. Kernels: csrc/cpu/, csrc/cuda/. Math:
+// The apl operator library: schemas, the argument checks and the launch plan shared by the CPU
+// and CUDA kernels. Kernels: csrc/cpu/, csrc/cuda/. Math:
 // csrc/loss_row.h. Formulas: LOSSES.md.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,17 +11,6 @@
 #include <vector>
 
 #include "ops.h"
-
-extern "C" {
-// An empty module: importing apl._C loads this library, whose static TORCH_LIBRARY
-// initialisers register the operators.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "apl-repro's fused loss operators (torch.ops.apl)", -1, nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace apl {
 

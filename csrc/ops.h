@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "loss_row.h"
 
@@ -53,6 +54,12 @@ LaunchPlan launch_plan(int64_t active, int64_t reduction);
 // Every device counts the steps it runs here, so a test on any device can compare them with
 // launch_plan (torch.ops.apl._steps_run).
 void count_step();
+
+// apl::apl_loss through the dispatcher (every key from the caller's on), typed: no boxing.
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // loss, stats, batch
+Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
+                      double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
+                      const std::optional<at::Tensor>& weight);
 
 template <typename T>
 row::LossParams<T> make_params(int64_t active, int64_t passive, double alpha, double beta,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
@@ -922,3 +923,65 @@ def test_cuda_sync_target_check():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.split() == ["checked", "device-assert"], out.stdout + out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- the eager entry and the autograd node
+
+def test_eager_entry_takes_any_integer_target_and_layout():
+    """Modules call the op through apl._C.loss: int32/uint8 targets and non-contiguous logits give
+    the int64, contiguous result (value and gradient)."""
+    z, target = random_batch(9, 12, seed=90)
+    loss_fn = get_loss("nce+rce", num_classes=12, backend="fused")
+    want_x = z.clone().requires_grad_()
+    want = loss_fn(want_x, target)
+    want.backward()
+    for t in (target.int(), target.to(torch.uint8)):
+        x = z.t().contiguous().t().requires_grad_()  # same values, column-major
+        got = loss_fn(x, t)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, want_x.grad, rtol=0, atol=0)
+
+
+def test_torch_function_modes_and_subclasses_see_the_op():
+    """A tensor subclass or an active TorchFunctionMode takes the torch.ops path, so
+    __torch_function__ sees apl_loss, with the same result."""
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    z, target = random_batch(6, 10, seed=91)
+    loss_fn = get_loss("ce", backend="fused")
+    want = loss_fn(z, target)
+    with Spy():
+        got = loss_fn(z, target)
+    assert any("apl_loss" in name for name in seen), seen
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(loss_fn(z.as_subclass(Sub), target), want, rtol=0, atol=0)
+
+
+def test_autograd_node_saves_safely():
+    """The loss's grad_fn is the op's node; it guards its saved logits against in-place change,
+    frees them after backward, and refuses forward-mode AD with a clear error."""
+    z, target = random_batch(5, 10, seed=92)
+    x = z.clone().requires_grad_()
+    y = x * 1.0
+    loss = fused.fused_loss(y, target, spec_for("nfl+rce"))
+    assert loss.grad_fn.name() == "AplLossBackward"
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = fused.fused_loss(x, target, spec_for("ce"))
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(z, torch.ones_like(z))
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            fused.fused_loss(dual, target, spec_for("ce"))
