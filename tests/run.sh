@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): set up the environment, then run the whole suite.
-# Where nvcc exists the CUDA kernels are compiled too (nothing here can run them; the compile
-# is the check). Extra arguments go to pytest.
+# Where nvcc exists the CUDA kernels are compiled too: for the visible GPU, whose CUDA tests then
+# run; without one, for sm_90 + PTX only (the compile is the check). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 flags=(--test)

@@ -3,6 +3,7 @@ speed goals live in the benchmark's own output, benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -64,3 +65,27 @@ def test_bench_losses_rejects_an_unknown_loss(capsys):
         bench.main(["--quick", "--no-compile", "--min-time", "0", "--losses", "nonsense"])
     assert exc.value.code == 2
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def _load(name):
+    path = BENCH.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_builds_table_takes_medians_over_rounds(tmp_path, capsys):
+    cb = _load("compare_builds")
+    before = [{"CE|128|1000": t} for t in (1e-3, 3e-3, 2e-3)]
+    now = [{"CE|128|1000": t} for t in (1e-3, 1e-3)]
+    files = []
+    for i, run in enumerate(before + now):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(run))
+    assert cb.main(["table", "--before", *map(str, files[:3]), "--now", *map(str, files[3:])]) == 0
+    out = capsys.readouterr().out
+    assert "| CE | 128 | 1000 | 2.000 | 1.000 | 0.50x |" in out
+    assert "median 0.50x" in out
+    with pytest.raises(SystemExit):
+        cb.main(["table", "--before", str(files[0])])
