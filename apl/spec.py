@@ -148,7 +148,9 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     Checks: logits are a 2-D floating tensor (N, C) with C >= 2; target is a 1-D integer
     tensor of length N on the same device; every target is in [0, C) or equals
     ``ignore_index``; ``reduction`` is known. NaN logits are *not* an error: they give a
-    NaN loss. ``check_range=False`` skips the range check (it costs a device sync on GPU).
+    NaN loss. ``check_range=False`` skips the range check (it costs a device sync on GPU);
+    under ``torch.compile`` it is skipped too (a data-dependent branch would split the graph),
+    as PyTorch's own losses leave it to their kernels.
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("logits and target must be torch.Tensors")
