@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from apl.losses import compute_loss
+from apl.backend import compute_loss
 from apl.spec import spec_for
 
 __all__ = ["ce", "fl", "mae", "rce", "gce", "sce", "nce", "nfl",

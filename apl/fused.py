@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from apl.spec import INDEX_DTYPES, REDUCTIONS, Kind, LossSpec, validate_weight
+from apl.spec import INDEX_DTYPES, Kind, LossSpec, check_call, validate_weight
 
 __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
            "fused_loss", "op_args", "apply", "launch_counts", "set_sync_target_check", "sync_target_check",
            "NUM_STATS", "NUM_BATCH", "REDUCTION_CODES"]
 
-#: Columns of the per-row statistics the forward saves (csrc/loss_row.h, enum Stat).
-NUM_STATS = 13
-#: Entries of the batch terms the forward saves (csrc/loss_row.h, enum BatchTerm).
-NUM_BATCH = 5
 #: ``reduction`` string -> the operator's integer code.
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 #: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
@@ -49,6 +45,24 @@ except ImportError as exc:  # not built, or built against another torch
                     f"`pip install --no-build-isolation -e .`"
 else:
     _IMPORT_ERROR = ""
+
+def _abi_mismatch() -> str:
+    """Why the built extension cannot serve this apl.spec ('' when its loss kinds are Kind's)."""
+    built = list(torch.ops.apl._kind_names())
+    ours = [k.name for k in Kind]
+    if built != ours or any(k.value != i for i, k in enumerate(Kind)):
+        return (f"the extension apl._C was built from other sources (its loss kinds {built} are not "
+                f"apl.spec.Kind {ours}); rebuild it with `pip install --no-build-isolation -e .`")
+    return ""
+
+
+if _C is not None and not _IMPORT_ERROR:
+    _IMPORT_ERROR = _abi_mismatch()
+    if _IMPORT_ERROR:
+        _C = None
+#: Columns of the per-row statistics and entries of the batch terms the forward saves
+#: (csrc/loss_row.h, enums Stat and BatchTerm; None without the extension).
+NUM_STATS, NUM_BATCH = (tuple(int(v) for v in torch.ops.apl._layout()) if _C is not None else (None, None))
 # Constants, so the backend choice is plain Python that torch.compile folds.
 _AVAILABLE = _C is not None
 _CUDA_BUILT = _AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("apl::apl_loss", "CUDA")
@@ -176,25 +190,20 @@ def _require_built() -> None:
         raise ValueError(f"apl.fused is unavailable: {_IMPORT_ERROR}")
 
 
-def _require(spec: LossSpec, reduction: str) -> None:
-    """Raise ``ValueError`` unless ``spec`` is a LossSpec the operator computes and ``reduction`` is known."""
-    if not isinstance(spec, LossSpec):
-        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
+def _require(spec: LossSpec, reduction: str, ignore_index: int = -100) -> None:
+    """Raise ``ValueError`` unless the arguments are valid and the operator computes ``spec``."""
+    check_call(spec, reduction, ignore_index)
     if not supports(spec):
         raise ValueError(f"the fused operator does not support {spec.passive.name} as the passive "
                          f"term (supported: {', '.join(k.name for k in SUPPORTED_PASSIVE)}); "
                          f"use apl.losses.reference_loss")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> tuple:
     """The operator's scalar arguments for ``spec``, checked (``ValueError`` naming the problem):
     build them once and pass them to :func:`apply` on every call."""
     _require_built()
-    _require(spec, reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    _require(spec, reduction, ignore_index)
     return (int(spec.active), int(spec.passive), float(spec.alpha), float(spec.beta), float(spec.gamma),
             float(spec.q), REDUCTION_CODES[reduction], ignore_index)
 

@@ -16,7 +16,8 @@ import torch
 
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
-    "spec_for", "validate_inputs", "check_num_classes", "validate_weight", "INDEX_DTYPES",
+    "spec_for", "canonical_name", "check_call", "validate_inputs", "check_num_classes", "validate_weight",
+    "INDEX_DTYPES", "PAPER_LAMBDA",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
@@ -102,7 +103,7 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
     For a single loss, ``alpha`` scales it (the cited work trains NFL with scale 10).
     ``sce`` is ``alpha*CE + beta*RCE`` with the cited work's CIFAR-10 defaults 0.1 and 1.
     """
-    name = name.lower().strip()
+    name = canonical_name(name)
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
     if variant not in VARIANTS:
@@ -133,6 +134,26 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
         raise ValueError(f"beta weights a passive term; {name!r} has none")
     kind = _SIMPLE.get(name) or _ACTIVE[(name, variant)]
     return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, **common)
+
+
+def canonical_name(name) -> str:
+    """``"NCE_RCE"`` -> ``"nce+rce"``: case and surrounding space ignored, ``_`` for ``+`` (as the
+    functional API spells it). Raises ``ValueError`` for a non-string."""
+    if not isinstance(name, str):
+        raise ValueError(f"loss name must be a string, got {type(name).__name__}")
+    return name.lower().strip().replace("_", "+")
+
+
+def check_call(spec, reduction: str, ignore_index) -> None:
+    """Raise ``ValueError`` naming the problem unless ``spec`` is a :class:`LossSpec`,
+    ``reduction`` one of :data:`REDUCTIONS` and ``ignore_index`` an int: the arguments every
+    entry point (reference, fused operator, modules) takes besides the tensors."""
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

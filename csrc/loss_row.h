@@ -29,20 +29,19 @@
 namespace apl {
 namespace row {
 
-// Kinds of per-row loss term: the values are apl.spec.Kind (the operator's ABI).
+// Every kind of per-row loss term, once: its name and code (the operator's ABI). apl.spec.Kind
+// mirrors it and apl/fused.p_y checks the two agree when it loads the extension.
+#define APL_LOSS_KINDS(X)                                                                       \
+  X(NONE, 0) X(CE, 1) X(FL, 2) X(FL_DETACHED, 3) X(NCE_MA2020, 4) X(NFL_MA2020, 5) X(NCE_PAPER, 6) \
+      X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10)
+
 enum Kind : int {
-  NONE = 0,
-  CE = 1,
-  FL = 2,
-  FL_DETACHED = 3,
-  NCE_MA2020 = 4,
-  NFL_MA2020 = 5,
-  NCE_PAPER = 6,
-  NFL_PAPER = 7,
-  MAE = 8,
-  RCE = 9,
-  GCE = 10,
-  NUM_KINDS = 11,
+#define APL_KIND_VALUE(name, code) name = code,
+#define APL_KIND_COUNT(name, code) +1
+  APL_LOSS_KINDS(APL_KIND_VALUE)
+  NUM_KINDS = 0 APL_LOSS_KINDS(APL_KIND_COUNT),
+#undef APL_KIND_VALUE
+#undef APL_KIND_COUNT
 };
 
 // Columns of the per-row `stats` tensor the forward saves for the backward. Ignored rows
@@ -53,9 +52,9 @@ enum Stat : int {
   ST_MAX_NY = 2,     // m = max_{k != y} z_k
   ST_LOGSUM_NY = 3,  // log sum_{k != y} exp(z_k - m); logsumexp_{k != y} z = m + this
   ST_LOG_P = 4,      // log p_y
-  ST_LOG_1MP = 5,    // log(1 - p_y), exact even when p_y rounds to 1
+  ST_LOG_ONE_MINUS_P = 5,    // log(1 - p_y), exact even when p_y rounds to 1
   ST_P = 6,          // p_y
-  ST_1MP = 7,        // 1 - p_y (from the same exp as p_y, not by subtraction)
+  ST_ONE_MINUS_P = 7,        // 1 - p_y (from the same exp as p_y, not by subtraction)
   ST_FOCAL_W = 8,    // (1 - p_y)^gamma = exp(gamma * log(1 - p_y)) (FL kinds only)
   ST_NORM = 9,       // NCE_MA2020: sum_k log p_k; NFL_MA2020: sum_k w_k log p_k
   ST_WSUM = 10,      // NFL_MA2020: sum_k w_k
@@ -126,32 +125,32 @@ struct ScalarMath {
 // before the log. Vector lanes above 1/2 are rare (at most one class per row), so expm1 is
 // only evaluated when some lane needs it.
 template <class M>
-APL_HD typename M::V one_minus_p(typename M::V p, typename M::V logp) {
+APL_HD typename M::V one_minus_p(typename M::V p, typename M::V log_py) {
   using V = typename M::V;
   using S = typename M::S;
   V r = V(S(1)) - p;
-  if (M::any_gt(logp, S(-kLn2))) r = M::select_gt(logp, S(-kLn2), V(S(0)) - M::expm1_small(logp), r);
+  if (M::any_gt(log_py, S(-kLn2))) r = M::select_gt(log_py, S(-kLn2), V(S(0)) - M::expm1_small(log_py), r);
   return r;
 }
 
 // (1 - p)^gamma from 1 - p, detached weights of NFL_MA2020: gamma = 0 gives 1 (also for
 // p = 1), gamma = 0.5 (the default) a square root, otherwise exp(gamma log(1 - p)).
 template <class M>
-APL_HD typename M::V focal_weight_from_omp(typename M::V omp, typename M::S gamma) {
+APL_HD typename M::V focal_weight_from_one_minus_p(typename M::V one_minus_py, typename M::S gamma) {
   using V = typename M::V;
   using S = typename M::S;
   if (gamma == S(0)) return V(S(1));
-  if (gamma == S(0.5)) return M::sqrt(omp);
-  if (gamma == S(1)) return omp;
-  return M::exp(V(gamma) * M::log(omp));
+  if (gamma == S(0.5)) return M::sqrt(one_minus_py);
+  if (gamma == S(1)) return one_minus_py;
+  return M::exp(V(gamma) * M::log(one_minus_py));
 }
 
 // (1 - p_y)^gamma = exp(gamma log(1 - p_y)) (FL, FL_DETACHED, NFL_PAPER); gamma = 0 gives 1.
 template <class M>
-APL_HD typename M::V focal_weight_from_log1mp(typename M::V log1mp, typename M::S gamma) {
+APL_HD typename M::V focal_weight_from_log_one_minus_p(typename M::V log_one_minus_py, typename M::S gamma) {
   using V = typename M::V;
   using S = typename M::S;
-  return gamma == S(0) ? V(S(1)) : M::exp(V(gamma) * log1mp);
+  return gamma == S(0) ? V(S(1)) : M::exp(V(gamma) * log_one_minus_py);
 }
 
 APL_HD bool is_normalised(int kind) { return kind == NCE_MA2020 || kind == NFL_MA2020; }
@@ -193,10 +192,10 @@ struct RowBasics {
   V m;       // max_{k != y} z_k
   V lsum;    // log sum_{k != y} exp(z_k - m)
   V shift;   // lse - m  (lse = logsumexp over all k)
-  V logp;    // log p_y
-  V log1mp;  // log(1 - p_y)
-  V py;      // p_y
-  V omp;     // 1 - p_y
+  V log_py;    // log p_y
+  V log_one_minus_py;  // log(1 - p_y)
+  V p_y;      // p_y
+  V one_minus_py;     // 1 - p_y
 };
 
 // From d = log(p_y / (1 - p_y)) with one exp and one log: e = exp(-|d|),
@@ -206,9 +205,9 @@ template <class M>
 APL_HD RowBasics<typename M::V> basics_from(typename M::V m, typename M::V lsum, typename M::V z_y) {
   using V = typename M::V;
   using S = typename M::S;
-  RowBasics<V> b;
-  b.m = m;
-  b.lsum = lsum;
+  RowBasics<V> basics;
+  basics.m = m;
+  basics.lsum = lsum;
   const V zero(S(0)), one(S(1));
   const V d = (z_y - m) - lsum;
   const V e = M::exp(M::select_gt(d, S(0), zero - d, d));
@@ -218,13 +217,13 @@ APL_HD RowBasics<typename M::V> basics_from(typename M::V m, typename M::V lsum,
   const V l = M::select_eq(u, S(1), e, M::log(u) * (e / (u - one)));
   const V sp_pos = M::select_gt(d, S(0), d, zero) + l;         // -log(1 - p_y)
   const V sp_neg = M::select_gt(d, S(0), zero, zero - d) + l;  // -log p_y
-  b.log1mp = zero - sp_pos;
-  b.logp = zero - sp_neg;
-  b.shift = lsum + sp_pos;
+  basics.log_one_minus_py = zero - sp_pos;
+  basics.log_py = zero - sp_neg;
+  basics.shift = lsum + sp_pos;
   const V inv = one / u;
-  b.py = M::select_gt(d, S(0), inv, e * inv);
-  b.omp = M::select_gt(d, S(0), e * inv, inv);
-  return b;
+  basics.p_y = M::select_gt(d, S(0), inv, e * inv);
+  basics.one_minus_py = M::select_gt(d, S(0), e * inv, inv);
+  return basics;
 }
 
 template <class M>
@@ -234,15 +233,15 @@ APL_HD RowBasics<typename M::V> basics_from_sums(const RowSums<typename M::V>& s
 
 template <typename V>
 APL_HD RowBasics<V> basics_from_stats(const V* st) {
-  RowBasics<V> b;
-  b.m = st[ST_MAX_NY];
-  b.lsum = st[ST_LOGSUM_NY];
-  b.logp = st[ST_LOG_P];
-  b.log1mp = st[ST_LOG_1MP];
-  b.py = st[ST_P];
-  b.omp = st[ST_1MP];
-  b.shift = b.lsum - b.log1mp;  // bit-identical to the forward's lsum + softplus(d)
-  return b;
+  RowBasics<V> basics;
+  basics.m = st[ST_MAX_NY];
+  basics.lsum = st[ST_LOGSUM_NY];
+  basics.log_py = st[ST_LOG_P];
+  basics.log_one_minus_py = st[ST_LOG_ONE_MINUS_P];
+  basics.p_y = st[ST_P];
+  basics.one_minus_py = st[ST_ONE_MINUS_P];
+  basics.shift = basics.lsum - basics.log_one_minus_py;  // bit-identical to the forward's lsum + softplus(d)
+  return basics;
 }
 
 // Per-element contributions of the optional third pass (k != y). `B` is the type of the row
@@ -252,46 +251,46 @@ APL_HD RowBasics<V> basics_from_stats(const V* st) {
 // RCE: p_k = q_k (1 - p_y); value sums clamp(p_k, 1e-7, 1), mass the unclamped p_k (k in M),
 // outside the others.
 template <class M, typename B>
-APL_HD void rce_terms_q(typename M::V q, const RowBasics<B>& b, typename M::V& value, typename M::V& mass,
+APL_HD void rce_terms_q(typename M::V q, const RowBasics<B>& basics, typename M::V& value, typename M::V& mass,
                         typename M::V& outside) {
   using V = typename M::V;
   using S = typename M::S;
-  const V pk = q * V(b.omp);
+  const V pk = q * V(basics.one_minus_py);
   value = M::clamp(pk, S(kProbClamp), S(1));
   mass = M::select_inside(pk, S(kProbClamp), S(1), pk, V(S(0)));
   outside = M::select_inside(pk, S(kProbClamp), S(1), V(S(0)), pk);
 }
 
 template <class M, typename B>
-APL_HD void rce_terms(typename M::V z, const RowBasics<B>& b, typename M::V& value,
+APL_HD void rce_terms(typename M::V z, const RowBasics<B>& basics, typename M::V& value,
                       typename M::V& mass, typename M::V& outside) {
   using V = typename M::V;
-  rce_terms_q<M>(M::exp((z - V(b.m)) - V(b.lsum)), b, value, mass, outside);
+  rce_terms_q<M>(M::exp((z - V(basics.m)) - V(basics.lsum)), basics, value, mass, outside);
 }
 
 // NFL_MA2020: w_k log p_k and w_k with w_k = (1 - p_k)^gamma detached.
 template <class M, typename B>
-APL_HD void nfl_terms_q(typename M::V z, typename M::V q, const RowBasics<B>& b, typename M::S gamma,
+APL_HD void nfl_terms_q(typename M::V z, typename M::V q, const RowBasics<B>& basics, typename M::S gamma,
                         typename M::V& wlogp, typename M::V& w) {
   using V = typename M::V;
-  const V lp = (z - V(b.m)) - V(b.shift);
-  w = focal_weight_from_omp<M>(one_minus_p<M>(q * V(b.omp), lp), gamma);
+  const V lp = (z - V(basics.m)) - V(basics.shift);
+  w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(q * V(basics.one_minus_py), lp), gamma);
   wlogp = w * lp;
 }
 
 template <class M, typename B>
-APL_HD void nfl_terms(typename M::V z, const RowBasics<B>& b, typename M::S gamma, typename M::V& wlogp,
+APL_HD void nfl_terms(typename M::V z, const RowBasics<B>& basics, typename M::S gamma, typename M::V& wlogp,
                       typename M::V& w) {
   using V = typename M::V;
-  const V lp = (z - V(b.m)) - V(b.shift);
-  w = focal_weight_from_omp<M>(one_minus_p<M>(M::exp(lp), lp), gamma);
+  const V lp = (z - V(basics.m)) - V(basics.shift);
+  w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(M::exp(lp), lp), gamma);
   wlogp = w * lp;
 }
 
 // NFL_MA2020's weight of the target itself, computed as every other class's.
 template <class M>
-APL_HD typename M::V nfl_weight_y(const RowBasics<typename M::V>& b, typename M::S gamma) {
-  return focal_weight_from_omp<M>(one_minus_p<M>(b.py, b.logp), gamma);
+APL_HD typename M::V nfl_weight_y(const RowBasics<typename M::V>& basics, typename M::S gamma) {
+  return focal_weight_from_one_minus_p<M>(one_minus_p<M>(basics.p_y, basics.log_py), gamma);
 }
 
 // Third-pass results, summed over k != y.
@@ -307,7 +306,7 @@ struct RowExtra {
 // Value of one term for a row (before alpha/beta and the batch scale).
 // `norm` is the row's normaliser for the normalised kinds (stats ST_NORM).
 template <class M>
-APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& b,
+APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics,
                                 const LossParams<typename M::S>& p, typename M::V norm,
                                 typename M::V rce_value) {
   using V = typename M::V;
@@ -316,23 +315,23 @@ APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& b,
   switch (kind) {
     case CE:
     case NCE_PAPER:
-      return zero - b.logp;
+      return zero - basics.log_py;
     case FL:
     case FL_DETACHED:
     case NFL_PAPER:
-      return zero - focal_weight_from_log1mp<M>(b.log1mp, p.gamma) * b.logp;
+      return zero - focal_weight_from_log_one_minus_p<M>(basics.log_one_minus_py, p.gamma) * basics.log_py;
     case NCE_MA2020:
-      return b.logp / norm;
+      return basics.log_py / norm;
     case NFL_MA2020:
-      return nfl_weight_y<M>(b, p.gamma) * b.logp / norm;
+      return nfl_weight_y<M>(basics, p.gamma) * basics.log_py / norm;
     case MAE:
-      return b.omp;
+      return basics.one_minus_py;
     case RCE:
       return V(S(kRceA)) * rce_value;
     case GCE: {
       // (1 - clamp(p_y, 1e-7, 1)^q) / q taken on log p_y: -expm1(q max(log p_y, log 1e-7)) / q
       // (expm1 keeps precision near p_y = 1; NaN stays NaN)
-      const V lp = M::select_lt(b.logp, S(kLogProbClamp), V(S(kLogProbClamp)), b.logp);
+      const V lp = M::select_lt(basics.log_py, S(kLogProbClamp), V(S(kLogProbClamp)), basics.log_py);
       return (zero - M::expm1(V(p.q) * lp)) / V(p.q);
     }
     default:
@@ -342,8 +341,8 @@ APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& b,
 
 // A valid row's stats (st[0 .. NUM_STATS)) from its sums. `c_classes` is C.
 template <class M>
-APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& b,
-                      const RowSums<typename M::V>& s, const RowExtra<typename M::V>& x,
+APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& basics,
+                      const RowSums<typename M::V>& s, const RowExtra<typename M::V>& extra,
                       const LossParams<typename M::S>& p, typename M::S c_classes) {
   using V = typename M::V;
   using S = typename M::S;
@@ -351,25 +350,25 @@ APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& b,
   V norm = zero, wsum = zero;
   if (p.active == NCE_MA2020) {
     // sum_k log p_k = sum_{k != y} (z_k - m) - (C - 1) * shift + log p_y
-    norm = s.zsum_ny - V(c_classes - S(1)) * b.shift + b.logp;
+    norm = s.zsum_ny - V(c_classes - S(1)) * basics.shift + basics.log_py;
   } else if (p.active == NFL_MA2020) {
-    const V wy = nfl_weight_y<M>(b, p.gamma);
-    norm = x.nfl_norm + wy * b.logp;
-    wsum = x.nfl_wsum + wy;
+    const V wy = nfl_weight_y<M>(basics, p.gamma);
+    norm = extra.nfl_norm + wy * basics.log_py;
+    wsum = extra.nfl_wsum + wy;
   }
-  st[ST_ACTIVE] = term_value<M>(p.active, b, p, norm, x.rce_value);
-  st[ST_PASSIVE] = p.passive == NONE ? zero : term_value<M>(p.passive, b, p, norm, x.rce_value);
-  st[ST_MAX_NY] = b.m;
-  st[ST_LOGSUM_NY] = b.lsum;
-  st[ST_LOG_P] = b.logp;
-  st[ST_LOG_1MP] = b.log1mp;
-  st[ST_P] = b.py;
-  st[ST_1MP] = b.omp;
-  st[ST_FOCAL_W] = uses_focal_weight(p) ? focal_weight_from_log1mp<M>(b.log1mp, p.gamma) : zero;
+  st[ST_ACTIVE] = term_value<M>(p.active, basics, p, norm, extra.rce_value);
+  st[ST_PASSIVE] = p.passive == NONE ? zero : term_value<M>(p.passive, basics, p, norm, extra.rce_value);
+  st[ST_MAX_NY] = basics.m;
+  st[ST_LOGSUM_NY] = basics.lsum;
+  st[ST_LOG_P] = basics.log_py;
+  st[ST_LOG_ONE_MINUS_P] = basics.log_one_minus_py;
+  st[ST_P] = basics.p_y;
+  st[ST_ONE_MINUS_P] = basics.one_minus_py;
+  st[ST_FOCAL_W] = uses_focal_weight(p) ? focal_weight_from_log_one_minus_p<M>(basics.log_one_minus_py, p.gamma) : zero;
   st[ST_NORM] = norm;
   st[ST_WSUM] = wsum;
-  st[ST_RCE_MASS] = x.rce_mass;
-  st[ST_RCE_CMASS] = uses(p, RCE) ? b.py + x.rce_outside : zero;
+  st[ST_RCE_MASS] = extra.rce_mass;
+  st[ST_RCE_CMASS] = uses(p, RCE) ? basics.p_y + extra.rce_outside : zero;
 }
 
 // ---------------------------------------------------------------- batch step
@@ -518,65 +517,65 @@ struct Coefs {
 // Add `weight` times the gradient of one term.
 template <class M>
 APL_HD void add_term_coefs(Coefs<typename M::V>& c, int kind, typename M::V weight,
-                           const RowBasics<typename M::V>& b, const typename M::V* st,
+                           const RowBasics<typename M::V>& basics, const typename M::V* st,
                            const LossParams<typename M::S>& p, typename M::S c_classes) {
   using V = typename M::V;
   using S = typename M::S;
-  const V py = b.py, omp = b.omp, one(S(1));
+  const V p_y = basics.p_y, one_minus_py = basics.one_minus_py, one(S(1));
   switch (kind) {
     case CE:
     case NCE_PAPER:  // p_j - [j = y]
-      c.Q = c.Q + weight * omp;
-      c.Y = c.Y - weight * omp;
+      c.Q = c.Q + weight * one_minus_py;
+      c.Y = c.Y - weight * one_minus_py;
       break;
     case FL:
     case NFL_PAPER: {  // -w log p_y, w = (1-p_y)^g, d w = g w (q_j [j != y] - p_j)
-      const V w = focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
-      const V glp = V(p.gamma) * b.logp;
-      c.Q = c.Q + weight * w * (omp - glp * py);
-      c.Y = c.Y + weight * w * (glp * py - omp);
+      const V w = focal_weight_from_log_one_minus_p<M>(basics.log_one_minus_py, p.gamma);
+      const V glp = V(p.gamma) * basics.log_py;
+      c.Q = c.Q + weight * w * (one_minus_py - glp * p_y);
+      c.Y = c.Y + weight * w * (glp * p_y - one_minus_py);
       break;
     }
     case FL_DETACHED: {
-      const V w = focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
-      c.Q = c.Q + weight * w * omp;
-      c.Y = c.Y - weight * w * omp;
+      const V w = focal_weight_from_log_one_minus_p<M>(basics.log_one_minus_py, p.gamma);
+      c.Q = c.Q + weight * w * one_minus_py;
+      c.Y = c.Y - weight * w * one_minus_py;
       break;
     }
     case NCE_MA2020: {  // log p_y / T, T = sum_k log p_k, dT/dz_j = 1 - C p_j
       const V t = st[ST_NORM];
       const V t2 = t * t;
       const V cc(c_classes);
-      c.Q = c.Q + weight * (cc * b.logp - t) / t2 * omp;
-      c.K = c.K - weight * b.logp / t2;
-      c.Y = c.Y + weight * (t * omp + b.logp * (cc * py - one)) / t2;
+      c.Q = c.Q + weight * (cc * basics.log_py - t) / t2 * one_minus_py;
+      c.K = c.K - weight * basics.log_py / t2;
+      c.Y = c.Y + weight * (t * one_minus_py + basics.log_py * (cc * p_y - one)) / t2;
       break;
     }
     case NFL_MA2020: {  // w_y log p_y / U, U = sum_k w_k log p_k, every w detached
       const V u = st[ST_NORM];
-      const V wy = nfl_weight_y<M>(b, p.gamma);
-      const V num = wy * b.logp;
+      const V wy = nfl_weight_y<M>(basics, p.gamma);
+      const V num = wy * basics.log_py;
       const V u2 = u * u;
-      c.Q = c.Q + weight * (num * st[ST_WSUM] / u2 - wy / u) * omp;
+      c.Q = c.Q + weight * (num * st[ST_WSUM] / u2 - wy / u) * one_minus_py;
       c.W = c.W - weight * num / u2;
-      c.Y = c.Y + weight * (wy * omp / u + num * (st[ST_WSUM] * py - wy) / u2);
+      c.Y = c.Y + weight * (wy * one_minus_py / u + num * (st[ST_WSUM] * p_y - wy) / u2);
       break;
     }
     case MAE:  // 1 - p_y
-      c.Q = c.Q + weight * py * omp;
-      c.Y = c.Y - weight * py * omp;
+      c.Q = c.Q + weight * p_y * one_minus_py;
+      c.Y = c.Y - weight * p_y * one_minus_py;
       break;
     case RCE: {  // A sum_{k != y} clamp(p_k)
       const V a = weight * V(S(kRceA));
-      c.Qin = c.Qin + a * st[ST_RCE_CMASS] * omp;
-      c.Qout = c.Qout - a * st[ST_RCE_MASS] * omp;
-      c.Y = c.Y - a * py * st[ST_RCE_MASS];
+      c.Qin = c.Qin + a * st[ST_RCE_CMASS] * one_minus_py;
+      c.Qout = c.Qout - a * st[ST_RCE_MASS] * one_minus_py;
+      c.Y = c.Y - a * p_y * st[ST_RCE_MASS];
       break;
     }
     case GCE: {  // no gradient where the clamp acts (log p_y below log 1e-7)
-      const V pq = M::select_gt(b.logp, S(kLogProbClamp), weight * M::exp(V(p.q) * b.logp), V(S(0)));
-      c.Q = c.Q + pq * omp;
-      c.Y = c.Y - pq * omp;
+      const V pq = M::select_gt(basics.log_py, S(kLogProbClamp), weight * M::exp(V(p.q) * basics.log_py), V(S(0)));
+      c.Q = c.Q + pq * one_minus_py;
+      c.Y = c.Y - pq * one_minus_py;
       break;
     }
     default:
@@ -588,7 +587,7 @@ APL_HD void add_term_coefs(Coefs<typename M::V>& c, int kind, typename M::V weig
 template <typename V>
 struct RowGrad {
   V m, lsum, shift;  // as RowBasics
-  V omp;             // 1 - p_y
+  V one_minus_py;             // 1 - p_y
   V q_in;            // multiplier of q_j, j != y, j in M:  Q + Qin
   V q_out;           // multiplier of q_j, j != y, otherwise: Q + Qout
   V K, W;
@@ -604,23 +603,23 @@ APL_HD RowGrad<typename M::V> row_grad(const typename M::V* st, const LossParams
                                        typename M::S scale, typename M::S batch_coef) {
   using V = typename M::V;
   using S = typename M::S;
-  const RowBasics<V> b = basics_from_stats(st);
+  const RowBasics<V> basics = basics_from_stats(st);
   const V zero(S(0));
   Coefs<V> c = {zero, zero, zero, zero, zero, zero};
   // Terms with a zero weight are skipped (also avoids 0 * inf from an unused term).
-  if (p.alpha * scale != S(0)) add_term_coefs<M>(c, p.active, g_row * V(p.alpha * scale), b, st, p, c_classes);
-  if (p.passive != NONE && p.beta != S(0)) add_term_coefs<M>(c, p.passive, g_row * V(p.beta), b, st, p, c_classes);
+  if (p.alpha * scale != S(0)) add_term_coefs<M>(c, p.active, g_row * V(p.alpha * scale), basics, st, p, c_classes);
+  if (p.passive != NONE && p.beta != S(0)) add_term_coefs<M>(c, p.passive, g_row * V(p.beta), basics, st, p, c_classes);
   if (p.active == NFL_PAPER && batch_coef != S(0)) {
     // -batch_coef * d w_i = -batch_coef g w (q_j [j != y] - p_j)
-    const V cgw = V(batch_coef * p.gamma) * focal_weight_from_log1mp<M>(b.log1mp, p.gamma);
-    c.Q = c.Q - cgw * b.py;  // P (1 - p_y) + G with P = c g w, G = -c g w
-    c.Y = c.Y + cgw * b.py;
+    const V cgw = V(batch_coef * p.gamma) * focal_weight_from_log_one_minus_p<M>(basics.log_one_minus_py, p.gamma);
+    c.Q = c.Q - cgw * basics.p_y;  // P (1 - p_y) + G with P = c g w, G = -c g w
+    c.Y = c.Y + cgw * basics.p_y;
   }
   RowGrad<V> r;
-  r.m = b.m;
-  r.lsum = b.lsum;
-  r.shift = b.shift;
-  r.omp = b.omp;
+  r.m = basics.m;
+  r.lsum = basics.lsum;
+  r.shift = basics.shift;
+  r.one_minus_py = basics.one_minus_py;
   r.q_in = c.Q + c.Qin;
   r.q_out = c.Q + c.Qout;
   r.K = c.K;
@@ -637,12 +636,12 @@ APL_HD typename M::V grad_not_target(const RowGrad<B>& g, typename M::S gamma, t
   using S = typename M::S;
   const V zm = z - V(g.m);
   const V q = M::exp(zm - V(g.lsum));  // p_j = q (1 - p_y)
-  const V coef = kMask ? M::select_inside(q * V(g.omp), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
+  const V coef = kMask ? M::select_inside(q * V(g.one_minus_py), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
                        : V(g.q_out);
   V out = q * coef + V(g.K);
   if (kW) {
     const V lp = zm - V(g.shift);
-    out = out + V(g.W) * focal_weight_from_omp<M>(one_minus_p<M>(q * V(g.omp), lp), gamma);
+    out = out + V(g.W) * focal_weight_from_one_minus_p<M>(one_minus_p<M>(q * V(g.one_minus_py), lp), gamma);
   }
   return out;
 }

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -18,11 +20,15 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-static const char* kind_name(int64_t k) {
-  static const char* names[] = {"NONE", "CE", "FL", "FL_DETACHED", "NCE_MA2020", "NFL_MA2020",
-                                "NCE_PAPER", "NFL_PAPER", "MAE", "RCE", "GCE"};
-  return (k >= 0 && k < row::NUM_KINDS) ? names[k] : "unknown";
-}
+// The kinds' names in code order (codes are 0 .. NUM_KINDS - 1).
+static const char* const kKindNames[] = {
+#define APL_KIND_NAME(name, code) #name,
+    APL_LOSS_KINDS(APL_KIND_NAME)
+#undef APL_KIND_NAME
+};
+static_assert(sizeof(kKindNames) / sizeof(kKindNames[0]) == row::NUM_KINDS, "kind codes must be 0 .. NUM_KINDS - 1");
+
+static const char* kind_name(int64_t k) { return (k >= 0 && k < row::NUM_KINDS) ? kKindNames[k] : "unknown"; }
 
 // `weight`, when given: per-class weights, 1-D of C floating values on the logits' device.
 static void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
@@ -171,6 +177,10 @@ static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
 
 static int64_t steps_run_so_far() { return steps_run.load(std::memory_order_relaxed); }
 
+static std::vector<std::string> kind_names() { return {std::begin(kKindNames), std::end(kKindNames)}; }
+
+static std::vector<int64_t> layout() { return {kNumStats, kNumBatch}; }
+
 TORCH_LIBRARY(apl, m) {
   m.def("apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
         "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
@@ -180,6 +190,9 @@ TORCH_LIBRARY(apl, m) {
         "int ignore_index, Tensor? weight=None) -> Tensor");
   // Host-side helpers (no tensors): the step plan, the step counter, the debug switch.
   m.def("_launch_counts(int active, int reduction) -> int[]", &launch_counts);
+  // The ABI Python mirrors: the loss kinds' names by code, and (NUM_STATS, NUM_BATCH).
+  m.def("_kind_names() -> str[]", &kind_names);
+  m.def("_layout() -> int[]", &layout);
   m.def("_steps_run() -> int", &steps_run_so_far);
   m.def("_set_sync_target_check(bool enabled) -> bool", &set_sync_target_check);
   m.def("_sync_target_check() -> bool", &sync_target_check);

@@ -11,6 +11,7 @@ and, where present, on cuda and cuda:1 (tests/conftest.py); CUDA-only tests are 
 reason where no GPU (or no CUDA build) exists.
 """
 import copy
+import enum
 import math
 import os
 import subprocess
@@ -985,3 +986,13 @@ def test_autograd_node_saves_safely():
         dual = fwAD.make_dual(z, torch.ones_like(z))
         with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
             fused.fused_loss(dual, target, spec_for("ce"))
+
+
+def test_python_and_cpp_agree_on_the_abi(monkeypatch):
+    """apl.spec.Kind is the C++ kind table (names by code), and the stats/batch sizes come from
+    C++; a Kind that differs makes the extension unusable with a reason, not wrong numbers."""
+    assert list(torch.ops.apl._kind_names()) == [k.name for k in Kind]
+    assert (fused.NUM_STATS, fused.NUM_BATCH) == tuple(torch.ops.apl._layout())
+    assert fused._abi_mismatch() == ""
+    monkeypatch.setattr(fused, "Kind", enum.IntEnum("Kind", [("NONE", 0), ("CE", 1)]))
+    assert "built from other sources" in fused._abi_mismatch()

@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import apl.backend as B
 import apl.functional as AF
 import apl.fused as fused_module
 import apl.losses as L
+import apl.modules as M
 from apl.losses import APLLoss, available_losses, compute_loss, get_loss, reference_loss
 from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
 
@@ -560,9 +562,10 @@ def _fake_fused(monkeypatch, available, calls=None, cuda=False):
     mod.apply = apply
     mod.fused_loss = lambda logits, target, spec, reduction="mean", ignore_index=-100, weight=None: apply(
         logits, target, mod.op_args(spec, reduction, ignore_index), weight)
-    monkeypatch.setattr(L, "fused", mod)
-    monkeypatch.setattr(L, "_CHOICES", {})
-    monkeypatch.setattr(L, "_fallback_warned", False)
+    monkeypatch.setattr(B, "fused", mod)
+    monkeypatch.setattr(M, "fused", mod)
+    monkeypatch.setattr(B, "_CHOICES", {})
+    monkeypatch.setattr(B, "_fallback_warned", False)
     return mod
 
 
@@ -627,8 +630,8 @@ def test_cuda_kernels_that_cannot_run_fall_back_with_the_reason(monkeypatch):
     """A CUDA build whose kernels cannot launch on the GPU (no kernel image for its architecture)
     is found by the one-row probe, once per device: 'auto' uses the reference with one warning
     naming the reason, 'fused' raises it."""
-    monkeypatch.setattr(L, "_CHOICES", {})
-    monkeypatch.setattr(L, "_fallback_warned", False)
+    monkeypatch.setattr(B, "_CHOICES", {})
+    monkeypatch.setattr(B, "_fallback_warned", False)
     monkeypatch.setattr(fused_module, "_LAUNCH_PROBLEMS", {})
     spec = spec_for("ce")
     if not torch.cuda.is_available():  # the real case on a machine without a GPU
@@ -647,7 +650,7 @@ def test_cuda_kernels_that_cannot_run_fall_back_with_the_reason(monkeypatch):
     with pytest.raises(ValueError, match="cannot be used: the CUDA kernels do not run on cuda:0"):
         L.resolve_backend("fused", spec, "cuda:0")
     with pytest.warns(RuntimeWarning, match="no kernel image"):
-        assert L._backend_for("auto", spec, torch.device("cuda:0")) == "reference"
+        assert B.backend_for("auto", spec, torch.device("cuda:0")) == "reference"
     assert probes == ["cuda:0"]
 
 

@@ -222,11 +222,11 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
     const int64_t rows = std::min<int64_t>(W, a.rows - i0);
     bool valid[W];
     // Ignored and missing lanes get a neutral row (m = 0, sum = 1) and are discarded.
-    Lanes<T> m, s, zs, zy;
+    Lanes<T> m, s, zsum, zy;
     for (int64_t r = 0; r < W; ++r) {
       const int64_t y = r < rows ? a.target[i0 + r] : a.ignore_index;
       valid[r] = r < rows && y != a.ignore_index;
-      m.v[r] = T(0), s.v[r] = T(1), zs.v[r] = T(0), zy.v[r] = T(0);
+      m.v[r] = T(0), s.v[r] = T(1), zsum.v[r] = T(0), zy.v[r] = T(0);
       if (!valid[r]) continue;
       const T* z = a.logits + (i0 + r) * C;
       const RowView<T> row(z, C, y);
@@ -240,48 +240,48 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
           return Acc<2, T>{{M::exp(d), d}};
         });
         s.v[r] = hsum(acc.v[0]);
-        zs.v[r] = hsum(acc.v[1]);
+        zsum.v[r] = hsum(acc.v[1]);
       } else {
         s.v[r] = hsum(row.template sum<1>([&](Vec v) { return Acc<1, T>{{M::exp(v - vm)}}; }).v[0]);
       }
       m.v[r] = mr;
       zy.v[r] = z[y];
     }
-    const row::RowSums<Vec> sums{m.load(), s.load(), zs.load()};
-    const row::RowBasics<Vec> b = row::basics_from_sums<M>(sums, zy.load());
-    row::RowExtra<Vec> x{zero, zero, zero, zero, zero};
+    const row::RowSums<Vec> sums{m.load(), s.load(), zsum.load()};
+    const row::RowBasics<Vec> basics = row::basics_from_sums<M>(sums, zy.load());
+    row::RowExtra<Vec> extra{zero, zero, zero, zero, zero};
     const bool rce = row::needs_rce_pass(p), nfl = row::needs_nfl_pass(p);
     if (rce || nfl) {
       // pass 3 needs each row's basics as scalars
-      Lanes<T> bm, blsum, bshift, bomp, e[5];
-      bm.store(b.m), blsum.store(b.lsum), bshift.store(b.shift), bomp.store(b.omp);
-      for (auto& l : e) l.store(zero);
+      Lanes<T> lane_m, lane_lsum, lane_shift, lane_one_minus_py, extra_sums[5];
+      lane_m.store(basics.m), lane_lsum.store(basics.lsum), lane_shift.store(basics.shift), lane_one_minus_py.store(basics.one_minus_py);
+      for (auto& lane : extra_sums) lane.store(zero);
       for (int64_t r = 0; r < rows; ++r) {
         if (!valid[r]) continue;
         const RowView<T> row(a.logits + (i0 + r) * C, C, a.target[i0 + r]);
-        row::RowBasics<T> br{};
-        br.m = bm.v[r], br.lsum = blsum.v[r], br.shift = bshift.v[r], br.omp = bomp.v[r];
+        row::RowBasics<T> row_basics{};
+        row_basics.m = lane_m.v[r], row_basics.lsum = lane_lsum.v[r], row_basics.shift = lane_shift.v[r], row_basics.one_minus_py = lane_one_minus_py.v[r];
         if (rce) {  // clamped and unclamped probability mass of the classes != y
           const auto acc = row.template sum<3>([&](Vec v) {
             Acc<3, T> t;
-            row::rce_terms<M>(v, br, t.v[0], t.v[1], t.v[2]);
+            row::rce_terms<M>(v, row_basics, t.v[0], t.v[1], t.v[2]);
             return t;
           });
-          for (int j = 0; j < 3; ++j) e[j].v[r] = hsum(acc.v[j]);
+          for (int j = 0; j < 3; ++j) extra_sums[j].v[r] = hsum(acc.v[j]);
         }
         if (nfl) {  // NFL_MA2020: sum_{k != y} w_k log p_k and sum_{k != y} w_k
           const auto acc = row.template sum<2>([&](Vec v) {
             Acc<2, T> t;
-            row::nfl_terms<M>(v, br, p.gamma, t.v[0], t.v[1]);
+            row::nfl_terms<M>(v, row_basics, p.gamma, t.v[0], t.v[1]);
             return t;
           });
-          for (int j = 0; j < 2; ++j) e[3 + j].v[r] = hsum(acc.v[j]);
+          for (int j = 0; j < 2; ++j) extra_sums[3 + j].v[r] = hsum(acc.v[j]);
         }
       }
-      x = row::RowExtra<Vec>{e[0].load(), e[1].load(), e[2].load(), e[3].load(), e[4].load()};
+      extra = row::RowExtra<Vec>{extra_sums[0].load(), extra_sums[1].load(), extra_sums[2].load(), extra_sums[3].load(), extra_sums[4].load()};
     }
     Vec st[row::NUM_STATS];
-    row::row_stats<M>(st, b, sums, x, p, static_cast<T>(C));
+    row::row_stats<M>(st, basics, sums, extra, p, static_cast<T>(C));
     store_lane_stats(st, valid, rows, a.stats + i0 * row::NUM_STATS);
   }
 }
@@ -398,7 +398,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
     const Vec m = at::vec::maximum(m0, m1);
     // pass 2: sum_{k != y} exp(z_k - m)  (and sum (z_k - m) for NCE_MA2020); the exps are kept
     // for pass 3, which then needs no exp of its own
-    Vec s[2] = {zero, zero}, zs[2] = {zero, zero};
+    Vec s[2] = {zero, zero}, zsum[2] = {zero, zero};
     const bool want_zsum = row::needs_zsum(p);
     const bool rce = row::needs_rce_pass(p), nfl = row::needs_nfl_pass(p);
     for (k = 0; k < C; ++k) {
@@ -407,33 +407,33 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
       const Vec e = M::exp(d);
       if (rce || nfl) e.store(exps + k * W);
       s[k & 1] = s[k & 1] + Vec::blendv(e, zero, out);
-      if (want_zsum) zs[k & 1] = zs[k & 1] + Vec::blendv(d, zero, out);
+      if (want_zsum) zsum[k & 1] = zsum[k & 1] + Vec::blendv(d, zero, out);
     }
-    const row::RowSums<Vec> sums{m, s[0] + s[1], zs[0] + zs[1]};
-    const row::RowBasics<Vec> b = row::basics_from_sums<M>(sums, blk.zy);
-    row::RowExtra<Vec> x{zero, zero, zero, zero, zero};
+    const row::RowSums<Vec> sums{m, s[0] + s[1], zsum[0] + zsum[1]};
+    const row::RowBasics<Vec> basics = row::basics_from_sums<M>(sums, blk.zy);
+    row::RowExtra<Vec> extra{zero, zero, zero, zero, zero};
     const Vec inv_s = Vec(T(1)) / sums.sum_ny;  // q_k = exp(z_k - m) / sum
     if (rce) {
       for (int64_t k = 0; k < C; ++k) {
         const Vec out = blk.is_target(k);
         Vec val, mass, outside;
-        row::rce_terms_q<M>(Vec::loadu(exps + k * W) * inv_s, b, val, mass, outside);
-        x.rce_value = x.rce_value + Vec::blendv(val, zero, out);
-        x.rce_mass = x.rce_mass + Vec::blendv(mass, zero, out);
-        x.rce_outside = x.rce_outside + Vec::blendv(outside, zero, out);
+        row::rce_terms_q<M>(Vec::loadu(exps + k * W) * inv_s, basics, val, mass, outside);
+        extra.rce_value = extra.rce_value + Vec::blendv(val, zero, out);
+        extra.rce_mass = extra.rce_mass + Vec::blendv(mass, zero, out);
+        extra.rce_outside = extra.rce_outside + Vec::blendv(outside, zero, out);
       }
     }
     if (nfl) {
       for (int64_t k = 0; k < C; ++k) {
         const Vec out = blk.is_target(k);
         Vec wlogp, w;
-        row::nfl_terms_q<M>(blk.col(k), Vec::loadu(exps + k * W) * inv_s, b, p.gamma, wlogp, w);
-        x.nfl_norm = x.nfl_norm + Vec::blendv(wlogp, zero, out);
-        x.nfl_wsum = x.nfl_wsum + Vec::blendv(w, zero, out);
+        row::nfl_terms_q<M>(blk.col(k), Vec::loadu(exps + k * W) * inv_s, basics, p.gamma, wlogp, w);
+        extra.nfl_norm = extra.nfl_norm + Vec::blendv(wlogp, zero, out);
+        extra.nfl_wsum = extra.nfl_wsum + Vec::blendv(w, zero, out);
       }
     }
     Vec st[row::NUM_STATS];
-    row::row_stats<M>(st, b, sums, x, p, static_cast<T>(C));
+    row::row_stats<M>(st, basics, sums, extra, p, static_cast<T>(C));
     store_lane_stats(st, blk.valid, blk.rows, a.stats + i0 * row::NUM_STATS);
   }
 }

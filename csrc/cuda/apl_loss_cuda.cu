@@ -1,5 +1,5 @@
 // CUDA implementation of apl::apl_loss and apl::apl_loss_backward (compiled only in CUDA
-// builds, see setup.py; registers itself for the CUDA dispatch key).
+// builds, see setup.p_y; registers itself for the CUDA dispatch key).
 //
 // One group of threads owns a row: a warp for C <= kWarpMaxC (several rows per block, warp
 // shuffles), the whole block otherwise (CUB BlockReduce), so any C works. The forward makes
@@ -94,46 +94,46 @@ __device__ void forward_row(const Group& g, const scalar_t* __restrict__ z, int6
   m = g.all_reduce(m, NanMaxOp<acc_t>());
 
   const bool want_zsum = needs_zsum(p);
-  acc_t s = 0, zs = 0;
+  acc_t s = 0, zsum = 0;
   for (int64_t k = g.lane; k < C; k += Group::kSize) {
     if (k == y) continue;
     const acc_t d = static_cast<acc_t>(z[k]) - m;
     s += apl_exp(d);
-    zs += d;
+    zsum += d;
   }
   s = g.all_reduce(s, SumOp<acc_t>());
-  if (want_zsum) zs = g.all_reduce(zs, SumOp<acc_t>());
-  const RowSums<acc_t> sums{m, s, want_zsum ? zs : acc_t(0)};
-  const RowBasics<acc_t> b = basics_from_sums<M>(sums, static_cast<acc_t>(z[y]));
-  RowExtra<acc_t> x{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  if (want_zsum) zsum = g.all_reduce(zsum, SumOp<acc_t>());
+  const RowSums<acc_t> sums{m, s, want_zsum ? zsum : acc_t(0)};
+  const RowBasics<acc_t> basics = basics_from_sums<M>(sums, static_cast<acc_t>(z[y]));
+  RowExtra<acc_t> extra{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 
   if (needs_rce_pass(p)) {
     acc_t val = 0, mass = 0, out = 0;
     for (int64_t k = g.lane; k < C; k += Group::kSize) {
       if (k == y) continue;
       acc_t v, ms, o;
-      rce_terms<M>(static_cast<acc_t>(z[k]), b, v, ms, o);
+      rce_terms<M>(static_cast<acc_t>(z[k]), basics, v, ms, o);
       val += v;
       mass += ms;
       out += o;
     }
-    x.rce_value = g.all_reduce(val, SumOp<acc_t>());
-    x.rce_mass = g.all_reduce(mass, SumOp<acc_t>());
-    x.rce_outside = g.all_reduce(out, SumOp<acc_t>());
+    extra.rce_value = g.all_reduce(val, SumOp<acc_t>());
+    extra.rce_mass = g.all_reduce(mass, SumOp<acc_t>());
+    extra.rce_outside = g.all_reduce(out, SumOp<acc_t>());
   }
   if (needs_nfl_pass(p)) {
     acc_t norm = 0, wsum = 0;
     for (int64_t k = g.lane; k < C; k += Group::kSize) {
       if (k == y) continue;
       acc_t wlogp, w;
-      nfl_terms<M>(static_cast<acc_t>(z[k]), b, p.gamma, wlogp, w);
+      nfl_terms<M>(static_cast<acc_t>(z[k]), basics, p.gamma, wlogp, w);
       norm += wlogp;
       wsum += w;
     }
-    x.nfl_norm = g.all_reduce(norm, SumOp<acc_t>());
-    x.nfl_wsum = g.all_reduce(wsum, SumOp<acc_t>());
+    extra.nfl_norm = g.all_reduce(norm, SumOp<acc_t>());
+    extra.nfl_wsum = g.all_reduce(wsum, SumOp<acc_t>());
   }
-  if (g.lane == 0) row_stats<M>(st, b, sums, x, p, static_cast<acc_t>(C));
+  if (g.lane == 0) row_stats<M>(st, basics, sums, extra, p, static_cast<acc_t>(C));
 }
 
 template <bool kMask, bool kW, typename scalar_t, typename acc_t, class Group>
