@@ -40,8 +40,8 @@ struct VecMath {
   static inline V log(V x) { return x.log(); }
   static inline V expm1(V x) { return x.expm1(); }
   // expm1 on [-ln 2, 0] only: its Taylor series to the degree whose remainder is under 0.1 ulp
-  // there (|x|^n / (n+1)! relative), one FMA per degree. Sleef's full-range expm1 took about
-  // half of NFL_MA2020's backward (measured); lanes outside the range are discarded by the caller.
+  // there (|x|^n / (n+1)! relative), one FMA per degree, far cheaper than Sleef's full-range
+  // expm1 (benchmarks/RESULTS.md, "Kernel design"); other lanes are discarded by the caller.
   static inline V expm1_small(V x) {
     constexpr int n = std::is_same_v<T, float> ? 10 : 17;
     V acc(inv_factorial(n));
@@ -118,8 +118,7 @@ struct RowView {
   }
 
   // max_{k != y} z_k, NaN-propagating. at::vec::maximum is a dependent compare/max/or chain,
-  // so four accumulators are in flight (two left the pass latency-bound: CE's forward at
-  // C = 1000 measured 397 -> 371 ns/row, AVX-512, float32).
+  // so four accumulators are in flight (two left the pass latency-bound).
   T max() const {
     constexpr int kChains = 4;
     const Vec neg_inf(-std::numeric_limits<T>::infinity());
@@ -183,9 +182,8 @@ struct RowView {
 // ------------------------------------------------------------ one row at a time
 // Vector lanes are classes of one row for the passes over the row. The row's own quantities
 // (the logs, exps and divisions of loss_row.h) are computed for a block of W rows at once,
-// one row per lane, between the passes (measured on AVX-512, float32, N = 8192: CE forward
-// 475 -> 452 ns/row at C = 1000). The backward's per-row work is light and stays scalar (no
-// faster in lanes, measured). The forward above the rows-in-lanes limit, the backward always.
+// one row per lane, between the passes. The backward's per-row work is light and stays scalar
+// (lanes were no faster). The forward above the rows-in-lanes limit, the backward always.
 
 // Row quantities of a block of W rows, lane r = row r: written row by row, read as a vector.
 template <typename T>
@@ -332,10 +330,8 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
 // quantity, the scalar math included, is computed for the W rows at once with the same
 // loss_row.h functions.
 // Ignored and missing rows are computed on zeros and discarded. Up to C = 112 this is faster
-// than the one-row-at-a-time forward for every kind, above it for none but the NFL_MA2020
-// kinds (measured on AVX-512, float32, ns/row rows-in-lanes vs one-row-at-a-time: CE 18 vs 35
-// at C = 10, 75 vs 83 at C = 100, 92 vs 86 at C = 128; NFL_MA2020 227 vs 247 at C = 128,
-// 283 vs 280 at C = 160).
+// than the one-row-at-a-time forward for every kind (the limit's measurements:
+// benchmarks/RESULTS.md, "Kernel design").
 constexpr int64_t kRowsMaxC = 112;
 
 // A block of up to W rows, class-major: buf[k * W + r] = z[row r, class k].
@@ -445,7 +441,7 @@ void forward_block(const ForwardBlock<T>& a) {
 }
 
 // The backward is one masked pass per row whatever C: its per-row bookkeeping (row_grad) is
-// light, and transposing a block in and out cost more than it saved (measured).
+// light, and transposing a block in and out cost more than it saved.
 template <typename T>
 void backward_block(const BackwardBlock<T>& a) {
   backward_rows_serial(a);
