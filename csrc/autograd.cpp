@@ -22,13 +22,13 @@
 
 namespace apl {
 
-Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                      double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
+Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive, double alpha,
+                      double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
                       const std::optional<at::Tensor>& weight) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("apl::apl_loss", "")
-                       .typed<Outputs(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double,
-                                      double, double, int64_t, int64_t, const std::optional<at::Tensor>&)>();
+                       .typed<Outputs(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double,
+                                      double, int64_t, int64_t, const std::optional<at::Tensor>&)>();
   return op.call(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight);
 }
 
@@ -58,9 +58,9 @@ struct AplLossBackward : public torch::autograd::TraceableFunction {
     variable_list out(1);
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
     const at::Tensor w = weight_.unpack();
-    out[0] = call_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(), active,
-                           passive, alpha, beta, gamma, q, reduction, ignore_index,
-                           w.defined() ? OptTensor(w) : std::nullopt);
+    out[0] =
+        call_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(), active, passive,
+                      alpha, beta, gamma, q, reduction, ignore_index, w.defined() ? OptTensor(w) : std::nullopt);
     return out;
   }
   std::string name() const override { return "AplLossBackward"; }
@@ -117,18 +117,19 @@ class AplLossBackwardFunction : public torch::autograd::Function<AplLossBackward
   }
 
   static variable_list backward(torch::autograd::AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "apl: the fused loss does not support double backward (second derivatives); "
-                       "use apl.losses.reference_loss for higher-order gradients");
+    TORCH_CHECK(false,
+                "apl: the fused loss does not support double backward (second derivatives); "
+                "use apl.losses.reference_loss for higher-order gradients");
     return {};
   }
 };
 
 at::Tensor apl_loss_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                      const at::Tensor& stats, const at::Tensor& batch, int64_t active,
-                                      int64_t passive, double alpha, double beta, double gamma, double q,
-                                      int64_t reduction, int64_t ignore_index, const OptTensor& weight) {
-  return AplLossBackwardFunction::apply(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma,
-                                        q, reduction, ignore_index, weight)[0];
+                                      const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                                      double alpha, double beta, double gamma, double q, int64_t reduction,
+                                      int64_t ignore_index, const OptTensor& weight) {
+  return AplLossBackwardFunction::apply(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q,
+                                        reduction, ignore_index, weight)[0];
 }
 
 }  // namespace

@@ -30,10 +30,11 @@ namespace apl {
 namespace row {
 
 // Every kind of per-row loss term, once: its name and code (the operator's ABI). apl.spec.Kind
-// mirrors it and apl/fused.p_y checks the two agree when it loads the extension.
-#define APL_LOSS_KINDS(X)                                                                       \
+// mirrors it and apl/fused.py checks the two agree when it loads the extension.
+// clang-format off
+#define APL_LOSS_KINDS(X)                                                                        \
   X(NONE, 0) X(CE, 1) X(FL, 2) X(FL_DETACHED, 3) X(NCE_MA2020, 4) X(NFL_MA2020, 5) X(NCE_PAPER, 6) \
-      X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10)
+  X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10)
 
 enum Kind : int {
 #define APL_KIND_VALUE(name, code) name = code,
@@ -43,23 +44,24 @@ enum Kind : int {
 #undef APL_KIND_VALUE
 #undef APL_KIND_COUNT
 };
+// clang-format on
 
 // Columns of the per-row `stats` tensor the forward saves for the backward. Ignored rows
 // are all zero. Kind-specific columns are zero when the kind is absent.
 enum Stat : int {
-  ST_ACTIVE = 0,     // active term's row value, before alpha and the batch scale
-  ST_PASSIVE = 1,    // passive term's row value, before beta
-  ST_MAX_NY = 2,     // m = max_{k != y} z_k
-  ST_LOGSUM_NY = 3,  // log sum_{k != y} exp(z_k - m); logsumexp_{k != y} z = m + this
-  ST_LOG_P = 4,      // log p_y
-  ST_LOG_ONE_MINUS_P = 5,    // log(1 - p_y), exact even when p_y rounds to 1
-  ST_P = 6,          // p_y
-  ST_ONE_MINUS_P = 7,        // 1 - p_y (from the same exp as p_y, not by subtraction)
-  ST_FOCAL_W = 8,    // (1 - p_y)^gamma = exp(gamma * log(1 - p_y)) (FL kinds only)
-  ST_NORM = 9,       // NCE_MA2020: sum_k log p_k; NFL_MA2020: sum_k w_k log p_k
-  ST_WSUM = 10,      // NFL_MA2020: sum_k w_k
-  ST_RCE_MASS = 11,  // RCE: sum of the unclamped p_k (k != y, 1e-7 < p_k < 1): the set M
-  ST_RCE_CMASS = 12, // RCE: 1 - ST_RCE_MASS, summed directly (p_y + p_k outside M) for precision
+  ST_ACTIVE = 0,           // active term's row value, before alpha and the batch scale
+  ST_PASSIVE = 1,          // passive term's row value, before beta
+  ST_MAX_NY = 2,           // m = max_{k != y} z_k
+  ST_LOGSUM_NY = 3,        // log sum_{k != y} exp(z_k - m); logsumexp_{k != y} z = m + this
+  ST_LOG_P = 4,            // log p_y
+  ST_LOG_ONE_MINUS_P = 5,  // log(1 - p_y), exact even when p_y rounds to 1
+  ST_P = 6,                // p_y
+  ST_ONE_MINUS_P = 7,      // 1 - p_y (from the same exp as p_y, not by subtraction)
+  ST_FOCAL_W = 8,          // (1 - p_y)^gamma = exp(gamma * log(1 - p_y)) (FL kinds only)
+  ST_NORM = 9,             // NCE_MA2020: sum_k log p_k; NFL_MA2020: sum_k w_k log p_k
+  ST_WSUM = 10,            // NFL_MA2020: sum_k w_k
+  ST_RCE_MASS = 11,        // RCE: sum of the unclamped p_k (k != y, 1e-7 < p_k < 1): the set M
+  ST_RCE_CMASS = 12,       // RCE: 1 - ST_RCE_MASS, summed directly (p_y + p_k outside M) for precision
   NUM_STATS = 13,
 };
 
@@ -162,14 +164,22 @@ APL_HD bool valid_passive(int kind) {
   return kind >= NONE && kind < NUM_KINDS && !is_normalised(kind) && !is_batch_level(kind);
 }
 template <typename T>
-APL_HD bool uses(const LossParams<T>& p, int kind) { return p.active == kind || p.passive == kind; }
+APL_HD bool uses(const LossParams<T>& p, int kind) {
+  return p.active == kind || p.passive == kind;
+}
 // Which optional row passes a loss needs.
 template <typename T>
-APL_HD bool needs_zsum(const LossParams<T>& p) { return p.active == NCE_MA2020; }
+APL_HD bool needs_zsum(const LossParams<T>& p) {
+  return p.active == NCE_MA2020;
+}
 template <typename T>
-APL_HD bool needs_rce_pass(const LossParams<T>& p) { return uses(p, RCE); }
+APL_HD bool needs_rce_pass(const LossParams<T>& p) {
+  return uses(p, RCE);
+}
 template <typename T>
-APL_HD bool needs_nfl_pass(const LossParams<T>& p) { return p.active == NFL_MA2020; }
+APL_HD bool needs_nfl_pass(const LossParams<T>& p) {
+  return p.active == NFL_MA2020;
+}
 template <typename T>
 APL_HD bool uses_focal_weight(const LossParams<T>& p) {
   return uses(p, FL) || uses(p, FL_DETACHED) || uses(p, NFL_PAPER);
@@ -189,13 +199,13 @@ struct RowSums {
 // k != y), log p_y and log(1 - p_y) from d = logit of p_y, exactly (LOSSES.md "Numerics").
 template <typename V>
 struct RowBasics {
-  V m;       // max_{k != y} z_k
-  V lsum;    // log sum_{k != y} exp(z_k - m)
-  V shift;   // lse - m  (lse = logsumexp over all k)
-  V log_py;    // log p_y
+  V m;                 // max_{k != y} z_k
+  V lsum;              // log sum_{k != y} exp(z_k - m)
+  V shift;             // lse - m  (lse = logsumexp over all k)
+  V log_py;            // log p_y
   V log_one_minus_py;  // log(1 - p_y)
-  V p_y;      // p_y
-  V one_minus_py;     // 1 - p_y
+  V p_y;               // p_y
+  V one_minus_py;      // 1 - p_y
 };
 
 // From d = log(p_y / (1 - p_y)) with one exp and one log: e = exp(-|d|),
@@ -262,8 +272,8 @@ APL_HD void rce_terms_q(typename M::V q, const RowBasics<B>& basics, typename M:
 }
 
 template <class M, typename B>
-APL_HD void rce_terms(typename M::V z, const RowBasics<B>& basics, typename M::V& value,
-                      typename M::V& mass, typename M::V& outside) {
+APL_HD void rce_terms(typename M::V z, const RowBasics<B>& basics, typename M::V& value, typename M::V& mass,
+                      typename M::V& outside) {
   using V = typename M::V;
   rce_terms_q<M>(M::exp((z - V(basics.m)) - V(basics.lsum)), basics, value, mass, outside);
 }
@@ -306,9 +316,8 @@ struct RowExtra {
 // Value of one term for a row (before alpha/beta and the batch scale).
 // `norm` is the row's normaliser for the normalised kinds (stats ST_NORM).
 template <class M>
-APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics,
-                                const LossParams<typename M::S>& p, typename M::V norm,
-                                typename M::V rce_value) {
+APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics, const LossParams<typename M::S>& p,
+                                typename M::V norm, typename M::V rce_value) {
   using V = typename M::V;
   using S = typename M::S;
   const V zero(S(0));
@@ -341,9 +350,9 @@ APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics
 
 // A valid row's stats (st[0 .. NUM_STATS)) from its sums. `c_classes` is C.
 template <class M>
-APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& basics,
-                      const RowSums<typename M::V>& s, const RowExtra<typename M::V>& extra,
-                      const LossParams<typename M::S>& p, typename M::S c_classes) {
+APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& basics, const RowSums<typename M::V>& s,
+                      const RowExtra<typename M::V>& extra, const LossParams<typename M::S>& p,
+                      typename M::S c_classes) {
   using V = typename M::V;
   using S = typename M::S;
   const V zero(S(0));
@@ -435,8 +444,7 @@ APL_HD T entropy_term(T count, T n_valid) {
 
 // The batch terms (BatchTerm) from the sums; `entropy` is H (NCE_PAPER only).
 template <typename T>
-APL_HD void batch_terms(int active, bool weighted, const BatchSums<T>& s, T entropy, T c_classes,
-                        T* batch) {
+APL_HD void batch_terms(int active, bool weighted, const BatchSums<T>& s, T entropy, T c_classes, T* batch) {
   T scale = T(1), mean_w = T(0);
   if (active == NCE_PAPER) {
     scale = nce_paper_scale(entropy, c_classes);
@@ -462,8 +470,7 @@ APL_HD T row_loss(const T* st, T alpha_scale, T beta, bool has_passive) {
 
 // The 'mean' or 'sum' of the rows' losses from the sums and the batch terms.
 template <typename T>
-APL_HD T reduced_loss(int reduction, T alpha, T beta, bool has_passive, const BatchSums<T>& s,
-                      const T* batch) {
+APL_HD T reduced_loss(int reduction, T alpha, T beta, bool has_passive, const BatchSums<T>& s, const T* batch) {
   T total = alpha * batch[BT_SCALE] * s.wact;
   if (has_passive) total += beta * s.wpas;
   return reduction == RED_MEAN ? total / batch[BT_DENOM] : total;
@@ -483,9 +490,7 @@ APL_HD T nfl_paper_reduced_coef(T alpha, T g_unit, const T* batch) {
 
 // Which steps a call runs (LaunchPlan: the same on every device). The row pass writes each
 // row's loss itself when nothing batch-level is needed ('none' of a per-row loss).
-APL_HD bool row_pass_writes_loss(int active, int reduction) {
-  return reduction == RED_NONE && !is_batch_level(active);
-}
+APL_HD bool row_pass_writes_loss(int active, int reduction) { return reduction == RED_NONE && !is_batch_level(active); }
 APL_HD bool needs_batch_step(int active, int reduction) { return !row_pass_writes_loss(active, reduction); }
 // NFL_PAPER's 'none' gradient needs sum_i g_i FL_i over the rows first: one more step.
 APL_HD bool needs_backward_batch_step(int active, int reduction) {
@@ -587,11 +592,11 @@ APL_HD void add_term_coefs(Coefs<typename M::V>& c, int kind, typename M::V weig
 template <typename V>
 struct RowGrad {
   V m, lsum, shift;  // as RowBasics
-  V one_minus_py;             // 1 - p_y
+  V one_minus_py;    // 1 - p_y
   V q_in;            // multiplier of q_j, j != y, j in M:  Q + Qin
   V q_out;           // multiplier of q_j, j != y, otherwise: Q + Qout
   V K, W;
-  V grad_y;          // the target's own entry
+  V grad_y;  // the target's own entry
 };
 
 // Coefficients of a valid row. `g_row` is the upstream gradient of the row's loss
@@ -599,8 +604,8 @@ struct RowGrad {
 // (1 unless NCE_PAPER/NFL_PAPER), `batch_coef` NFL_PAPER's term through B.
 template <class M>
 APL_HD RowGrad<typename M::V> row_grad(const typename M::V* st, const LossParams<typename M::S>& p,
-                                       typename M::S c_classes, typename M::V g_row,
-                                       typename M::S scale, typename M::S batch_coef) {
+                                       typename M::S c_classes, typename M::V g_row, typename M::S scale,
+                                       typename M::S batch_coef) {
   using V = typename M::V;
   using S = typename M::S;
   const RowBasics<V> basics = basics_from_stats(st);
@@ -636,8 +641,8 @@ APL_HD typename M::V grad_not_target(const RowGrad<B>& g, typename M::S gamma, t
   using S = typename M::S;
   const V zm = z - V(g.m);
   const V q = M::exp(zm - V(g.lsum));  // p_j = q (1 - p_y)
-  const V coef = kMask ? M::select_inside(q * V(g.one_minus_py), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
-                       : V(g.q_out);
+  const V coef =
+      kMask ? M::select_inside(q * V(g.one_minus_py), S(kProbClamp), S(1), V(g.q_in), V(g.q_out)) : V(g.q_out);
   V out = q * coef + V(g.K);
   if (kW) {
     const V lp = zm - V(g.shift);

@@ -16,9 +16,7 @@
 
 namespace apl {
 
-at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The kinds' names in code order (codes are 0 .. NUM_KINDS - 1).
 static const char* const kKindNames[] = {
@@ -34,44 +32,42 @@ static const char* kind_name(int64_t k) { return (k >= 0 && k < row::NUM_KINDS) 
 static void check_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
   if (!weight.has_value() || !weight->defined()) return;
   const at::Tensor& w = *weight;
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), "apl_loss: weight must be 1-D with one "
-                    "entry per class (", logits.size(1), "), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1),
+                    "apl_loss: weight must be 1-D with one entry per class (", logits.size(1), "), got shape ",
+                    w.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "apl_loss: weight must be a floating tensor, got dtype ",
                     w.scalar_type());
   TORCH_CHECK_VALUE(w.device() == logits.device(), "apl_loss: weight is on ", w.device(), " but logits are on ",
                     logits.device());
 }
 
-void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active,
-                        int64_t passive, double alpha, double beta, double gamma, double q,
-                        int64_t reduction, const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "apl_loss: logits must be 2-D (N, C), got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()),
-                    "apl_loss: logits must be a floating tensor, got dtype ", logits.scalar_type());
+void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
+                        double alpha, double beta, double gamma, double q, int64_t reduction,
+                        const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "apl_loss: logits must be 2-D (N, C), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "apl_loss: logits must be a floating tensor, got dtype ",
+                    logits.scalar_type());
   auto dt = logits.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                     "apl_loss: logits dtype ", dt, " is not supported (float16, bfloat16, float32, float64)");
-  TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=",
-                    logits.size(1));
-  TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ",
-                    target.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=", logits.size(1));
+  TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "apl_loss: target must be an int64 tensor of class indices, got dtype ",
-                    target.scalar_type());
+                    "apl_loss: target must be an int64 tensor of class indices, got dtype ", target.scalar_type());
   TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "apl_loss: logits have N=", logits.size(0),
                     " rows but target has ", target.size(0), " entries");
   TORCH_CHECK_VALUE(target.device() == logits.device(), "apl_loss: target is on ", target.device(),
                     " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(logits.is_contiguous(), "apl_loss: logits must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(target.is_contiguous(), "apl_loss: target must be contiguous (call .contiguous())");
-  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)),
-                    "apl_loss: active kind ", active, " is not a loss kind (1..", row::NUM_KINDS - 1, ")");
-  TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive,
-                    " (", kind_name(passive), ") is not supported by the fused operator; the passive "
+  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "apl_loss: active kind ", active,
+                    " is not a loss kind (1..", row::NUM_KINDS - 1, ")");
+  TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive, " (",
+                    kind_name(passive),
+                    ") is not supported by the fused operator; the passive "
                     "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE or GCE");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta),
-                    "apl_loss: alpha and beta must be finite, got ", alpha, ", ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta), "apl_loss: alpha and beta must be finite, got ", alpha,
+                    ", ", beta);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
   TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
   TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM,
@@ -96,8 +92,7 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
     return;
   }
   // Other devices: one reduction and a host read (a sync); the debug path only.
-  at::Tensor bad = at::logical_and(at::logical_or(target.lt(0), target.ge(num_classes)),
-                                   target.ne(ignore_index));
+  at::Tensor bad = at::logical_and(at::logical_or(target.lt(0), target.ge(num_classes)), target.ne(ignore_index));
   if (bad.any().item<bool>()) {
     const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
     target_out_of_range(target[i].item<int64_t>(), i, num_classes, ignore_index);
@@ -132,16 +127,15 @@ at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor&
   return weight->to(acc_type_of(logits.scalar_type())).contiguous();
 }
 
-void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
-                         const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
-                         int64_t active, int64_t passive, double alpha, double beta, double gamma,
-                         double q, int64_t reduction, const std::optional<at::Tensor>& weight) {
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                         double alpha, double beta, double gamma, double q, int64_t reduction,
+                         const std::optional<at::Tensor>& weight) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight);
   const int64_t n = logits.size(0);
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
-                    "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ",
-                    stats.sizes());
+                    "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ", stats.sizes());
   TORCH_CHECK_VALUE(batch.dim() == 1 && batch.size(0) == kNumBatch, "apl_loss_backward: batch must have shape (",
                     kNumBatch, "), got ", batch.sizes());
   for (const at::Tensor* t : {&stats, &batch}) {
@@ -152,25 +146,28 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
     TORCH_CHECK_VALUE(t->device() == logits.device(), "apl_loss_backward: ", name, " is on ", t->device(),
                       " but logits are on ", logits.device());
   }
-  TORCH_CHECK_VALUE(grad_loss.device() == logits.device(), "apl_loss_backward: grad_loss is on ",
-                    grad_loss.device(), " but logits are on ", logits.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()),
-                    "apl_loss_backward: grad_loss must be floating, got ", grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.device() == logits.device(), "apl_loss_backward: grad_loss is on ", grad_loss.device(),
+                    " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()), "apl_loss_backward: grad_loss must be floating, got ",
+                    grad_loss.scalar_type());
   if (reduction == row::RED_NONE) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n,
-                      "apl_loss_backward: grad_loss must have shape (", n, ") for reduction='none', got ",
-                      grad_loss.sizes());
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n, "apl_loss_backward: grad_loss must have shape (",
+                      n, ") for reduction='none', got ", grad_loss.sizes());
   } else {
-    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "apl_loss_backward: grad_loss must be a scalar for a "
-                      "reduced loss, got shape ", grad_loss.sizes());
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1,
+                      "apl_loss_backward: grad_loss must be a scalar for a "
+                      "reduced loss, got shape ",
+                      grad_loss.sizes());
   }
 }
 
 static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
   TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "_launch_counts: active kind ", active,
                     " is not a loss kind");
-  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM, "_launch_counts: reduction must be "
-                    "0, 1 or 2, got ", reduction);
+  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM,
+                    "_launch_counts: reduction must be "
+                    "0, 1 or 2, got ",
+                    reduction);
   const LaunchPlan p = launch_plan(active, reduction);
   return {p.forward, p.backward};
 }
@@ -182,12 +179,14 @@ static std::vector<std::string> kind_names() { return {std::begin(kKindNames), s
 static std::vector<int64_t> layout() { return {kNumStats, kNumBatch}; }
 
 TORCH_LIBRARY(apl, m) {
-  m.def("apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
-        "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
-        "-> (Tensor loss, Tensor stats, Tensor batch)");
-  m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch, "
-        "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
-        "int ignore_index, Tensor? weight=None) -> Tensor");
+  m.def(
+      "apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
+      "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
+      "-> (Tensor loss, Tensor stats, Tensor batch)");
+  m.def(
+      "apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch, "
+      "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
+      "int ignore_index, Tensor? weight=None) -> Tensor");
   // Host-side helpers (no tensors): the step plan, the step counter, the debug switch.
   m.def("_launch_counts(int active, int reduction) -> int[]", &launch_counts);
   // The ABI Python mirrors: the loss kinds' names by code, and (NUM_STATS, NUM_BATCH).

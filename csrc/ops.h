@@ -20,9 +20,9 @@ at::ScalarType acc_type_of(at::ScalarType logits_dtype);
 // The forward's checks of everything but the target values (shapes, dtypes, devices,
 // contiguity, kinds, gamma, q, reduction, the optional per-class weights). Raise
 // c10::ValueError (Python ValueError).
-void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active,
-                        int64_t passive, double alpha, double beta, double gamma, double q,
-                        int64_t reduction, const std::optional<at::Tensor>& weight);
+void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
+                        double alpha, double beta, double gamma, double q, int64_t reduction,
+                        const std::optional<at::Tensor>& weight);
 
 // Every target is in [0, C) or equals ignore_index, else a ValueError naming the row and the
 // value. Reads the target on the host: free on the CPU, a device sync elsewhere (CUDA runs it
@@ -38,10 +38,10 @@ at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor&
 
 // The backward's checks: as the forward's plus stats [N, NUM_STATS] and batch [NUM_BATCH] in
 // the accumulation dtype and grad_loss of the reduced shape ([] or [N]).
-void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
-                         const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
-                         int64_t active, int64_t passive, double alpha, double beta, double gamma,
-                         double q, int64_t reduction, const std::optional<at::Tensor>& weight);
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                         double alpha, double beta, double gamma, double q, int64_t reduction,
+                         const std::optional<at::Tensor>& weight);
 
 // Steps (kernel launches on CUDA) of one forward and one backward call with N > 0 rows:
 // the row pass, plus the batch step where row::needs_batch_step / needs_backward_batch_step.
@@ -57,16 +57,14 @@ void count_step();
 
 // apl::apl_loss through the dispatcher (every key from the caller's on), typed: no boxing.
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // loss, stats, batch
-Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                      double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
+Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive, double alpha,
+                      double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
                       const std::optional<at::Tensor>& weight);
 
 template <typename T>
-row::LossParams<T> make_params(int64_t active, int64_t passive, double alpha, double beta,
-                               double gamma, double q) {
-  return row::LossParams<T>{static_cast<int>(active), static_cast<int>(passive),
-                            static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(gamma),
-                            static_cast<T>(q)};
+row::LossParams<T> make_params(int64_t active, int64_t passive, double alpha, double beta, double gamma, double q) {
+  return row::LossParams<T>{static_cast<int>(active), static_cast<int>(passive), static_cast<T>(alpha),
+                            static_cast<T>(beta),     static_cast<T>(gamma),     static_cast<T>(q)};
 }
 
 }  // namespace apl

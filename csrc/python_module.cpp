@@ -30,7 +30,8 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
   TORCH_CHECK_TYPE(argc == 4, "apl._C.loss(logits, target, args, weight) takes 4 arguments, got ", argc);
   PyObject *py_logits = argv[0], *py_target = argv[1], *py_args = argv[2], *py_weight = argv[3];
   const bool weighted = py_weight != Py_None;
-  if (at::impl::torch_function_mode_enabled() || !is_plain_tensor(py_logits) || !is_plain_tensor(py_target) || (weighted && !is_plain_tensor(py_weight)))
+  if (at::impl::torch_function_mode_enabled() || !is_plain_tensor(py_logits) || !is_plain_tensor(py_target) ||
+      (weighted && !is_plain_tensor(py_weight)))
     Py_RETURN_NOTIMPLEMENTED;
   TORCH_CHECK_TYPE(PyTuple_Check(py_args) && PyTuple_GET_SIZE(py_args) == kNumScalarArgs,
                    "apl._C.loss: args must be the tuple of apl.fused.op_args");
@@ -52,8 +53,8 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
     // as apl.fused.apply: integer targets of any width, any layout
     if (at::isIntegralType(target.scalar_type(), /*includeBool=*/false) && target.scalar_type() != at::kLong)
       target = target.to(at::kLong);
-    result = std::get<0>(call_apl_loss(logits.contiguous(), target.contiguous(), ints[0], ints[1], reals[0],
-                                       reals[1], reals[2], reals[3], ints[2], ints[3], weight));
+    result = std::get<0>(call_apl_loss(logits.contiguous(), target.contiguous(), ints[0], ints[1], reals[0], reals[1],
+                                       reals[2], reals[3], ints[2], ints[3], weight));
   }
   return THPVariable_Wrap(std::move(result));
   END_HANDLE_TH_ERRORS

@@ -52,16 +52,16 @@ int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int
 int64_t half_rows(int64_t C) { return std::max<int64_t>(16, 4096 / std::max<int64_t>(C, 1)); }
 
 template <typename scalar_t, typename acc_t>
-void forward_rows(const at::Tensor& logits, const at::Tensor& target,
-                  const row::LossParams<acc_t>& params, int64_t ignore_index, at::Tensor& stats) {
+void forward_rows(const at::Tensor& logits, const at::Tensor& target, const row::LossParams<acc_t>& params,
+                  int64_t ignore_index, at::Tensor& stats) {
   const int64_t N = logits.size(0), C = logits.size(1);
   const scalar_t* z = logits.const_data_ptr<scalar_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   acc_t* st = stats.mutable_data_ptr<acc_t>();
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      run_forward(ForwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index,
-                                      params, st + begin * row::NUM_STATS});
+      run_forward(ForwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, params,
+                                      st + begin * row::NUM_STATS});
     } else {  // float16 / bfloat16: kHalfRows rows at a time through a float32 buffer
       const int64_t rows = half_rows(C);
       std::unique_ptr<acc_t[]> buf(new acc_t[rows * C]);
@@ -69,8 +69,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target,
         const int64_t n = std::min(rows, end - i);
         const scalar_t* src = z + i * C;
         for (int64_t k = 0; k < n * C; ++k) buf[k] = static_cast<acc_t>(src[k]);
-        run_forward(ForwardBlock<acc_t>{buf.get(), t + i, n, C, ignore_index, params,
-                                        st + i * row::NUM_STATS});
+        run_forward(ForwardBlock<acc_t>{buf.get(), t + i, n, C, ignore_index, params, st + i * row::NUM_STATS});
       }
     }
   });
@@ -106,8 +105,8 @@ void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::Lo
       entropy += row::entropy_term<double>(static_cast<double>(counts[c]), sums.n_valid);
     row::batch_terms<double>(p.active, w != nullptr, sums, entropy, static_cast<double>(C), bt);
     if (red != row::RED_NONE) {
-      *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(
-          row::reduced_loss<double>(red, p.alpha, p.beta, has_passive, sums, bt));
+      *loss.mutable_data_ptr<scalar_t>() =
+          static_cast<scalar_t>(row::reduced_loss<double>(red, p.alpha, p.beta, has_passive, sums, bt));
     }
   } else {
     bt[row::BT_SCALE] = 1;
@@ -118,17 +117,18 @@ void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::Lo
     scalar_t* o = loss.mutable_data_ptr<scalar_t>();
     const acc_t alpha_scale = p.alpha * b[row::BT_SCALE];
     for (int64_t i = 0; i < N; ++i) {
-      const acc_t v = t[i] == ignore_index ? acc_t(0)
-                                            : row::row_loss<acc_t>(st + i * row::NUM_STATS, alpha_scale, p.beta, has_passive);
+      const acc_t v = t[i] == ignore_index
+                          ? acc_t(0)
+                          : row::row_loss<acc_t>(st + i * row::NUM_STATS, alpha_scale, p.beta, has_passive);
       o[i] = static_cast<scalar_t>(w && t[i] != ignore_index ? v * w[t[i]] : v);
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                            int64_t active, int64_t passive, double alpha,
-                                                            double beta, double gamma, double q,
-                                                            int64_t reduction, int64_t ignore_index,
+                                                            int64_t active, int64_t passive, double alpha, double beta,
+                                                            double gamma, double q, int64_t reduction,
+                                                            int64_t ignore_index,
                                                             const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& lo
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                   const at::Tensor& stats, const at::Tensor& batch, const row::LossParams<acc_t>& p,
-                   int64_t reduction, int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
+                   const at::Tensor& stats, const at::Tensor& batch, const row::LossParams<acc_t>& p, int64_t reduction,
+                   int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
   const int64_t N = logits.size(0), C = logits.size(1);
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const acc_t* bt = batch.const_data_ptr<acc_t>();
@@ -178,8 +178,7 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   std::vector<acc_t> g_weighted;
   if (w != nullptr) {
     g_weighted.resize(N);
-    for (int64_t i = 0; i < N; ++i)
-      g_weighted[i] = t[i] == ignore_index ? acc_t(0) : g_rows[i * g_stride] * w[t[i]];
+    for (int64_t i = 0; i < N; ++i) g_weighted[i] = t[i] == ignore_index ? acc_t(0) : g_rows[i * g_stride] * w[t[i]];
     g_rows = g_weighted.data();
     g_stride = 1;
   }
@@ -202,8 +201,8 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       run_backward(BackwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, p,
-                                        st + begin * row::NUM_STATS, g_rows + begin * g_stride,
-                                        g_stride, scale, batch_coef, out + begin * C});
+                                        st + begin * row::NUM_STATS, g_rows + begin * g_stride, g_stride, scale,
+                                        batch_coef, out + begin * C});
     } else {  // float16 / bfloat16 through float32 buffers, as the forward
       const int64_t rows = half_rows(C);
       std::unique_ptr<acc_t[]> zbuf(new acc_t[rows * C]), gbuf(new acc_t[rows * C]);
@@ -211,9 +210,8 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
         const int64_t n = std::min(rows, end - i);
         const scalar_t* src = z + i * C;
         for (int64_t k = 0; k < n * C; ++k) zbuf[k] = static_cast<acc_t>(src[k]);
-        run_backward(BackwardBlock<acc_t>{zbuf.get(), t + i, n, C, ignore_index, p,
-                                          st + i * row::NUM_STATS, g_rows + i * g_stride, g_stride,
-                                          scale, batch_coef, gbuf.get()});
+        run_backward(BackwardBlock<acc_t>{zbuf.get(), t + i, n, C, ignore_index, p, st + i * row::NUM_STATS,
+                                          g_rows + i * g_stride, g_stride, scale, batch_coef, gbuf.get()});
         scalar_t* dst = out + i * C;
         for (int64_t k = 0; k < n * C; ++k) dst[k] = static_cast<scalar_t>(gbuf[k]);
       }
@@ -221,11 +219,10 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   });
 }
 
-at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                 const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
-                                 int64_t active, int64_t passive, double alpha, double beta, double gamma,
-                                 double q, int64_t reduction, int64_t ignore_index,
-                                 const std::optional<at::Tensor>& weight_arg) {
+at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                                 double alpha, double beta, double gamma, double q, int64_t reduction,
+                                 int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
   // Cheap on the CPU, and it keeps a direct call with bad targets from reading out of bounds.

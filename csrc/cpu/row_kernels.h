@@ -18,7 +18,7 @@ struct ForwardBlock {
   const int64_t* target;  // rows (already range-checked)
   int64_t rows, C, ignore_index;
   row::LossParams<T> params;
-  T* stats;               // rows x row::NUM_STATS
+  T* stats;  // rows x row::NUM_STATS
 };
 
 // Backward of `rows` consecutive rows: writes dL/dz.
@@ -29,11 +29,11 @@ struct BackwardBlock {
   int64_t rows, C, ignore_index;
   row::LossParams<T> params;
   const T* stats;
-  const T* grad_rows;    // upstream gradient of each row's loss (incl. 1/N_valid for 'mean')
-  int64_t grad_stride;   // 0 when one value serves every row
-  T scale;               // batch scale of the active term (1 unless a paper form)
-  T batch_coef;          // NFL_PAPER's term through B (row::nfl_paper_batch_coef)
-  T* grad;               // rows x C
+  const T* grad_rows;   // upstream gradient of each row's loss (incl. 1/N_valid for 'mean')
+  int64_t grad_stride;  // 0 when one value serves every row
+  T scale;              // batch scale of the active term (1 unless a paper form)
+  T batch_coef;         // NFL_PAPER's term through B (row::nfl_paper_batch_coef)
+  T* grad;              // rows x C
 };
 
 struct RowKernels {

@@ -60,12 +60,8 @@ struct VecMath {
   static inline V select_gt(V x, T t, V a, V b) { return V::blendv(b, a, x > V(t)); }
   static inline V select_lt(V x, T t, V a, V b) { return V::blendv(b, a, x < V(t)); }
   static inline V select_eq(V x, T t, V a, V b) { return V::blendv(b, a, x == V(t)); }
-  static inline V select_inside(V x, T lo, T hi, V a, V b) {
-    return V::blendv(b, a, (x > V(lo)) & (x < V(hi)));
-  }
-  static inline V clamp(V x, T lo, T hi) {
-    return V::blendv(V::blendv(x, V(hi), x > V(hi)), V(lo), x < V(lo));
-  }
+  static inline V select_inside(V x, T lo, T hi, V a, V b) { return V::blendv(b, a, (x > V(lo)) & (x < V(hi))); }
+  static inline V clamp(V x, T lo, T hi) { return V::blendv(V::blendv(x, V(hi), x > V(hi)), V(lo), x < V(lo)); }
 };
 
 template <typename T>
@@ -252,13 +248,15 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
     if (rce || nfl) {
       // pass 3 needs each row's basics as scalars
       Lanes<T> lane_m, lane_lsum, lane_shift, lane_one_minus_py, extra_sums[5];
-      lane_m.store(basics.m), lane_lsum.store(basics.lsum), lane_shift.store(basics.shift), lane_one_minus_py.store(basics.one_minus_py);
+      lane_m.store(basics.m), lane_lsum.store(basics.lsum), lane_shift.store(basics.shift),
+          lane_one_minus_py.store(basics.one_minus_py);
       for (auto& lane : extra_sums) lane.store(zero);
       for (int64_t r = 0; r < rows; ++r) {
         if (!valid[r]) continue;
         const RowView<T> row(a.logits + (i0 + r) * C, C, a.target[i0 + r]);
         row::RowBasics<T> row_basics{};
-        row_basics.m = lane_m.v[r], row_basics.lsum = lane_lsum.v[r], row_basics.shift = lane_shift.v[r], row_basics.one_minus_py = lane_one_minus_py.v[r];
+        row_basics.m = lane_m.v[r], row_basics.lsum = lane_lsum.v[r], row_basics.shift = lane_shift.v[r],
+        row_basics.one_minus_py = lane_one_minus_py.v[r];
         if (rce) {  // clamped and unclamped probability mass of the classes != y
           const auto acc = row.template sum<3>([&](Vec v) {
             Acc<3, T> t;
@@ -276,7 +274,8 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
           for (int j = 0; j < 2; ++j) extra_sums[3 + j].v[r] = hsum(acc.v[j]);
         }
       }
-      extra = row::RowExtra<Vec>{extra_sums[0].load(), extra_sums[1].load(), extra_sums[2].load(), extra_sums[3].load(), extra_sums[4].load()};
+      extra = row::RowExtra<Vec>{extra_sums[0].load(), extra_sums[1].load(), extra_sums[2].load(), extra_sums[3].load(),
+                                 extra_sums[4].load()};
     }
     Vec st[row::NUM_STATS];
     row::row_stats<M>(st, basics, sums, extra, p, static_cast<T>(C));
@@ -289,10 +288,8 @@ inline void write_row_grad(const T* z, int64_t C, const row::RowGrad<T>& g, T ga
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t k = 0;
-  for (; k + W <= C; k += W)
-    row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k)).store(out + k);
-  if (k < C)
-    row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k, C - k)).store(out + k, C - k);
+  for (; k + W <= C; k += W) row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k)).store(out + k);
+  if (k < C) row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k, C - k)).store(out + k, C - k);
 }
 
 template <typename T>
@@ -313,12 +310,16 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
       continue;
     }
     const T g_row = a.grad_rows[i * a.grad_stride];
-    const row::RowGrad<T> g = row::row_grad<row::ScalarMath<T>>(
-        a.stats + i * row::NUM_STATS, p, static_cast<T>(C), g_row, a.scale, a.batch_coef);
-    if (mask && wterm) write_row_grad<true, true>(z, C, g, p.gamma, out);
-    else if (mask) write_row_grad<true, false>(z, C, g, p.gamma, out);
-    else if (wterm) write_row_grad<false, true>(z, C, g, p.gamma, out);
-    else write_row_grad<false, false>(z, C, g, p.gamma, out);
+    const row::RowGrad<T> g = row::row_grad<row::ScalarMath<T>>(a.stats + i * row::NUM_STATS, p, static_cast<T>(C),
+                                                                g_row, a.scale, a.batch_coef);
+    if (mask && wterm)
+      write_row_grad<true, true>(z, C, g, p.gamma, out);
+    else if (mask)
+      write_row_grad<true, false>(z, C, g, p.gamma, out);
+    else if (wterm)
+      write_row_grad<false, true>(z, C, g, p.gamma, out);
+    else
+      write_row_grad<false, false>(z, C, g, p.gamma, out);
     out[y] = g.grad_y;
   }
 }
@@ -341,12 +342,11 @@ struct RowBlock {
   static constexpr int64_t W = Vec::size();
   int64_t rows;
   bool valid[W];
-  Vec yv;   // target of each lane (-1 for ignored / missing rows)
-  Vec zy;   // target logit of each lane
+  Vec yv;  // target of each lane (-1 for ignored / missing rows)
+  Vec zy;  // target logit of each lane
   alignas(64) T buf[kRowsMaxC * W];
 
-  RowBlock(const T* logits, const int64_t* target, int64_t rows_, int64_t C, int64_t ignore_index)
-      : rows(rows_) {
+  RowBlock(const T* logits, const int64_t* target, int64_t rows_, int64_t C, int64_t ignore_index) : rows(rows_) {
     // ATen's transpose_mxn works in 16 x 16 register tiles for float on AVX-512 (a scalar loop
     // for other types and instruction sets, as this was before).
     at::vec::transpose_mxn<T>(logits, C, buf, W, static_cast<int>(rows), static_cast<int>(C));
@@ -379,8 +379,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
   const Vec zero(T(0));
   alignas(64) T exps[kRowsMaxC * W];  // exp(z_k - m) of the block, class-major like RowBlock::buf
   for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
-    const RowBlock<T> blk(a.logits + i0 * C, a.target + i0, std::min<int64_t>(W, a.rows - i0), C,
-                          a.ignore_index);
+    const RowBlock<T> blk(a.logits + i0 * C, a.target + i0, std::min<int64_t>(W, a.rows - i0), C, a.ignore_index);
     // pass 1: max over k != y, NaN-propagating. Two accumulators (even and odd k) in passes 1
     // and 2: a single one makes the pass a chain of dependent max/add steps.
     const Vec neg_inf(-std::numeric_limits<T>::infinity());
@@ -436,8 +435,10 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
 
 template <typename T>
 void forward_block(const ForwardBlock<T>& a) {
-  if (a.C <= kRowsMaxC) forward_rows_in_lanes(a);
-  else forward_rows_serial(a);
+  if (a.C <= kRowsMaxC)
+    forward_rows_in_lanes(a);
+  else
+    forward_rows_serial(a);
 }
 
 // The backward is one masked pass per row whatever C: its per-row bookkeeping (row_grad) is
@@ -448,8 +449,8 @@ void backward_block(const BackwardBlock<T>& a) {
 }
 
 inline RowKernels table(const char* isa) {
-  return RowKernels{&forward_block<float>, &forward_block<double>, &backward_block<float>,
-                    &backward_block<double>, isa};
+  return RowKernels{&forward_block<float>, &forward_block<double>, &backward_block<float>, &backward_block<double>,
+                    isa};
 }
 
 }  // namespace APL_ISA_NS

@@ -1,5 +1,5 @@
 // CUDA implementation of apl::apl_loss and apl::apl_loss_backward (compiled only in CUDA
-// builds, see setup.p_y; registers itself for the CUDA dispatch key).
+// builds, see setup.py; registers itself for the CUDA dispatch key).
 //
 // One group of threads owns a row: a warp for C <= kWarpMaxC (several rows per block, warp
 // shuffles), the whole block otherwise (CUB BlockReduce), so any C works. The forward makes
@@ -17,17 +17,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
 
 #include <limits>
 #include <optional>
-#include <type_traits>
 #include <tuple>
+#include <type_traits>
 
 #include "../ops.h"
 
@@ -59,8 +59,7 @@ struct WarpGroup {
   template <typename T, class Op>
   __device__ __forceinline__ T all_reduce(T v, Op op) const {
 #pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1)
-      v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
   }
 };
@@ -137,27 +136,30 @@ __device__ void forward_row(const Group& g, const scalar_t* __restrict__ z, int6
 }
 
 template <bool kMask, bool kW, typename scalar_t, typename acc_t, class Group>
-__device__ __forceinline__ void write_row_grad(const Group& g, const scalar_t* __restrict__ z, int64_t C,
-                                               int64_t y, const RowGrad<acc_t>& rg, acc_t gamma,
-                                               scalar_t* __restrict__ out) {
+__device__ __forceinline__ void write_row_grad(const Group& g, const scalar_t* __restrict__ z, int64_t C, int64_t y,
+                                               const RowGrad<acc_t>& rg, acc_t gamma, scalar_t* __restrict__ out) {
   for (int64_t k = g.lane; k < C; k += Group::kSize) {
-    const acc_t v = k == y ? rg.grad_y
-                           : grad_not_target<kMask, kW, ScalarMath<acc_t>>(rg, gamma, static_cast<acc_t>(z[k]));
+    const acc_t v =
+        k == y ? rg.grad_y : grad_not_target<kMask, kW, ScalarMath<acc_t>>(rg, gamma, static_cast<acc_t>(z[k]));
     out[k] = static_cast<scalar_t>(v);
   }
 }
 
 template <typename scalar_t, typename acc_t, class Group>
 __device__ void backward_row(const Group& g, const scalar_t* __restrict__ z, int64_t C, int64_t y,
-                             const LossParams<acc_t>& p, const acc_t* __restrict__ st, acc_t g_row,
-                             acc_t scale, acc_t batch_coef, scalar_t* __restrict__ out) {
+                             const LossParams<acc_t>& p, const acc_t* __restrict__ st, acc_t g_row, acc_t scale,
+                             acc_t batch_coef, scalar_t* __restrict__ out) {
   const RowGrad<acc_t> rg = row_grad<ScalarMath<acc_t>>(st, p, static_cast<acc_t>(C), g_row, scale, batch_coef);
   const bool mask = uses(p, RCE);
   const bool wterm = p.active == NFL_MA2020;
-  if (mask && wterm) write_row_grad<true, true>(g, z, C, y, rg, p.gamma, out);
-  else if (mask) write_row_grad<true, false>(g, z, C, y, rg, p.gamma, out);
-  else if (wterm) write_row_grad<false, true>(g, z, C, y, rg, p.gamma, out);
-  else write_row_grad<false, false>(g, z, C, y, rg, p.gamma, out);
+  if (mask && wterm)
+    write_row_grad<true, true>(g, z, C, y, rg, p.gamma, out);
+  else if (mask)
+    write_row_grad<true, false>(g, z, C, y, rg, p.gamma, out);
+  else if (wterm)
+    write_row_grad<false, true>(g, z, C, y, rg, p.gamma, out);
+  else
+    write_row_grad<false, false>(g, z, C, y, rg, p.gamma, out);
 }
 
 // Row r of the grid-stride loop and the group that owns it.
@@ -188,15 +190,15 @@ __device__ __forceinline__ int64_t checked_target(const int64_t* __restrict__ ta
 // the class weights, and the batch terms of a per-row loss (scale 1, the rest 0).
 template <typename scalar_t, typename acc_t>
 struct RowLossOut {
-  scalar_t* loss;          // [N], or nullptr when the batch step writes the loss
-  const acc_t* weight;     // [C] or nullptr
-  acc_t* batch;            // [NUM_BATCH]
+  scalar_t* loss;       // [N], or nullptr when the batch step writes the loss
+  const acc_t* weight;  // [C] or nullptr
+  acc_t* batch;         // [NUM_BATCH]
 };
 
 template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
-                   int64_t C, int64_t ignore_index, LossParams<acc_t> p, acc_t* __restrict__ stats,
+    forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N, int64_t C,
+                   int64_t ignore_index, LossParams<acc_t> p, acc_t* __restrict__ stats,
                    RowLossOut<scalar_t, acc_t> out) {
   using S = RowSchedule<kWarpPerRow, kThreads>;
   const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
@@ -234,14 +236,14 @@ struct Upstream {
 
 template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
-                    int64_t C, int64_t ignore_index, LossParams<acc_t> p, const acc_t* __restrict__ stats,
+    backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N, int64_t C,
+                    int64_t ignore_index, LossParams<acc_t> p, const acc_t* __restrict__ stats,
                     const acc_t* __restrict__ batch, Upstream<scalar_t, acc_t> up, scalar_t* __restrict__ grad) {
   using S = RowSchedule<kWarpPerRow, kThreads>;
   const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
   const acc_t scale = batch[BT_SCALE];
-  const acc_t g_unit = up.reduction == RED_NONE ? acc_t(0)
-                                                : reduced_grad<acc_t>(up.reduction, static_cast<acc_t>(up.grad[0]), batch);
+  const acc_t g_unit =
+      up.reduction == RED_NONE ? acc_t(0) : reduced_grad<acc_t>(up.reduction, static_cast<acc_t>(up.grad[0]), batch);
   acc_t batch_coef = 0;
   if (p.active == NFL_PAPER)
     batch_coef = up.batch_coef != nullptr ? up.batch_coef[0] : nfl_paper_reduced_coef<acc_t>(p.alpha, g_unit, batch);
@@ -358,9 +360,9 @@ const acc_t* data_or_null(const at::Tensor& t) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                             int64_t active, int64_t passive, double alpha,
-                                                             double beta, double gamma, double q,
-                                                             int64_t reduction, int64_t ignore_index,
+                                                             int64_t active, int64_t passive, double alpha, double beta,
+                                                             double gamma, double q, int64_t reduction,
+                                                             int64_t ignore_index,
                                                              const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -390,29 +392,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& l
       launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
         constexpr bool kWarp = decltype(warp_per_row)::value;
         constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
-        forward_kernel<scalar_t, acc_t, kWarp, kThreads><<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index,
-                                                                                          p, st, out);
+        forward_kernel<scalar_t, acc_t, kWarp, kThreads>
+            <<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st, out);
       });
     } else if (rows_write_loss) {
       batch.zero_();  // nothing reads it for N = 0; defined contents all the same
     }
     if (!rows_write_loss) {
       count_step();
-      batch_step_kernel<scalar_t, acc_t><<<1, kBatchThreads, 0, stream>>>(
-          st, t, N, C, ignore_index, p, static_cast<int>(reduction), w,
-          counts.defined() ? counts.mutable_data_ptr<int>() : nullptr, batch.mutable_data_ptr<acc_t>(),
-          loss.mutable_data_ptr<scalar_t>());
+      batch_step_kernel<scalar_t, acc_t>
+          <<<1, kBatchThreads, 0, stream>>>(st, t, N, C, ignore_index, p, static_cast<int>(reduction), w,
+                                            counts.defined() ? counts.mutable_data_ptr<int>() : nullptr,
+                                            batch.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {loss, stats, batch};
 }
 
-at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Tensor& logits,
-                                  const at::Tensor& target, const at::Tensor& stats, const at::Tensor& batch,
-                                  int64_t active, int64_t passive, double alpha, double beta, double gamma, double q,
-                                  int64_t reduction, int64_t ignore_index,
-                                  const std::optional<at::Tensor>& weight_arg) {
+at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                                  double alpha, double beta, double gamma, double q, int64_t reduction,
+                                  int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss_arg, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -448,8 +449,8 @@ at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Ten
     launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
       constexpr bool kWarp = decltype(warp_per_row)::value;
       constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
-      backward_kernel<scalar_t, acc_t, kWarp, kThreads><<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index, p,
-                                                                                         st, bt, up, out);
+      backward_kernel<scalar_t, acc_t, kWarp, kThreads>
+          <<<blocks, kThreads, 0, stream>>>(z, t, N, C, ignore_index, p, st, bt, up, out);
     });
   });
   return grad;
