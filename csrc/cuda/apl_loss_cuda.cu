@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kBatchThreads)
     add_row(s, stats + i * NUM_STATS, weight != nullptr ? weight[y] : acc_t(1));
     if (counts != nullptr) atomicAdd(counts + y, 1);
   }
-  // exact for any N (a float count is not above 2^24)
+  // counted in 64-bit integers: exact for any N
   s.n_valid = static_cast<acc_t>(block_sum(n_valid));
   s.wsum = block_sum(s.wsum);
   s.wact = block_sum(s.wact);
