@@ -1,8 +1,8 @@
-"""One training run's configuration, and the two protocols as presets.
+"""One training run's configuration: :class:`TrainConfig`, validated on construction.
 
-:meth:`TrainConfig.paper` is the seed paper's protocol, :meth:`TrainConfig.ma2020` the cited
-work's. Every field is validated on construction (``ValueError`` naming the field), so a bad
-grid entry fails before any data is loaded.
+:meth:`TrainConfig.paper` and :meth:`TrainConfig.ma2020` build a config from a protocol of
+:mod:`apl.presets`. Every field is validated on construction (``ValueError`` naming the
+field), so a bad grid entry fails before any data is loaded.
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from apl.losses import BACKENDS
 from apl.models import MODEL_NAMES
 from apl.noise import NOISE_TYPES
-from apl.spec import LOSS_NAMES, VARIANTS, spec_for
+from apl.presets import PROTOCOLS, WEIGHT_PARAMS
+from apl.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
 
-__all__ = ["TrainConfig", "LOSS_PARAM_NAMES", "OPTIMIZERS", "SCHEDULERS", "BACKENDS", "AMP_MODES"]
+__all__ = ["TrainConfig", "LOSS_PARAM_NAMES", "OPTIMIZERS", "SCHEDULERS", "AMP_MODES"]
 
 #: Keys allowed in ``TrainConfig.loss_params`` (the parameters of :func:`apl.spec.spec_for`).
 LOSS_PARAM_NAMES = ("gamma", "q", "lam", "alpha", "beta")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine")
-BACKENDS = ("auto", "fused", "reference")
 AMP_MODES = (None, "bf16")
 
 #: Fields that change *how* a run executes but not *what* it computes (up to float
@@ -48,9 +49,9 @@ class TrainConfig:
     ``train_subset``/``test_subset`` take the first K of a class-balanced ordering seeded
     by ``subset_seed`` (:func:`apl.data.balanced_subset`). ``seed`` seeds the model
     initialisation, dropout, the noise and the batch order. ``amp="bf16"`` autocasts the
-    forward pass to bfloat16 (meant for CUDA; on CPU it works but is usually slower); the
-    loss is computed in float32. ``channels_last`` helps on GPUs and narrow nets on CPU, but
-    measured slower for the full-width PaperCNN on a 2-core CPU (benchmarks/train_epoch_time.py).
+    forward pass to bfloat16 (meant for CUDA); the loss is computed in float32.
+    ``channels_last`` is the memory format of images and weights
+    (benchmarks/train_epoch_time.py times both formats).
     """
 
     loss: str = "ce"
@@ -82,9 +83,9 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.loss, str) or self.loss.lower().strip().replace("_", "+") not in LOSS_NAMES:
+        if not isinstance(self.loss, str) or canonical_name(self.loss) not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
-        self.loss = self.loss.lower().strip().replace("_", "+")
+        self.loss = canonical_name(self.loss)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not isinstance(self.loss_params, dict):
@@ -152,42 +153,31 @@ class TrainConfig:
     # ------------------------------------------------------------------ protocols
 
     @classmethod
-    def paper(cls, **overrides) -> "TrainConfig":
-        """The seed paper's protocol (Sec. 2-3), with our choices where it is silent.
+    def from_protocol(cls, protocol: str, **overrides) -> "TrainConfig":
+        """A config following ``protocol`` (:data:`apl.presets.PROTOCOLS`), ``overrides`` last.
 
-        Stated by the paper: PaperCNN, Adam lr 1e-3, 30 epochs, symmetric noise (per-sample
-        rule), lam = 0.6 for the APL sums, its own NCE/NFL (variant "paper"). Not stated,
-        our choice: batch 128, no augmentation, no weight decay, no scheduler, no gradient
-        clipping, the cited work's normalisation constants, gamma = 0.5.
+        The protocol's default loss weights apply unless ``loss_params`` names a weight.
         """
-        base = dict(loss="ce", variant="paper", noise_type="symmetric", model="paper", width=1.0,
-                    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, scheduler="none",
-                    epochs=30, batch_size=128, augment=False, grad_clip=None)
-        base.update(overrides)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        rules = PROTOCOLS[protocol]
+        base = {**rules.fields, **overrides}
         params = dict(base.get("loss_params") or {})
-        if "+" in str(base["loss"]).replace("_", "+") and not params.keys() & {"lam", "alpha", "beta"}:
-            params["lam"] = 0.6
+        loss = base.get("loss", cls.loss)
+        if isinstance(loss, str) and not params.keys() & set(WEIGHT_PARAMS):
+            params.update(rules.loss_weights.get(canonical_name(loss), {}))
         base["loss_params"] = params
         return cls(**base)
 
     @classmethod
-    def ma2020(cls, **overrides) -> "TrainConfig":
-        """The cited work's CIFAR-10 protocol (Ma et al. 2020, official configs).
+    def paper(cls, **overrides) -> "TrainConfig":
+        """The seed paper's protocol (:data:`apl.presets.PAPER_PROTOCOL`), ``overrides`` last."""
+        return cls.from_protocol("paper", **overrides)
 
-        MaCNN, SGD lr 0.01 momentum 0.9 weight decay 1e-4, cosine annealing over 120 epochs
-        (per epoch, to 0), batch 128, random crop (pad 4) + horizontal flip, gradient-norm
-        clip 5, its NCE/NFL (variant "ma2020"), APL weights alpha = beta = 1 and NFL alone
-        scaled by 10, symmetric noise with exact per-class counts.
-        """
-        base = dict(loss="ce", variant="ma2020", noise_type="ma2020_symmetric", model="ma2020",
-                    width=1.0, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
-                    scheduler="cosine", epochs=120, batch_size=128, augment=True, grad_clip=5.0)
-        base.update(overrides)
-        params = dict(base.get("loss_params") or {})
-        if str(base["loss"]).lower().strip() == "nfl" and "alpha" not in params:
-            params["alpha"] = 10.0
-        base["loss_params"] = params
-        return cls(**base)
+    @classmethod
+    def ma2020(cls, **overrides) -> "TrainConfig":
+        """The cited work's protocol (:data:`apl.presets.MA2020_PROTOCOL`), ``overrides`` last."""
+        return cls.from_protocol("ma2020", **overrides)
 
     # ------------------------------------------------------------------ (de)serialisation
 

@@ -1,15 +1,18 @@
-"""Shared test helpers: the devices a test can run on and a seeded random-batch builder.
+"""Shared test helpers: the devices a test can run on, a seeded random-batch builder, synthetic CIFAR-10.
 
 ``DEVICES`` (also the ``device`` fixture) is ``"cpu"``, always run, then ``"cuda"`` and
 ``"cuda:1"``, each skipped with its reason where it cannot run. ``requires_cuda`` and
 ``requires_two_gpus`` mark tests that only make sense on a GPU. ``random_batch`` builds logits
-and targets the same way on every device. Test modules import these names
-(``from conftest import ...``: pytest puts this directory on ``sys.path``).
+and targets the same way on every device. ``cifar_dir`` and ``cifar_arrays`` are one
+synthetic CIFAR-10 (folder and loaded arrays) shared by the data, training and grid tests.
+Test modules import these names (``from conftest import ...``: pytest puts this directory on
+``sys.path``).
 """
 import pytest
 import torch
 
 import apl.fused as fused
+from apl.data import load_cifar10, write_cifar10_folder
 
 #: The target value of ignored rows (as F.cross_entropy's default).
 IGNORE_INDEX = -100
@@ -72,3 +75,20 @@ def random_batch(n, c, seed, *, dtype=torch.float64, device="cpu", scale=1.0, re
         ignored[:1] = False
         target[ignored] = ignore_index
     return z.to(device=device, dtype=dtype), target.to(device)
+
+
+#: Size of the synthetic CIFAR-10 the data, training and grid tests share (balanced classes).
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 400, 200
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """A synthetic CIFAR-10 folder (:func:`apl.data.write_cifar10_folder`), written once per session."""
+    return write_cifar10_folder(tmp_path_factory.mktemp("cifar"), n_train=SYNTHETIC_TRAIN,
+                                n_test=SYNTHETIC_TEST, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cifar_arrays(cifar_dir):
+    """The arrays of ``cifar_dir``, loaded once per session (tests must not modify them)."""
+    return load_cifar10(cifar_dir, download=False)

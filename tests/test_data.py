@@ -13,18 +13,7 @@ from apl.data import (CIFAR10_MEAN, CIFAR10_STD, FOLDER, CIFAR10Arrays, DataForm
                       DataNotFoundError, DeviceData, balanced_subset, epoch_generator, load_cifar10,
                       random_crop_flip, write_cifar10_folder)
 from apl.noise import symmetric_noise
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar10_folder(root, n_train=300, n_test=100, seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def arrays(folder):
-    return load_cifar10(folder, download=False)
+from conftest import SYNTHETIC_TEST, SYNTHETIC_TRAIN
 
 
 def unpickle(path):
@@ -32,31 +21,31 @@ def unpickle(path):
         return pickle.load(f, encoding="latin1")
 
 
-def test_written_folder_round_trips(folder, arrays):
-    files = sorted(p.name for p in (folder / FOLDER).iterdir())
+def test_written_folder_round_trips(cifar_dir, cifar_arrays):
+    files = sorted(p.name for p in (cifar_dir / FOLDER).iterdir())
     assert files == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
-    assert arrays.train_x.shape == (300, 32, 32, 3) and arrays.train_x.dtype == np.uint8
-    assert arrays.test_x.shape == (100, 32, 32, 3)
-    assert arrays.train_y.dtype == np.int64
-    assert np.bincount(arrays.train_y, minlength=10).tolist() == [30] * 10
-    assert len(arrays.classes) == 10 and arrays.classes[9] == "truck"
+    assert cifar_arrays.train_x.shape == (SYNTHETIC_TRAIN, 32, 32, 3) and cifar_arrays.train_x.dtype == np.uint8
+    assert cifar_arrays.test_x.shape == (SYNTHETIC_TEST, 32, 32, 3)
+    assert cifar_arrays.train_y.dtype == np.int64
+    assert np.bincount(cifar_arrays.train_y, minlength=10).tolist() == [SYNTHETIC_TRAIN // 10] * 10
+    assert len(cifar_arrays.classes) == 10 and cifar_arrays.classes[9] == "truck"
     # Independent parse of the first batch: rows are R, G, B planes.
-    d = unpickle(folder / FOLDER / "data_batch_1")
+    d = unpickle(cifar_dir / FOLDER / "data_batch_1")
     first = np.asarray(d["data"])
     n1 = first.shape[0]
-    assert np.array_equal(arrays.train_x[:n1], first.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    assert arrays.train_y[:n1].tolist() == list(d["labels"])
-    assert "synthetic" in arrays.source and not arrays.official
+    assert np.array_equal(cifar_arrays.train_x[:n1], first.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert cifar_arrays.train_y[:n1].tolist() == list(d["labels"])
+    assert "synthetic" in cifar_arrays.source and not cifar_arrays.official
 
 
-def test_folder_itself_is_accepted(folder, arrays):
-    again = load_cifar10(folder / FOLDER, download=False)
-    assert np.array_equal(again.test_x, arrays.test_x)
+def test_folder_itself_is_accepted(cifar_dir, cifar_arrays):
+    again = load_cifar10(cifar_dir / FOLDER, download=False)
+    assert np.array_equal(again.test_x, cifar_arrays.test_x)
 
 
-def test_synthetic_classes_differ(arrays):
+def test_synthetic_classes_differ(cifar_arrays):
     # Learnable: per-class mean colours are far apart compared to their spread.
-    means = np.stack([arrays.train_x[arrays.train_y == c].reshape(-1, 3).mean(0) for c in range(10)])
+    means = np.stack([cifar_arrays.train_x[cifar_arrays.train_y == c].reshape(-1, 3).mean(0) for c in range(10)])
     dists = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert dists[~np.eye(10, dtype=bool)].min() > 10
 
@@ -149,34 +138,35 @@ def test_arrays_validate_shapes():
         CIFAR10Arrays(x, y, x, np.zeros(3, np.int64), tuple("abcdefghij"), "s")
 
 
-def test_noise_only_on_train_labels(arrays):
-    dd = DeviceData(arrays, noise=0.5, noise_type="symmetric", seed=4)
-    assert torch.equal(dd.test_y, torch.from_numpy(arrays.test_y))
-    assert torch.equal(dd.train_y_clean, torch.from_numpy(arrays.train_y))
-    expected, rec = symmetric_noise(arrays.train_y, 0.5, 10, seed=4)
-    assert torch.equal(dd.train_y_noisy, torch.from_numpy(expected))
-    assert dd.noise_record.realised_rate == rec.realised_rate > 0.3
+def test_noise_only_on_train_labels(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, noise=0.5, noise_type="symmetric", seed=4)
+    assert torch.equal(on_device.test_y, torch.from_numpy(cifar_arrays.test_y))
+    assert torch.equal(on_device.train_y_clean, torch.from_numpy(cifar_arrays.train_y))
+    expected, rec = symmetric_noise(cifar_arrays.train_y, 0.5, 10, seed=4)
+    assert torch.equal(on_device.train_y_noisy, torch.from_numpy(expected))
+    assert on_device.noise_record.realised_rate == rec.realised_rate > 0.3
 
 
-def test_images_are_normalised(arrays):
-    dd = DeviceData(arrays, channels_last=False)
-    x = arrays.train_x[7].astype(np.float32) / 255.0  # HWC
+def test_images_are_normalised(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, channels_last=False)
+    x = cifar_arrays.train_x[7].astype(np.float32) / 255.0  # HWC
     expected = (x - np.array(CIFAR10_MEAN, np.float32)) / np.array(CIFAR10_STD, np.float32)
-    assert torch.allclose(dd.train_x[7], torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6)
-    assert dd.train_x.is_contiguous()
-    dd_cl = DeviceData(arrays, channels_last=True)
-    assert dd_cl.train_x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(dd_cl.train_x, dd.train_x)
+    assert torch.allclose(on_device.train_x[7], torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6)
+    assert on_device.train_x.is_contiguous()
+    on_device_cl = DeviceData(cifar_arrays, channels_last=True)
+    assert on_device_cl.train_x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(on_device_cl.train_x, on_device.train_x)
 
 
-def test_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch(arrays):
-    dd = DeviceData(arrays, noise=0.3, seed=2)
+def test_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, noise=0.3, seed=2)
     torch.manual_seed(0)
-    ep0 = list(dd.train_batches(0, 64))
+    ep0 = list(on_device.train_batches(0, 64))
     torch.manual_seed(12345)  # the global RNG must not matter
-    ep0_again = list(dd.train_batches(0, 64))
-    ep1 = list(dd.train_batches(1, 64))
-    assert [b[0].shape[0] for b in ep0] == [64, 64, 64, 64, 44]
+    ep0_again = list(on_device.train_batches(0, 64))
+    ep1 = list(on_device.train_batches(1, 64))
+    full, rest = divmod(SYNTHETIC_TRAIN, 64)
+    assert [b[0].shape[0] for b in ep0] == [64] * full + [rest]
     for a, b in zip(ep0, ep0_again):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(ep0[0][2], ep1[0][2])
@@ -184,18 +174,18 @@ def test_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch(arrays):
     x = torch.cat([b[0] for b in ep0])
     key = x.flatten(1).sum(1)
     order = torch.argsort(key)
-    ref_order = torch.argsort(dd.train_x.flatten(1).sum(1))
-    assert torch.equal(x[order], dd.train_x[ref_order])
-    assert torch.equal(torch.cat([b[1] for b in ep0])[order], dd.train_y_noisy[ref_order])
-    assert torch.equal(torch.cat([b[2] for b in ep0])[order], dd.train_y_clean[ref_order])
+    ref_order = torch.argsort(on_device.train_x.flatten(1).sum(1))
+    assert torch.equal(x[order], on_device.train_x[ref_order])
+    assert torch.equal(torch.cat([b[1] for b in ep0])[order], on_device.train_y_noisy[ref_order])
+    assert torch.equal(torch.cat([b[2] for b in ep0])[order], on_device.train_y_clean[ref_order])
 
 
-def test_single_image_last_batch_is_dropped(arrays):
-    dd = DeviceData(arrays, train_subset=101)
-    sizes = [b[0].shape[0] for b in dd.train_batches(0, 10)]
+def test_single_image_last_batch_is_dropped(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, train_subset=101)
+    sizes = [b[0].shape[0] for b in on_device.train_batches(0, 10)]
     assert sizes == [10] * 10
     with pytest.raises(ValueError, match="batch_size"):
-        next(dd.train_batches(0, 1))
+        next(on_device.train_batches(0, 1))
 
 
 def reference_crop_flip(x, oy, ox, flip, fill, pad=4):
@@ -224,12 +214,12 @@ def test_random_crop_flip_matches_per_image_reference():
     assert torch.all(corner[0, 1, :4, :] == -2.0)  # padding rows carry the per-channel fill
 
 
-def test_augmentation_shapes_determinism_and_fill(arrays):
-    dd = DeviceData(arrays, augment=True, seed=5)
-    plain = DeviceData(arrays, augment=False, seed=5)
-    a = list(dd.train_batches(3, 50))
-    b = list(dd.train_batches(3, 50))
-    c = list(dd.train_batches(4, 50))
+def test_augmentation_shapes_determinism_and_fill(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, augment=True, seed=5)
+    plain = DeviceData(cifar_arrays, augment=False, seed=5)
+    a = list(on_device.train_batches(3, 50))
+    b = list(on_device.train_batches(3, 50))
+    c = list(on_device.train_batches(4, 50))
     assert all(x.shape == (50, 3, 32, 32) for x, _, _ in a)
     assert all(torch.equal(u[0], v[0]) for u, v in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0])
@@ -237,9 +227,9 @@ def test_augmentation_shapes_determinism_and_fill(arrays):
     p = list(plain.train_batches(3, 50))
     assert torch.equal(a[0][2], p[0][2]) and not torch.equal(a[0][0], p[0][0])
     # Black padding, normalised: the fill is (0 - mean) / std.
-    assert torch.allclose(dd.fill, -torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD))
+    assert torch.allclose(on_device.fill, -torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD))
     # And F.pad-free check of value range: crops only contain image values or the fill.
-    allowed_min = torch.minimum(dd.train_x.amin(dim=(0, 2, 3)), dd.fill)
+    allowed_min = torch.minimum(on_device.train_x.amin(dim=(0, 2, 3)), on_device.fill)
     assert torch.all(a[0][0].amin(dim=(0, 2, 3)) >= allowed_min - 1e-6)
 
 
@@ -268,13 +258,13 @@ def test_balanced_subset():
             balanced_subset(labels, k)
 
 
-def test_device_data_subsets(arrays):
-    dd = DeviceData(arrays, train_subset=50, test_subset=20, noise=0.4, noise_type="ma2020_symmetric")
-    assert dd.num_train == 50 and dd.num_test == 20
-    assert torch.bincount(dd.train_y_clean, minlength=10).tolist() == [5] * 10
-    assert torch.bincount(dd.test_y, minlength=10).tolist() == [2] * 10
-    assert dd.noise_record.num_samples == 50
-    assert dd.noise_record.realised_rate == pytest.approx(10 * int(0.4 * 5) / 50)
+def test_device_data_subsets(cifar_arrays):
+    on_device = DeviceData(cifar_arrays, train_subset=50, test_subset=20, noise=0.4, noise_type="ma2020_symmetric")
+    assert on_device.num_train == 50 and on_device.num_test == 20
+    assert torch.bincount(on_device.train_y_clean, minlength=10).tolist() == [5] * 10
+    assert torch.bincount(on_device.test_y, minlength=10).tolist() == [2] * 10
+    assert on_device.noise_record.num_samples == 50
+    assert on_device.noise_record.realised_rate == pytest.approx(10 * int(0.4 * 5) / 50)
 
 
 def test_writer_rejects_bad_sizes(tmp_path):

@@ -1,4 +1,4 @@
-"""The grid (apl.grid): its plan, presets, devices, manifest, resume after SIGKILL, workers."""
+"""The grid (apl.grid, apl.runner): its plan, presets, manifest, resume after SIGKILL, workers."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from apl.config import TrainConfig
-from apl.data import write_cifar10_folder
-from apl.grid import (GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, QUICK_OVERRIDES, is_variant_free,
-                      parse_devices, plan_grid, preset_banner, preset_config, run_grid)
+from apl.grid import plan_grid, preset_config, run_grid
+from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PRESETS, is_variant_free
 
 TINY = {"epochs": 3, "train_subset": 200, "test_subset": 50, "width": 0.0625, "batch_size": 50}
 TINY_ARGS = ["--epochs", "3", "--set", "train_subset=200", "--set", "test_subset=50",
@@ -49,20 +48,24 @@ def _results(out: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_cifar10_folder(tmp_path_factory.mktemp("data"), n_train=300, n_test=100, seed=0)
+def _assert_same_results(out: Path, reference: Path) -> dict[str, dict]:
+    """The grid in ``out`` has the reference grid's runs with equal results; returns them."""
+    got, want = _results(out), _results(reference)
+    assert set(got) == set(want)
+    for name in want:
+        assert _comparable(got[name]) == _comparable(want[name]), name
+    return got
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
+def reference(cifar_dir, tmp_path_factory):
     """The tiny grid, run once uninterrupted in this process with 1 thread, as the subprocess
     grids run (OMP_NUM_THREADS=1): a float sum over another thread count rounds differently."""
     out = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_grid("quick", data_dir, out, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+        run_grid("quick", cifar_dir, out, devices="cpu", overrides=TINY, progress=False, **SUBSET)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -79,9 +82,9 @@ def test_full_grid_has_every_cell_once_and_ce_once_for_both_variants():
     cells = {(c.loss, c.variant, c.noise) for c in plan}
     for loss in GRID_LOSSES:
         for noise in GRID_NOISE:
-            variants = {v for (l, v, n) in cells if l == loss and n == noise}
+            variants = {v for (name, v, n) in cells if name == loss and n == noise}
             assert variants == ({"paper"} if loss == "ce" else set(GRID_VARIANTS))
-    assert is_variant_free("ce") and not any(is_variant_free(l) for l in GRID_LOSSES if l != "ce")
+    assert is_variant_free("ce") and not any(is_variant_free(name) for name in GRID_LOSSES if name != "ce")
     assert len(plan_grid("quick", seeds=3)) == 3 * per_seed
     assert [c.seed for c in plan_grid("quick", seeds=2)] == sorted(c.seed for c in plan_grid("quick", seeds=2))
 
@@ -90,7 +93,7 @@ def test_presets_follow_the_protocols():
     quick = preset_config("quick", loss="nce+rce", variant="paper", noise=0.4, seed=1)
     paper = TrainConfig.paper(loss="nce+rce", variant="paper", noise=0.4, seed=1)
     for key, value in paper.to_dict().items():
-        assert getattr(quick, key) == QUICK_OVERRIDES.get(key, value), key
+        assert getattr(quick, key) == PRESETS["quick"].overrides.get(key, value), key
     assert quick.loss_params == {"lam": 0.6} and quick.optimizer == "adam" and quick.lr == 1e-3
     full = preset_config("paper", loss="nce", variant="ma2020", noise=0.2, seed=0)
     assert full == TrainConfig.paper(loss="nce", variant="ma2020", noise=0.2, seed=0)
@@ -121,48 +124,9 @@ def test_plan_restricts_and_rejects_bad_values():
         plan_grid("fast")
 
 
-def test_devices_are_parsed_and_checked():
-    cores = os.cpu_count() or 1
-    assert parse_devices("cpu") == [("cpu", None)]
-    assert parse_devices("cpu,cpu") == [("cpu", max(1, cores // 2))] * 2
-    import torch
-    if not torch.cuda.is_available():
-        assert parse_devices(None, "quick") == [("cpu", max(1, cores // 2))] * 2
-        assert parse_devices("auto", "paper") == [("cpu", None)]
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            parse_devices("cuda:0")
-    with pytest.raises(ValueError, match="unknown device|must be"):
-        parse_devices("gpu:0")
-    with pytest.raises(ValueError, match="empty entry"):
-        parse_devices("cpu,,cpu")
-
-
-def test_banner_says_whose_protocol_it_is():
-    assert preset_banner("paper", "P").endswith("the paper's protocol (Sec. 3)")
-    assert "not the paper's protocol" in preset_banner("paper", "P", {"epochs": 1})
-    assert preset_banner("quick", "P").startswith("QUICK PRESET: P") and \
-        preset_banner("quick", "P").endswith("not the paper's protocol")
-
-
-def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
-    from apl.__main__ import main
-
-    assert main(["grid", "--preset", "quick", "--out", str(tmp_path), "--set", "nosuch=1"]) == 2
-    assert main(["grid", "--preset", "quick", "--out", str(tmp_path), "--noise", "high"]) == 2
-    assert not (tmp_path / "manifest.json").exists()
-
-
-def test_dry_run_lists_the_plan(capsys):
-    from apl.__main__ import main
-
-    assert main(["grid", "--preset", "quick", "--dry-run", "--losses", "ce,nfl", "--noise", "0.8"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("3 runs")
-
-
 # --------------------------------------------------------------------------- running
 
-def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, data_dir):
+def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, cifar_dir):
     manifest = json.loads((reference / "manifest.json").read_text())
     assert manifest["preset"] == "quick" and manifest["overrides"] == TINY
     assert manifest["torch_version"] and manifest["devices"][0]["device"] == "cpu"
@@ -173,31 +137,31 @@ def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, data_d
         assert entry["status"] == "done" and entry["config"]["loss"] == results[name]["loss"]
         assert entry["wall_time_s"] == results[name]["wall_time_s"] > 0
     mtimes = {p: p.stat().st_mtime_ns for p in (reference / "runs").glob("*/result.json")}
-    run_grid("quick", data_dir, reference, devices="cpu", overrides=TINY, progress=False, **SUBSET)
+    run_grid("quick", cifar_dir, reference, devices="cpu", overrides=TINY, progress=False, **SUBSET)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert len(json.loads((reference / "manifest.json").read_text())["invocations"]) == 2
 
 
-def test_fresh_retrains_and_a_failed_run_is_reported(data_dir, tmp_path):
+def test_fresh_retrains_and_a_failed_run_is_reported(cifar_dir, tmp_path):
     one = dict(losses=["ce"], noise=[0.2], variants=["paper"])
-    run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
+    run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
     (result,) = (tmp_path / "runs").glob("*/result.json")
     before = result.stat().st_mtime_ns
-    run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, fresh=True, **one)
+    run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, fresh=True, **one)
     assert result.stat().st_mtime_ns != before
     # A run folder holding another config's result: that run fails, the grid says which.
     other = json.loads(result.read_text())
     other["config"]["lr"] = 0.5
     result.write_text(json.dumps(other))
     with pytest.raises(RuntimeError, match=result.parent.name):
-        run_grid("quick", data_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
+        run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
     entry = json.loads((tmp_path / "manifest.json").read_text())["runs"][result.parent.name]
     assert entry["status"] == "failed" and "different config" in entry["error"]
 
 
-def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, data_dir, tmp_path):
+def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, cifar_dir, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_grid_cmd(data_dir, out, "--devices", "cpu"), env=_env(),
+    proc = subprocess.Popen(_grid_cmd(cifar_dir, out, "--devices", "cpu"), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     killed_in = None
@@ -214,28 +178,22 @@ def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, data_dir,
     assert proc.returncode == -signal.SIGKILL
     assert not (killed_in / "result.json").exists()  # really interrupted mid-run
 
-    rerun = subprocess.run(_grid_cmd(data_dir, out, "--devices", "cpu"), env=_env(),
+    rerun = subprocess.run(_grid_cmd(cifar_dir, out, "--devices", "cpu"), env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    got, want = _results(out), _results(reference)
-    assert set(got) == set(want)
-    for name in want:
-        assert [h["epoch"] for h in got[name]["history"]] == [1, 2, 3]  # no duplicate rows
-        assert _comparable(got[name]) == _comparable(want[name]), name
+    got = _assert_same_results(out, reference)
+    assert all([h["epoch"] for h in r["history"]] == [1, 2, 3] for r in got.values())  # no duplicate rows
     assert got[killed_in.name]["resumed_at_epochs"]  # it did resume, not restart
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(r["status"] == "done" for r in manifest["runs"].values())
     assert len(manifest["invocations"]) == 2
 
 
-def test_two_cpu_workers_give_the_sequential_results(reference, data_dir, tmp_path):
-    proc = subprocess.run(_grid_cmd(data_dir, tmp_path, "--devices", "cpu,cpu"), env=_env(),
+def test_two_cpu_workers_give_the_sequential_results(reference, cifar_dir, tmp_path):
+    proc = subprocess.run(_grid_cmd(cifar_dir, tmp_path, "--devices", "cpu,cpu"), env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got, want = _results(tmp_path), _results(reference)
-    assert set(got) == set(want)
-    for name in want:
-        assert _comparable(got[name]) == _comparable(want[name]), name
+    _assert_same_results(tmp_path, reference)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [d["device"] for d in manifest["devices"]] == ["cpu", "cpu"]
     assert "projected time" in proc.stderr

@@ -1,4 +1,5 @@
-"""The report (apl.report) from fixed run records: golden tables, statistics, figures, errors.
+"""The report (apl.report, apl.records' loading) from fixed run records: golden tables, statistics,
+stamps, figures, errors.
 
 The records are generated here by code (accuracies from a closed formula), so the tables
 are fully determined. The golden files under tests/golden/report/ were produced by
@@ -9,20 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 from pathlib import Path
 
 import pytest
 
 from apl.config import TrainConfig
-from apl.grid import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS
-from apl.paper import paper_numbers, reference_accuracy
-from apl.report import group_runs, load_run_records, make_report, table_rows
+from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS
+from apl.records import load_run_records
+from apl.report import make_report
+from apl.report.cells import group_runs, table_rows
+from apl.report.stamp import preset_banner
 
 GOLDEN = Path(__file__).parent / "golden" / "report"
 QUICK = Path(__file__).resolve().parents[1] / "paper_figures" / "quick"  # committed quick report
-SEED_PAPER = Path("/work/shared/seed/000_751a3e17ea3f2e34.txt")
 TABLES = [f"table1_{v}.{ext}" for v in GRID_VARIANTS for ext in ("md", "csv", "tex")]
 EPOCHS = 3
 
@@ -149,6 +150,13 @@ def test_ce_runs_serve_both_variants_and_others_do_not(tmp_path):
         assert [r["variant"] for r in groups[variant][("nce", 0.2)]] == [variant]
 
 
+def test_banner_says_whose_protocol_it_is():
+    assert preset_banner("paper", "P").endswith("the paper's protocol (Sec. 3)")
+    assert "not the paper's protocol" in preset_banner("paper", "P", {"epochs": 1})
+    assert preset_banner("quick", "P").startswith("QUICK PRESET: P") and \
+        preset_banner("quick", "P").endswith("not the paper's protocol")
+
+
 def test_single_seed_cells_show_no_std_and_missing_cells_a_dash(tmp_path):
     write_runs(tmp_path / "g", seeds=(0,), noise=(0.2, 0.6), manifest=MANIFEST)
     make_report(tmp_path / "g", tmp_path / "o", figures=False)
@@ -216,32 +224,6 @@ def test_runs_outside_the_grid_are_left_out(tmp_path):
     (tmp_path / "runs" / "asym" / "result.json").write_text(json.dumps(extra))
     groups = group_runs(load_run_records(tmp_path))
     assert len(groups["paper"][("ce", 0.2)]) == 1
-
-
-def test_reference_lookup():
-    assert reference_accuracy("paper", "nce+rce", 0.8) == 31.76
-    assert reference_accuracy("paper", "nce", 0.0) is None
-    assert reference_accuracy("ma2020", "nce", 0.2) is None  # not in the published table
-    assert reference_accuracy("ma2020", "sce", 0.0) == 91.30
-    with pytest.raises(ValueError, match="unknown source"):
-        reference_accuracy("other", "ce", 0.2)
-
-
-@pytest.mark.skipif(not SEED_PAPER.exists(), reason="the seed paper's text is not on this machine")
-def test_paper_numbers_are_the_seed_papers_table_1():
-    text = SEED_PAPER.read_text()
-    end = text.index("Table 1:")
-    table = text[text.rindex("Noise Rate", 0, end):end]
-    printed = {}
-    for line in table.splitlines()[1:]:
-        m = re.match(r"\s*(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
-        if m:
-            name = re.sub(r"\\operatorname\{(\w+)\}|\$", r"\1", m.group(1)).replace(" ", "").lower()
-            printed[name] = [float(v) for v in m.groups()[1:]]
-    stored = paper_numbers("paper")["symmetric"]
-    assert sorted(printed) == sorted(stored) == sorted(GRID_LOSSES)
-    for loss, values in printed.items():
-        assert [stored[loss][k] for k in ("0.2", "0.4", "0.6", "0.8")] == values, loss
 
 
 def test_committed_quick_tables_rebuild_from_their_committed_run_records(tmp_path):

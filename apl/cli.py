@@ -1,0 +1,247 @@
+"""The command line: ``python -m apl train|grid|report`` (or ``apl ...``), every command's flags.
+
+``train`` runs one configuration (:func:`apl.train.train`), ``grid`` the paper's grid
+(:func:`apl.grid.run_grid`), ``report`` Table 1 and Figures 1-3 from a grid's run records
+(:func:`apl.report.make_report`). Bad values (``ValueError``) and missing data
+(``FileNotFoundError``) print one line ``apl: error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from apl.config import TrainConfig
+from apl.grid import plan_grid, run_grid
+from apl.losses import BACKENDS
+from apl.models import MODEL_NAMES
+from apl.noise import NOISE_TYPES
+from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS
+from apl.records import RESULT_FILE, number_text
+from apl.report import REFERENCES, make_report
+from apl.spec import LOSS_NAMES
+from apl.train import train
+
+__all__ = ["build_parser", "main", "config_from_args", "overrides_from_args"]
+
+#: The loss parameters ``train`` takes as flags, in the order its help lists them.
+_LOSS_PARAM_FLAGS = ("gamma", "lam", "alpha", "beta", "q")
+#: ``train`` flags that override the protocol only when given.
+_TRAIN_OPTIONAL = ("variant", "noise_type", "epochs", "batch_size", "lr", "width", "model",
+                   "train_subset", "test_subset", "augment", "num_threads", "amp", "backend",
+                   "channels_last")
+
+
+# --------------------------------------------------------------------------- train
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train one configuration and print its result",
+                              description="Train one configuration. Unset options follow the protocol preset "
+                                          "(--protocol paper: the seed paper; ma2020: the cited work).")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper")
+    p.add_argument("--loss", default="ce", help=", ".join(LOSS_NAMES))
+    p.add_argument("--variant", choices=("paper", "ma2020"), help="NCE/NFL form (default: the protocol's)")
+    p.add_argument("--noise", type=float, default=0.0, help="noise rate eta")
+    p.add_argument("--noise-type", choices=NOISE_TYPES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--width", type=float)
+    p.add_argument("--model", choices=MODEL_NAMES)
+    p.add_argument("--train-subset", type=int)
+    p.add_argument("--test-subset", type=int)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    for name in _LOSS_PARAM_FLAGS:
+        p.add_argument(f"--{name}", type=float, help=f"loss parameter {name} (LOSSES.md)")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
+    p.add_argument("--out", help="run folder (default: runs/<run name>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int)
+    p.add_argument("--amp", choices=("bf16",))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default on)")
+    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--fresh", action="store_true", help="discard an existing result/checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=_run_train)
+
+
+def config_from_args(args) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``apl train`` arguments (unset ones: the protocol's)."""
+    overrides = {"loss": args.loss, "noise": args.noise, "seed": args.seed, "data_dir": args.data_dir,
+                 "device": args.device}
+    for name in _TRAIN_OPTIONAL:
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.compile:
+        overrides["compile"] = True
+    params = {k: getattr(args, k) for k in _LOSS_PARAM_FLAGS if getattr(args, k) is not None}
+    if params:
+        overrides["loss_params"] = params
+    return TrainConfig.from_protocol(args.protocol, **overrides)
+
+
+def _run_train(args) -> int:
+    config = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / config.run_name()
+    if not args.quiet:
+        print(f"run {config.run_name()} -> {out}", flush=True)
+    r = train(config, out, resume=not args.fresh, progress=not args.quiet)
+    noise = r["noise_record"]
+    print(f"{r['run_name']}: final test acc {number_text(r['final_test_acc'], 2)}  "
+          f"best {number_text(r['best_test_acc'], 2)} "
+          f"(epoch {r['best_epoch']})  realised noise {noise['realised_rate']:.4f} ({noise['kind']})  "
+          f"{r['epochs_completed']} epochs  {r['wall_time_s']:.1f} s on {r['device']}  "
+          f"loss backend {r['loss_backend']}  -> {out / RESULT_FILE}")
+    return 0
+
+
+# --------------------------------------------------------------------------- grid
+
+def _add_grid(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grid", help="train the paper's grid (losses x noise x variants x seeds), resumable",
+        description="Train every run of the paper's grid into <out>/runs/<run name>/ and keep "
+                    "<out>/manifest.json. Finished runs are skipped; interrupted ones resume.")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="paper: the paper's protocol; quick: a scaled-down grid (<= 10 min on a "
+                        "2-core CPU); ma2020: the cited work's protocol")
+    p.add_argument("--data-dir", default=os.environ.get("APL_DATA_DIR", "data"),
+                   help="folder holding cifar-10-batches-py (default $APL_DATA_DIR or data)")
+    p.add_argument("--out", help="output folder (default runs/<preset>)")
+    p.add_argument("--seeds", type=int, help="K: seeds 0..K-1 (default 1; ma2020: 3)")
+    p.add_argument("--devices", help="comma-separated, one worker each: cuda:0,cuda:1 or cpu,cpu "
+                                     "(default: every GPU, else the preset's CPU default)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="fresh", action="store_false", default=False,
+                      help="keep finished runs, resume interrupted ones (default)")
+    mode.add_argument("--fresh", dest="fresh", action="store_true",
+                      help="delete this grid's runs and manifest first")
+    p.add_argument("--losses", nargs="+", help=f"subset of {','.join(GRID_LOSSES)}")
+    p.add_argument("--noise", nargs="+", help="subset of 0.0,0.2,0.4,0.6,0.8")
+    p.add_argument("--variants", nargs="+", help="subset of paper,ma2020")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast of the forward pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any other config field, e.g. --set train_subset=500 (repeat)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_grid)
+
+
+def _comma_separated(values) -> list[str] | None:
+    """``["ce,nfl", "nce"]`` -> ``["ce", "nfl", "nce"]``: list flags take spaces or commas."""
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def _parse_set(items) -> dict:
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--set {key}: no such config field; known: {', '.join(sorted(known))}")
+        try:
+            out[key] = json.loads(raw)  # numbers, true/false, null, {"gamma": 1}
+        except json.JSONDecodeError:
+            out[key] = raw  # plain strings: --set optimizer=sgd
+    return out
+
+
+def overrides_from_args(args) -> dict:
+    """The config overrides of parsed ``grid`` arguments (--epochs, --amp, --compile, --set)."""
+    overrides = _parse_set(args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.amp is not None:
+        overrides["amp"] = args.amp
+    if args.compile:
+        overrides["compile"] = True
+    return overrides
+
+
+def _run_grid(args) -> int:
+    noise = _comma_separated(args.noise)
+    try:
+        noise = None if noise is None else [float(n) for n in noise]
+    except ValueError:
+        raise ValueError(f"--noise takes numbers, got {args.noise}") from None
+    kwargs = dict(seeds=args.seeds, losses=_comma_separated(args.losses), noise=noise,
+                  variants=_comma_separated(args.variants), overrides=overrides_from_args(args))
+    out = args.out or os.path.join("runs", args.preset)
+    if args.dry_run:
+        plan = plan_grid(args.preset, **kwargs)
+        for cfg in plan:
+            print(cfg.run_name())
+        print(f"{len(plan)} runs, {sum(c.epochs for c in plan)} epochs -> {out}/runs")
+        return 0
+    command = "python -m apl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["grid"] else None
+    try:
+        run_grid(args.preset, args.data_dir, out, devices=args.devices, fresh=args.fresh,
+                 progress=not args.no_progress, command=command, **kwargs)
+    except RuntimeError as e:
+        print(f"apl grid: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="tables and figures from a grid's run records (no training)",
+        description="Write Table 1 (md/csv/tex), Figures 1-3 (png/pdf) and a README for "
+                    "each loss variant, from <runs>/runs/*/result.json alone.")
+    p.add_argument("--runs", required=True, help="the grid's output folder (holds runs/)")
+    p.add_argument("--out", required=True, help="folder for tables and figures")
+    p.add_argument("--reference", default="auto", choices=REFERENCES,
+                   help="published numbers to compare with (auto: by the grid's preset)")
+    p.add_argument("--no-figures", action="store_true", help="tables and README only")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    command = shlex.join(["python", "-m", "apl", "report", "--runs", str(args.runs), "--out",
+                          str(args.out)] + (["--reference", args.reference]
+                                            if args.reference != "auto" else []))
+    paths = make_report(args.runs, args.out, reference=args.reference, command=command,
+                        figures=not args.no_figures)
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apl`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="apl", description="Robust losses under label noise (NCE, NFL, APL): "
+                                                             "training runs on CIFAR-10.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_grid, _add_report):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
+
+    Bad values (``ValueError``) and missing data (``FileNotFoundError``) print one line
+    ``apl: error: ...`` to stderr and return 2 instead of a traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"apl: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,110 @@
+"""Figures 1-3 of one loss variant as PNG and PDF (no dates or versions in the files).
+
+Figure 1: test accuracy per epoch at the captions' noise rate for NCE, NFL, CE, FL; Figure 2:
+the same for all eight losses; Figure 3: final accuracy per noise rate, with the published
+numbers as crosses. Drawn on bare :class:`matplotlib.figure.Figure` objects: no pyplot
+state and no display are needed.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from apl.paper import reference_accuracy
+from apl.presets import GRID_LOSSES, GRID_NOISE
+from apl.records import read_number
+from apl.report.cells import curve, loss_label, noise_heading
+
+__all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "CHANCE", "epoch_figure", "noise_figure"]
+
+#: The noise rate of Figures 1 and 2 (the paper's captions).
+FIGURE_NOISE = 0.6
+#: Figure 1's losses (paper Sec. 4.1).
+FIGURE1_LOSSES = ("nce", "nfl", "ce", "fl")
+#: Test accuracy (%) of a constant prediction on CIFAR-10's balanced test set.
+CHANCE = 10.0
+
+
+def _style(loss: str, i: int) -> dict:
+    # APL sums dashed, single losses solid: the paper's two families stay apart in print.
+    return dict(color=f"C{i}", linestyle="--" if "+" in loss else "-", linewidth=1.6)
+
+
+def _chance_handle() -> Line2D:
+    return Line2D([], [], color="0.45", linestyle=":", linewidth=1.0)
+
+
+def _new_figure(title: str, stamp: list[str]):
+    fig = Figure(figsize=(8.0, 5.6), dpi=150)
+    ax = fig.add_axes((0.09, 0.19, 0.66, 0.72))
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    # Ten balanced classes: 10% is what a collapsed model scores (the paper's 10.00 cells).
+    ax.axhline(CHANCE, color="0.45", linestyle=":", linewidth=1.0)
+    fig.text(0.01, 0.01, "\n".join(stamp), fontsize=6.2, va="bottom", ha="left", wrap=True)
+    return fig, ax
+
+
+def _finish(fig, ax, handles, labels, stem: Path) -> list[Path]:
+    """Legend right of the axes, accuracy axis label, then the PNG and PDF of ``stem``."""
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+              frameon=False)
+    ax.set_ylabel("test accuracy (%)")
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    # No dates and no version strings in the files, so the same runs give the same bytes.
+    fig.savefig(paths[0], dpi=150, metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    return paths
+
+
+def epoch_figure(number: int, losses, variant: str, cells, stamp: list[str], out: Path) -> list[Path]:
+    """Figure 1 or 2: test accuracy vs epoch at :data:`FIGURE_NOISE` for ``losses``."""
+    fig, ax = _new_figure(f"Figure {number}: test accuracy vs epoch, symmetric "
+                          f"η = {FIGURE_NOISE}, variant {variant}", stamp)
+    for i, loss in enumerate(GRID_LOSSES):
+        recs = cells.get((loss, FIGURE_NOISE))
+        if loss not in losses or not recs:
+            continue
+        epochs, means, stds = curve(recs)
+        ax.plot(epochs, means, label=loss_label(loss), marker=".", **_style(loss, i))
+        if stds:
+            ax.fill_between(epochs, [m - s for m, s in zip(means, stds)],
+                            [m + s for m, s in zip(means, stds)], color=f"C{i}", alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(_chance_handle())
+    labels.append("chance (10%)")
+    return _finish(fig, ax, handles, labels, out / f"figure{number}_{variant}")
+
+
+def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Path) -> list[Path]:
+    """Figure 3: final test accuracy vs noise rate, ``reference``'s published numbers as crosses."""
+    fig, ax = _new_figure(f"Figure 3: test accuracy vs noise rate (final epoch), "
+                          f"variant {variant}", stamp)
+    handles, labels = [], []
+    for i, loss in enumerate(GRID_LOSSES):
+        style = _style(loss, i)
+        pts = [(n, statistics.fmean(read_number(r["final_test_acc"]) for r in cells[(loss, n)]))
+               for n in GRID_NOISE if cells.get((loss, n))]
+        ref = [(n, reference_accuracy(reference, loss, n)) for n in GRID_NOISE]
+        ref = [(n, a) for n, a in ref if a is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=4, **style)
+        if ref:
+            ax.plot(*zip(*ref), linestyle="none", marker="x", markersize=7, color=style["color"])
+        if pts or ref:  # one legend entry per loss, also when only the published points exist
+            handles.append(Line2D([], [], marker="o", markersize=4, **style))
+            labels.append(loss_label(loss) + ("" if pts else " (no runs)"))
+    handles.append(_chance_handle())
+    labels.append("chance (10%)")
+    handles.append(Line2D([], [], linestyle="none", marker="x", color="black"))
+    labels.append("× published:\n" + ("the paper's Table 1" if reference == "paper"
+                                        else "cited work's protocol"))
+    ax.set_xticks(list(GRID_NOISE), [noise_heading(n) for n in GRID_NOISE])
+    ax.set_xlabel("symmetric noise rate η")
+    return _finish(fig, ax, handles, labels, out / f"figure3_{variant}")

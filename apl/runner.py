@@ -1,0 +1,218 @@
+"""Running a grid's pending runs: in this process, or one worker process per device; the progress bar.
+
+:func:`run_sequential` trains the runs one after another here; :func:`run_parallel` starts one
+spawned worker per device, each taking configs from a shared queue and reporting events back
+(``(kind, worker index, run name, payload)``: start, epoch, done, failed, exit). A run's
+result depends only on its config, so both give the same records. Either way the manifest
+is updated as each run starts and ends, and one failed run does not stop the others.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import queue
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from apl.config import TrainConfig
+from apl.data import FOLDER, load_cifar10
+from apl.records import Manifest, run_summary
+from apl.train import train
+
+__all__ = ["Progress", "run_sequential", "run_parallel"]
+
+#: Seconds the grid waits for a worker's event before checking that the workers still live.
+_EVENT_WAIT_S = 5.0
+
+
+def _hours_minutes_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The grid's bar (one step per epoch, so its ETA is meaningful) and the time projection."""
+
+    def __init__(self, total_epochs: int, workers: int, show: bool):
+        self.remaining = total_epochs
+        self.workers = workers
+        self.projected = False
+        self.bar = None
+        if show and total_epochs:
+            self.bar = tqdm(total=total_epochs, desc="grid", unit="epoch", position=0,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def say(self, msg: str) -> None:
+        """Print a line to stderr without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def epoch(self, run: str, epoch_time: float) -> None:
+        """One epoch of ``run`` ended; the first one also projects the grid's remaining time."""
+        self.remaining -= 1
+        if not self.projected:
+            self.projected = True
+            eta = epoch_time * self.remaining / self.workers
+            self.say(f"[grid] first epoch ({run}) took {epoch_time:.1f} s; projected time for the "
+                     f"remaining {self.remaining} epochs on {self.workers} worker(s): "
+                     f"~{_hours_minutes_seconds(eta)}")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def skip(self, epochs: int) -> None:
+        """A run ended without reporting every epoch (it resumed, or failed)."""
+        self.remaining -= epochs
+        if self.bar is not None:
+            self.bar.update(epochs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _with_execution(config: TrainConfig, device: str, threads: int | None, data_dir) -> TrainConfig:
+    """``config`` placed on ``device`` with ``threads`` and ``data_dir`` (its identity unchanged)."""
+    fields = config.to_dict()
+    fields.update(device=device, num_threads=threads, data_dir=str(data_dir))
+    return TrainConfig.from_dict(fields)
+
+
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class _RunBook:
+    """The manifest and the bar, kept up to date as runs start, finish epochs and end."""
+
+    def __init__(self, pending: list, manifest: Manifest, progress: Progress):
+        self.manifest, self.progress = manifest, progress
+        self.epochs = {c.run_name(): c.epochs for c in pending}
+        self.seen: dict[str, int] = {}
+        self.failures: list[str] = []
+
+    def started(self, name: str, device: str) -> None:
+        self.manifest.run(name, status="running", device=device)
+        self.manifest.save()
+
+    def epoch(self, name: str, epoch_time: float) -> None:
+        self.seen[name] = self.seen.get(name, 0) + 1
+        self.progress.epoch(name, epoch_time)
+
+    def ended(self, name: str, error: str | None = None, summary: dict | None = None) -> None:
+        """Run ``name`` ended: with ``error`` (a failure) or its manifest ``summary``."""
+        if error is not None:
+            self.failures.append(name)
+            self.manifest.run(name, status="failed", error=error)
+            self.progress.say(f"[grid] run {name} failed: {error}")
+        else:
+            self.manifest.run(name, **summary)
+        self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
+        self.manifest.save()
+
+
+def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manifest: Manifest,
+                   progress: Progress, show: bool) -> list:
+    """Train ``pending`` here, one after another, on ``device`` = (name, threads); return the failed run names."""
+    book = _RunBook(pending, manifest, progress)
+    data = load_cifar10(data_dir, download=True)
+    for cfg in pending:
+        cfg = _with_execution(cfg, device[0], device[1], data_dir)
+        name = cfg.run_name()
+        book.started(name, device[0])
+        try:
+            result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
+                           on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
+            book.ended(name, error=_failure(e))
+        else:
+            book.ended(name, summary=run_summary(result))
+    return book.failures
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the grid process dies (e.g. SIGKILL)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, tasks, events) -> None:
+    """Worker process ``index``: take configs from ``tasks`` until None, train each on ``device``."""
+    _die_with_parent()
+    if threads:
+        torch.set_num_threads(threads)
+    data = None
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        cfg = _with_execution(TrainConfig.from_dict(item), device, threads, data_dir)
+        name = cfg.run_name()
+        events.put(("start", index, name, device))
+        try:
+            if data is None:
+                data = load_cifar10(data_dir, download=False)
+            result = train(cfg, Path(runs_dir) / name, resume=True, progress=False, data=data,
+                           on_epoch=lambda rec: events.put(("epoch", index, name, rec["epoch_time_s"])))
+        except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
+            events.put(("failed", index, name, _failure(e)))
+        else:
+            events.put(("done", index, name, run_summary(result)))
+    events.put(("exit", index, None, None))
+
+
+def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifest: Manifest,
+                 progress: Progress) -> list:
+    """Train ``pending`` in one worker per ``(device, threads)`` of ``devices``; return the failed run names."""
+    # A missing dataset is downloaded once, here, not by every worker at the same time.
+    if not (Path(data_dir) / FOLDER).is_dir() and Path(data_dir).name != FOLDER:
+        load_cifar10(data_dir, download=True)
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or OpenMP state
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for cfg in pending:
+        tasks.put(cfg.to_dict())
+    for _ in devices:
+        tasks.put(None)
+    # Not daemonic: torch.compile may start compile workers of its own.
+    procs = [ctx.Process(target=_worker, args=(i, d, t, str(data_dir), str(runs_dir), tasks, events))
+             for i, (d, t) in enumerate(devices)]
+    for p in procs:
+        p.start()
+    book = _RunBook(pending, manifest, progress)
+    current: dict[int, str | None] = {i: None for i in range(len(procs))}
+    try:
+        while current:
+            try:
+                kind, index, name, payload = events.get(timeout=_EVENT_WAIT_S)
+            except queue.Empty:
+                # A worker killed from outside (e.g. out of memory) never says goodbye.
+                for i in [i for i in current if not procs[i].is_alive()]:
+                    lost = current.pop(i)
+                    if lost is not None:
+                        book.ended(lost, error=f"worker {i} ({devices[i][0]}) died with exit code "
+                                               f"{procs[i].exitcode}")
+                continue
+            if kind == "exit":
+                current.pop(index, None)
+            elif kind == "start":
+                current[index] = name
+                book.started(name, payload)
+            elif kind == "epoch":
+                book.epoch(name, payload)
+            else:
+                current[index] = None
+                book.ended(name, error=payload if kind == "failed" else None,
+                           summary=payload if kind == "done" else None)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return book.failures
