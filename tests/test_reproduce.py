@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from apl.data import write_cifar10_folder
-from apl.grid import GRID_LOSSES, GRID_VARIANTS
+from apl.presets import GRID_LOSSES, GRID_VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "reproduce.sh"
