@@ -16,10 +16,6 @@ from apl.spec import Kind, LossSpec, spec_for
 from conftest import random_batch
 
 
-def logits_and_targets(n, c, seed):
-    return random_batch(n, c, seed)
-
-
 def ref(name, logits, target):
     return reference_loss(logits, target, spec_for(name))
 
@@ -49,7 +45,7 @@ def _fake_fused(monkeypatch, available, calls=None, cuda=False):
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     _fake_fused(monkeypatch, False)
-    z, t = logits_and_targets(5, 10, seed=21)
+    z, t = random_batch(5, 10, seed=21)
     with pytest.warns(RuntimeWarning, match="not built \\(test\\).*pure-PyTorch reference"):
         got = get_loss("nce+rce")(z, t)
     torch.testing.assert_close(got, ref("nce+rce", z, t), rtol=0, atol=0)
@@ -64,7 +60,7 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 def test_auto_and_fused_use_the_fused_operator_when_available(monkeypatch):
     calls = []
     _fake_fused(monkeypatch, True, calls)
-    z, t = logits_and_targets(5, 10, seed=23)
+    z, t = random_batch(5, 10, seed=23)
     assert get_loss("nfl+mae", variant="paper", reduction="sum", ignore_index=3)(z, t).item() == 42.0
     assert AF.gce(z, t, q=0.5, fused=True).item() == 42.0
     assert calls == [(spec_for("nfl+mae", variant="paper"), "sum", 3), (spec_for("gce", q=0.5), "mean", -100)]
@@ -82,7 +78,7 @@ def test_auto_uses_the_reference_where_the_fused_operator_cannot_compute(monkeyp
     assert chosen == "reference" and "no CUDA kernels (test)" in why
     with pytest.raises(ValueError, match="cannot be used: .*no CUDA kernels"):
         B.resolve_backend("fused", spec_for("ce"), "cuda")
-    z, t = logits_and_targets(5, 10, seed=24)
+    z, t = random_batch(5, 10, seed=24)
     with pytest.warns(RuntimeWarning, match="NCE_MA2020"):
         got = B.compute_loss(z, t, unsupported)
     torch.testing.assert_close(got, reference_loss(z, t, unsupported), rtol=0, atol=0)
@@ -94,7 +90,7 @@ def test_the_choice_is_made_once_per_device(monkeypatch):
     probes = []
     mod.cuda_launch_problem = lambda device: probes.append(device) or ""
     loss = get_loss("ce")
-    z, t = logits_and_targets(5, 10, seed=25)
+    z, t = random_batch(5, 10, seed=25)
     for _ in range(3):
         loss(z, t)
         AF.ce(z, t)

@@ -16,6 +16,7 @@ import apl.functional as AF
 import apl.losses as L
 from apl.losses import APLLoss, available_losses, compute_loss, get_loss, reference_loss
 from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
+from conftest import random_batch
 
 ALL = [(name, variant) for name in LOSS_NAMES for variant in VARIANTS]
 REDUCTIONS = ("mean", "sum", "none")
@@ -43,10 +44,7 @@ def call_functional(name, logits, target, variant, **kw):
 
 
 def logits_and_targets(n, c, seed=0, scale=1.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
-    t = torch.randint(0, c, (n,), generator=g)
-    return z, t
+    return random_batch(n, c, seed, dtype=dtype, scale=scale)
 
 
 # ----------------------------------------------------------------------------- hand values
