@@ -50,3 +50,16 @@ def test_no_import_cycle():
 def test_only_the_cli_imports_the_cli():
     importers = sorted(m for m, deps in _imports().items() if "apl.cli" in deps)
     assert importers == ["apl.__main__"]
+
+
+def test_the_readme_layout_table_names_every_module():
+    """README's layout table (a newcomer's map) names every module of apl/ and folder of csrc/."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Layout"):readme.index("## Libraries")]
+    missing = [f"apl/{p.name}" for p in sorted(PACKAGE.glob("*.py")) if p.name != "__init__.py"
+               and f"`apl/{p.name}`" not in table]
+    missing += [f"apl/{p.name}/" for p in sorted(PACKAGE.iterdir()) if p.is_dir() and (p / "__init__.py").exists()
+                and f"`apl/{p.name}/`" not in table]
+    csrc = PACKAGE.parent / "csrc"
+    missing += [f"csrc/{p.name}/" for p in sorted(csrc.iterdir()) if p.is_dir() and f"`csrc/{p.name}/`" not in table]
+    assert not missing, f"README's layout table does not name {missing}"
