@@ -20,7 +20,9 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    def rel(pattern):
+        return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
     cpp = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cu = rel("csrc/cuda/*.cu")
     if not cpp:

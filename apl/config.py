@@ -153,7 +153,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ protocols
 
     @classmethod
-    def from_protocol(cls, protocol: str, **overrides) -> "TrainConfig":
+    def from_protocol(cls, protocol: str, **overrides) -> TrainConfig:
         """A config following ``protocol`` (:data:`apl.presets.PROTOCOLS`), ``overrides`` last.
 
         The protocol's default loss weights apply unless ``loss_params`` names a weight.
@@ -170,12 +170,12 @@ class TrainConfig:
         return cls(**base)
 
     @classmethod
-    def paper(cls, **overrides) -> "TrainConfig":
+    def paper(cls, **overrides) -> TrainConfig:
         """The seed paper's protocol (:data:`apl.presets.PAPER_PROTOCOL`), ``overrides`` last."""
         return cls.from_protocol("paper", **overrides)
 
     @classmethod
-    def ma2020(cls, **overrides) -> "TrainConfig":
+    def ma2020(cls, **overrides) -> TrainConfig:
         """The cited work's protocol (:data:`apl.presets.MA2020_PROTOCOL`), ``overrides`` last."""
         return cls.from_protocol("ma2020", **overrides)
 
@@ -186,7 +186,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
         if not isinstance(d, dict):
             raise ValueError(f"a TrainConfig dict is needed, got {type(d).__name__}")

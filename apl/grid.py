@@ -17,8 +17,7 @@ from pathlib import Path
 
 from apl.config import TrainConfig
 from apl.devices import parse_devices
-from apl.presets import (GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PROTOCOLS, get_preset,
-                         is_variant_free)
+from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PROTOCOLS, get_preset, is_variant_free
 from apl.records import Manifest, environment, finished_result, run_summary, utc_now
 from apl.runner import Progress, run_parallel, run_sequential
 

@@ -5,8 +5,25 @@ other projects use; the jobs live in :mod:`apl.reference` (the pure-PyTorch math
 :mod:`apl.backend` (fused operator or reference) and :mod:`apl.modules` (the ``nn.Module``s).
 """
 from apl.backend import BACKENDS, compute_loss, resolve_backend
-from apl.modules import (LOSSES, SPEC_PARAMS, APLLoss, CELoss, FocalLoss, GCELoss, MAELoss, NCELoss, NCEMAELoss,
-                         NCERCELoss, NFLLoss, NFLMAELoss, NFLRCELoss, RCELoss, SCELoss, available_losses, get_loss)
+from apl.modules import (
+                         LOSSES,
+                         SPEC_PARAMS,
+                         APLLoss,
+                         CELoss,
+                         FocalLoss,
+                         GCELoss,
+                         MAELoss,
+                         NCELoss,
+                         NCEMAELoss,
+                         NCERCELoss,
+                         NFLLoss,
+                         NFLMAELoss,
+                         NFLRCELoss,
+                         RCELoss,
+                         SCELoss,
+                         available_losses,
+                         get_loss,
+)
 from apl.reference import reference_loss
 
 __all__ = [

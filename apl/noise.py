@@ -62,7 +62,7 @@ class NoiseRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NoiseRecord":
+    def from_dict(cls, d: dict) -> NoiseRecord:
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
 

@@ -8,7 +8,7 @@ number that defines the reproduction is written once, here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from apl.spec import LOSS_NAMES, PAPER_LAMBDA, spec_for
 
@@ -27,7 +27,7 @@ GRID_NOISE = (0.0, 0.2, 0.4, 0.6, 0.8)
 GRID_VARIANTS = ("paper", "ma2020")
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_variant_free(loss: str) -> bool:
     """True when ``loss`` is the same function in both variants (CE): one run serves both."""
     return spec_for(loss, variant="paper") == spec_for(loss, variant="ma2020")

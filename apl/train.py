@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from apl import __version__ as apl_version
-from apl.checkpoint import (CHECKPOINT_FILE, MODEL_FILE, check_same_run, clear_run, restore_checkpoint,
-                            save_checkpoint, save_model)
+from apl.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    check_same_run,
+    clear_run,
+    restore_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from apl.config import TrainConfig
 from apl.data import CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
@@ -82,7 +89,7 @@ class _Trainer:
     device: torch.device
 
     @classmethod
-    def build(cls, config: TrainConfig, device: torch.device) -> "_Trainer":
+    def build(cls, config: TrainConfig, device: torch.device) -> _Trainer:
         """Build everything from ``config``; the caller seeds the RNGs first."""
         model = build_model(config.model, 10, config.width).to(device)
         if config.channels_last:

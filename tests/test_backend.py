@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_batch
 
 import apl.backend as B
 import apl.functional as AF
@@ -13,7 +14,6 @@ import apl.fused as fused_module
 import apl.modules as M
 from apl.losses import get_loss, reference_loss
 from apl.spec import Kind, LossSpec, spec_for
-from conftest import random_batch
 
 
 def ref(name, logits, target):

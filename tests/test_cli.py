@@ -7,7 +7,6 @@ import pytest
 from apl.cli import main
 from apl.records import RESULT_FILE
 
-
 # --------------------------------------------------------------------------- train
 
 def test_cli_end_to_end(tmp_path, cifar_dir, capsys):

@@ -38,7 +38,8 @@ def test_run_name():
              TrainConfig.paper(loss="nfl", noise=0.2, seed=1).run_name()}
     assert len(names) == 5
     # where and how fast it runs does not change what it is
-    assert TrainConfig.paper(loss="nfl", noise=0.2, device="cpu", data_dir="/x", num_threads=2).run_name() == base.run_name()
+    elsewhere = TrainConfig.paper(loss="nfl", noise=0.2, device="cpu", data_dir="/x", num_threads=2)
+    assert elsewhere.run_name() == base.run_name()
     assert all(ch.isalnum() or ch in "+_.-" for ch in TrainConfig.paper(loss="nfl", noise=0.2, lr=0.5).run_name())
 
 

@@ -7,13 +7,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SYNTHETIC_TEST, SYNTHETIC_TRAIN
 
 import apl.data as data_mod
-from apl.data import (CIFAR10_MEAN, CIFAR10_STD, FOLDER, CIFAR10Arrays, DataFormatError,
-                      DataNotFoundError, DeviceData, balanced_subset, epoch_generator, load_cifar10,
-                      random_crop_flip, write_cifar10_folder)
+from apl.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    FOLDER,
+    CIFAR10Arrays,
+    DataFormatError,
+    DataNotFoundError,
+    DeviceData,
+    balanced_subset,
+    epoch_generator,
+    load_cifar10,
+    random_crop_flip,
+    write_cifar10_folder,
+)
 from apl.noise import symmetric_noise
-from conftest import SYNTHETIC_TEST, SYNTHETIC_TRAIN
 
 
 def unpickle(path):

@@ -22,12 +22,13 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from conftest import IGNORE_INDEX as IGNORE
+from conftest import random_batch, requires_cuda, requires_two_gpus
 from torch.autograd import DeviceType
 
 import apl.fused as fused
 from apl.losses import get_loss, reference_loss
 from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
-from conftest import IGNORE_INDEX as IGNORE, random_batch, requires_cuda, requires_two_gpus
 
 pytestmark = pytest.mark.skipif(not fused.is_available(),
                                 reason=f"fused operator not built: {fused.unavailable_reason()}")

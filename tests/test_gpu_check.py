@@ -209,7 +209,8 @@ def test_report_writer(gc, tmp_path):
     assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3, 2026-12-01T10:00:00+00:00")
     for text in ("580.65.06", "2.14.1+cu130", "abc123 (uncommitted changes)", "3350 GB/s", "9.0+PTX",
                  "1 failed, 99 passed", "3 * N * C * s + 8 * N",
-                 "| CE | float32 | 4096 | 32000 | 0.500 | 2.00 | 1.00 | 0.600 | 3146 | 94% | 4.00x | 2.00x | 0.83x |  |",
+                 "| CE | float32 | 4096 | 32000 | 0.500 | 2.00 | 1.00 | 0.600 | 3146 | 94% | 4.00x | 2.00x | 0.83x "
+                 "|  |",
                  "reference: out of memory",
                  "| nce+rce (ma2020) | mean | 2 | 1 | 2 / 1 | yes | 1 | 31 | 40 |",
                  "| ce | none | 3 | 1 | n/a | n/a |",

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batch
 
 import apl.functional as AF
 import apl.losses as L
 from apl.losses import APLLoss, available_losses, compute_loss, get_loss, reference_loss
 from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
-from conftest import random_batch
 
 ALL = [(name, variant) for name in LOSS_NAMES for variant in VARIANTS]
 REDUCTIONS = ("mean", "sum", "none")

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from apl.noise import (CIFAR10_ASYMMETRIC_MAP, NoiseRecord, apply_noise, asymmetric_noise,
-                       ma2020_symmetric_noise, symmetric_noise)
+from apl.noise import (
+    CIFAR10_ASYMMETRIC_MAP,
+    NoiseRecord,
+    apply_noise,
+    asymmetric_noise,
+    ma2020_symmetric_noise,
+    symmetric_noise,
+)
 
 C = 10
 

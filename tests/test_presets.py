@@ -6,8 +6,7 @@ from dataclasses import fields
 import pytest
 
 from apl.config import TrainConfig
-from apl.presets import (GRID_LOSSES, GRID_VARIANTS, PRESETS, PROTOCOLS, WEIGHT_PARAMS, get_preset,
-                         is_variant_free)
+from apl.presets import GRID_LOSSES, GRID_VARIANTS, PRESETS, PROTOCOLS, WEIGHT_PARAMS, get_preset, is_variant_free
 from apl.spec import PAPER_LAMBDA, spec_for
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}

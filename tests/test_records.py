@@ -7,8 +7,18 @@ import math
 import pytest
 
 from apl.config import TrainConfig
-from apl.records import (MANIFEST_FILE, RESULT_FILE, Manifest, finished_result, jsonable, load_manifest,
-                         number_text, read_number, run_summary, save_json)
+from apl.records import (
+    MANIFEST_FILE,
+    RESULT_FILE,
+    Manifest,
+    finished_result,
+    jsonable,
+    load_manifest,
+    number_text,
+    read_number,
+    run_summary,
+    save_json,
+)
 
 
 def test_non_finite_numbers_are_written_as_null_and_read_back_as_nan(tmp_path):

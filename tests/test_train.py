@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import SYNTHETIC_TRAIN
 
 import apl.train as train_mod
 from apl.checkpoint import CHECKPOINT_FILE, MODEL_FILE
 from apl.config import TrainConfig
 from apl.records import RESULT_FILE
 from apl.train import train
-from conftest import SYNTHETIC_TRAIN
 
 RESULT_KEYS = {"loss", "variant", "noise", "noise_type", "seed", "config", "history", "final_test_acc",
                "best_test_acc", "best_epoch", "noise_record", "param_count", "device", "device_name",
