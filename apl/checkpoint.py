@@ -3,7 +3,9 @@
 ``checkpoint.pt`` holds everything an exact resume needs (model, optimizer, scheduler, every
 RNG state, history, the noisy labels it trained on); it is replaced atomically, so a killed
 run loses at most the epoch in progress. A finished run keeps only ``model.pt`` (the final
-weights) next to its ``result.json``.
+weights) next to its ``result.json``. Both hold tensors and plain Python values only and are
+read with ``torch.load(weights_only=True)``: a run folder copied from elsewhere can hold a
+file that runs code when unpickled, and loading one is refused, not executed.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import numpy as np
 import torch
 
 from apl.config import TrainConfig
-from apl.records import RESULT_FILE, atomic_write_bytes
+from apl.records import RESULT_FILE, atomic_write_bytes, jsonable
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "check_same_run", "clear_run", "save_checkpoint",
            "restore_checkpoint", "save_model"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
-_FORMAT = 1
+_FORMAT = 2  # 2: every value a tensor or a plain type (weights_only); 1 held numpy/Python RNG objects
 
 
 def check_same_run(saved: dict, config: TrainConfig, what: str, out_dir: Path) -> None:
@@ -42,17 +44,26 @@ def clear_run(out_dir: Path) -> None:
 
 
 def _rng_states(device: torch.device) -> dict:
+    """Every RNG's state as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def _set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and states.get("cuda") is not None:
         torch.cuda.set_rng_state(states["cuda"], device)
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
 
 def save_checkpoint(path: Path, *, config: TrainConfig, epoch: int, history: list, model, optimizer,
@@ -63,7 +74,8 @@ def save_checkpoint(path: Path, *, config: TrainConfig, epoch: int, history: lis
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": _rng_states(device), "noisy_labels": noisy_labels.cpu(),
-             "noise_record": noise_record, "wall_time_s": wall_time_s, "resumed_at_epochs": resumed_at}
+             "noise_record": jsonable(noise_record), "wall_time_s": float(wall_time_s),
+             "resumed_at_epochs": list(resumed_at)}
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
@@ -74,12 +86,12 @@ def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model,
     Raises ``ValueError`` (saying to start over with ``resume=False``) when the file is not
     a checkpoint of this format, holds another config's run, or trained on other noisy labels.
     """
-    # Our own file, holding numpy/python RNG states: not loadable with weights_only=True.
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file: say which and what to do
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); "
-                         f"use resume=False (--fresh) to start over") from e
+    try:  # weights_only: a file that would run code when unpickled is refused, never executed
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, older or unsafe file: say which and what to do
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} cannot be read safely as a checkpoint of this version ({type(e).__name__}: "
+                         f"{reason}); use resume=False (--fresh) to start the run over") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has checkpoint format {found!r}, expected "

@@ -5,7 +5,11 @@ with 4 epochs killed after 2 so that a resumed scheduler is exercised too.
 """
 import json
 import math
+import pickle
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SYNTHETIC_TRAIN
@@ -83,7 +87,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, cifar_arrays, protocol, kw):
     with pytest.raises(Killed):
         train(cfg, tmp_path / "cut", progress=False, data=cifar_arrays, on_epoch=_kill_after(2))
     assert (tmp_path / "cut" / CHECKPOINT_FILE).exists() and not (tmp_path / "cut" / RESULT_FILE).exists()
-    ckpt = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2  # the kill lost no finished epoch
     seen = []
     resumed = train(cfg, tmp_path / "cut", progress=False, data=cifar_arrays, on_epoch=seen.append)
@@ -120,10 +124,42 @@ def test_other_config_in_the_same_folder_is_refused(tmp_path, cifar_arrays):
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path, cifar_arrays):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="cannot be read as a checkpoint.*resume=False"):
+    with pytest.raises(ValueError, match="cannot be read safely as a checkpoint.*resume=False"):
         train(small(epochs=1), tmp_path, progress=False, data=cifar_arrays)
     r = train(small(epochs=1), tmp_path, resume=False, progress=False, data=cifar_arrays)
     assert r["epochs_completed"] == 1
+
+
+class _RunsCode:
+    """A pickle payload that writes a marker file when unpickled (what a hostile checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, cifar_arrays):
+    """Resuming reads checkpoint.pt with weights_only=True: a planted pickle that would run code
+    (here: create a file) is refused with the file's name and the way out, and nothing ran."""
+    marker = tmp_path / "code_ran"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"format": 2, "payload": _RunsCode(marker)}, run_dir / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=rf"{CHECKPOINT_FILE} cannot be read safely .*--fresh"):
+        train(small(epochs=1), run_dir, progress=False, data=cifar_arrays)
+    assert not marker.exists()
+    with zipfile.ZipFile(run_dir / CHECKPOINT_FILE) as archive:  # the payload is live: plain unpickling runs it
+        pickle.loads(archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl"))))
+    assert marker.exists()
+
+
+def test_an_old_pickled_checkpoint_is_refused(tmp_path, cifar_arrays):
+    """A format-1 checkpoint (numpy and Python RNG objects) cannot be loaded safely: a clear error."""
+    torch.save({"format": 1, "rng": {"numpy": np.random.get_state()}}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="cannot be read safely as a checkpoint of this version"):
+        train(small(epochs=1), tmp_path, progress=False, data=cifar_arrays)
 
 
 def test_callers_rng_is_left_alone(tmp_path, cifar_arrays):
