@@ -12,6 +12,7 @@ per noise rate and seed and serves both variants' tables (:mod:`apl.report`).
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -145,6 +146,10 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
     manifest.data["data_source"] = "; ".join(sorted(sources)) or None
     manifest.data["invocations"][-1]["wall_time_s"] = round(time.perf_counter() - t0, 1)
     manifest.finish()
+    busy = sorted(name for name, run in manifest.data["runs"].items() if run.get("status") == "busy")
+    if busy:
+        print(f"[grid] {len(busy)} run(s) left to the other process(es) training them: {', '.join(busy)}; "
+              f"run the grid again once they end", file=sys.stderr)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: {', '.join(failures)} "
                            f"(details in {manifest.path})")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from apl.config import TrainConfig
 from apl.data import FOLDER, load_cifar10
 from apl.records import Manifest, run_summary
+from apl.runlock import RunInUse
 from apl.train import train
 
 __all__ = ["Progress", "run_sequential", "run_parallel"]
@@ -104,12 +105,17 @@ class _RunBook:
         self.seen[name] = self.seen.get(name, 0) + 1
         self.progress.epoch(name, epoch_time)
 
-    def ended(self, name: str, error: str | None = None, summary: dict | None = None) -> None:
-        """Run ``name`` ended: with ``error`` (a failure) or its manifest ``summary``."""
+    def ended(self, name: str, error: str | None = None, summary: dict | None = None,
+              busy: str | None = None) -> None:
+        """Run ``name`` ended: with ``error`` (a failure), ``busy`` (another process trains it, so it
+        was left alone) or its manifest ``summary``."""
         if error is not None:
             self.failures.append(name)
             self.manifest.run(name, status="failed", error=error)
             self.progress.say(f"[grid] run {name} failed: {error}")
+        elif busy is not None:
+            self.manifest.run(name, status="busy", error=busy)
+            self.progress.say(f"[grid] run {name} skipped: {busy}")
         else:
             self.manifest.run(name, **summary)
         self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
@@ -128,6 +134,8 @@ def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manif
         try:
             result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
                            on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
+        except RunInUse as e:
+            book.ended(name, busy=str(e))
         except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
             book.ended(name, error=_failure(e))
         else:
@@ -161,6 +169,8 @@ def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, task
                 data = load_cifar10(data_dir, download=False)
             result = train(cfg, Path(runs_dir) / name, resume=True, progress=False, data=data,
                            on_epoch=lambda rec: events.put(("epoch", index, name, rec["epoch_time_s"])))
+        except RunInUse as e:
+            events.put(("busy", index, name, str(e)))
         except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
             events.put(("failed", index, name, _failure(e)))
         else:
@@ -209,7 +219,7 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
             else:
                 current[index] = None
                 book.ended(name, error=payload if kind == "failed" else None,
-                           summary=payload if kind == "done" else None)
+                           summary=payload if kind == "done" else None, busy=payload if kind == "busy" else None)
     finally:
         for p in procs:
             p.join(timeout=10)

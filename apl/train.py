@@ -43,6 +43,7 @@ from apl.devices import device_name, resolve_device
 from apl.losses import get_loss, resolve_backend
 from apl.models import build_model, param_count
 from apl.records import RESULT_FILE, jsonable, number_text, save_json, utc_now
+from apl.runlock import run_lock
 from apl.spec import spec_for
 
 __all__ = ["train", "RESULT_FILE", "CHECKPOINT_FILE", "MODEL_FILE"]
@@ -178,6 +179,12 @@ def train(config: TrainConfig, out_dir, *, resume: bool = True, progress: bool =
         raise ValueError("on_epoch must be callable or None")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):  # RunInUse when another process trains this run
+        return _train_locked(config, out_dir, resume=resume, progress=progress, data=data, on_epoch=on_epoch)
+
+
+def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress: bool, data, on_epoch) -> dict:
+    """:func:`train` once it holds the run folder's lock."""
     result_path = out_dir / RESULT_FILE
     if not resume:
         clear_run(out_dir)
