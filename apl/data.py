@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,13 @@ def _md5(path: Path) -> str:
 
 
 def _how_to_get(folder: Path) -> str:
+    if os.environ.get("APL_IN_DOCKER") == "1":
+        # In the image a download is lost with the container: the data has to be mounted.
+        return (f"expected the CIFAR-10 python folder {folder} (data_batch_1..5, test_batch, batches.meta), "
+                f"which this Docker image does not hold (built with --build-arg CIFAR10=skip, or another "
+                f"--data-dir). Mount the host folder that holds cifar-10-batches-py: add "
+                f"`-v /path/on/host:{folder.parent}:ro` to `docker run`. To get the data there, extract "
+                f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into that folder")
     return (f"expected the CIFAR-10 python folder {folder} (data_batch_1..5, test_batch, batches.meta). "
             f"Get it with internet access via `python -c \"import torchvision; "
             f"torchvision.datasets.CIFAR10('{folder.parent}', download=True)\"`, or extract "

