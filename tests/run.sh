@@ -18,4 +18,7 @@ else
   export PATH="$venv/bin:$PATH"
   py="$venv/bin/python"
 fi
+# Style first (configured in pyproject.toml and .clang-format): cheap, and a failure names file and line.
+"$py" -m ruff check .
+clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu
 exec "$py" -m pytest -q tests "$@"
