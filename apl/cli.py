@@ -17,6 +17,7 @@ from pathlib import Path
 
 from apl.config import TrainConfig
 from apl.grid import plan_grid, run_grid
+from apl.interrupts import Interrupted
 from apl.losses import BACKENDS
 from apl.models import MODEL_NAMES
 from apl.noise import NOISE_TYPES
@@ -237,7 +238,8 @@ def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
 
     Bad values (``ValueError``) and missing data (``FileNotFoundError``) print one line
-    ``apl: error: ...`` to stderr and return 2 instead of a traceback.
+    ``apl: error: ...`` to stderr and return 2 instead of a traceback; a run stopped by SIGINT
+    or SIGTERM at a safe point returns 128 + the signal's number (130, 143).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -245,3 +247,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"apl: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT/SIGTERM: stopped at a safe point, resumable
+        print(f"apl: {e}", file=sys.stderr)
+        return e.exit_status

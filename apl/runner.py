@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from apl.config import TrainConfig
 from apl.data import FOLDER, load_cifar10
+from apl.interrupts import Interrupted
 from apl.records import Manifest, run_summary
 from apl.runlock import RunInUse
 from apl.train import train
@@ -134,6 +135,8 @@ def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manif
         try:
             result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
                            on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
+        except Interrupted:
+            raise  # a stop asked for by a signal ends the grid, at this run's safe point
         except RunInUse as e:
             book.ended(name, busy=str(e))
         except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
@@ -169,6 +172,9 @@ def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, task
                 data = load_cifar10(data_dir, download=False)
             result = train(cfg, Path(runs_dir) / name, resume=True, progress=False, data=data,
                            on_epoch=lambda rec: events.put(("epoch", index, name, rec["epoch_time_s"])))
+        except Interrupted as e:  # a signal (Ctrl-C reaches every worker): stop taking runs
+            events.put(("interrupted", index, name, e.signum))
+            break
         except RunInUse as e:
             events.put(("busy", index, name, str(e)))
         except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
@@ -197,6 +203,7 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
         p.start()
     book = _RunBook(pending, manifest, progress)
     current: dict[int, str | None] = {i: None for i in range(len(procs))}
+    interrupted = None  # the signal that stopped a worker, if one did
     try:
         while current:
             try:
@@ -216,6 +223,11 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
                 book.started(name, payload)
             elif kind == "epoch":
                 book.epoch(name, payload)
+            elif kind == "interrupted":
+                current[index] = None
+                interrupted = payload
+                manifest.run(name, status="interrupted")
+                manifest.save()
             else:
                 current[index] = None
                 book.ended(name, error=payload if kind == "failed" else None,
@@ -225,4 +237,6 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+    if interrupted is not None:
+        raise Interrupted(interrupted)
     return book.failures

@@ -40,6 +40,7 @@ from apl.checkpoint import (
 from apl.config import TrainConfig
 from apl.data import CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
+from apl.interrupts import StopRequest, graceful_stop
 from apl.losses import get_loss, resolve_backend
 from apl.models import build_model, param_count
 from apl.records import RESULT_FILE, jsonable, number_text, save_json, utc_now
@@ -104,8 +105,9 @@ class _Trainer:
             autocast = contextlib.nullcontext
         return cls(model, run_model, loss_fn, opt, sched, autocast, config.grad_clip, device)
 
-    def train_epoch(self, batches, num_batches: int, bar) -> dict:
-        """One pass over the training set; returns the epoch's training statistics."""
+    def train_epoch(self, batches, num_batches: int, bar, stop: StopRequest) -> dict:
+        """One pass over the training set; returns the epoch's training statistics. A stop
+        request abandons the pass after the batch in progress (:class:`Interrupted`)."""
         model, opt, device = self.run_model, self.optimizer, self.device
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -132,6 +134,7 @@ class _Trainer:
                 correct_clean += (pred == y_clean).sum()
             seen += y_noisy.shape[0]
             batches_done += 1
+            stop.check()
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0 or i == num_batches - 1:
@@ -179,11 +182,14 @@ def train(config: TrainConfig, out_dir, *, resume: bool = True, progress: bool =
         raise ValueError("on_epoch must be callable or None")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(out_dir):  # RunInUse when another process trains this run
-        return _train_locked(config, out_dir, resume=resume, progress=progress, data=data, on_epoch=on_epoch)
+    # RunInUse when another process trains this run; Interrupted after SIGINT/SIGTERM, at a safe point
+    with run_lock(out_dir), graceful_stop() as stop:
+        return _train_locked(config, out_dir, resume=resume, progress=progress, data=data, on_epoch=on_epoch,
+                             stop=stop)
 
 
-def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress: bool, data, on_epoch) -> dict:
+def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress: bool, data, on_epoch,
+                  stop: StopRequest) -> dict:
     """:func:`train` once it holds the run folder's lock."""
     result_path = out_dir / RESULT_FILE
     if not resume:
@@ -210,7 +216,7 @@ def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress:
         # fork_rng: the run seeds and restores torch's global RNG without touching the caller's.
         with torch.random.fork_rng(devices=cuda_devices):
             return _train_run(config, out_dir, device, data, progress=progress, on_epoch=on_epoch,
-                              resume=resume)
+                              resume=resume, stop=stop)
     finally:
         torch.set_num_threads(old_threads)
         random.setstate(py_state)
@@ -218,7 +224,7 @@ def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress:
 
 
 def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *, progress: bool,
-               on_epoch, resume: bool) -> dict:
+               on_epoch, resume: bool, stop: StopRequest) -> dict:
     """:func:`train` after its checks, inside its own RNG state."""
     t_start = time.perf_counter()
     ckpt_path, result_path = out_dir / CHECKPOINT_FILE, out_dir / RESULT_FILE
@@ -256,7 +262,7 @@ def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *
             bar = tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                        file=sys.stderr, dynamic_ncols=True)
         try:
-            stats = trainer.train_epoch(on_device.train_batches(epoch, batch_size), num_batches, bar)
+            stats = trainer.train_epoch(on_device.train_batches(epoch, batch_size), num_batches, bar, stop)
         finally:
             if bar is not None:
                 bar.close()
@@ -274,6 +280,8 @@ def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *
                         wall_time_s=prior_wall + time.perf_counter() - t_start, resumed_at=resumed_at)
         if on_epoch is not None:
             on_epoch(record)
+        if epoch + 1 < config.epochs:
+            stop.check()  # between epochs: the checkpoint just written is the safe point
 
     result = _result(config, history, on_device, data, trainer.model, device,
                      wall=prior_wall + time.perf_counter() - t_start, resumed_at=resumed_at)

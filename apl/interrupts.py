@@ -1,0 +1,67 @@
+"""Stopping a run at a safe point on SIGINT (Ctrl-C) or SIGTERM.
+
+Inside :func:`graceful_stop` the first of these signals only asks the run to stop: the training
+loop finishes the batch in progress, abandons the epoch (the previous epoch's checkpoint stays,
+so running the same command again resumes there) and raises :class:`Interrupted`, whose
+``exit_status`` is the shell's 128 + signal number. A second signal takes the signal's default
+action at once.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+__all__ = ["Interrupted", "StopRequest", "graceful_stop"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A run stopped at a safe point because of a signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at a safe point: finished epochs are kept; "
+                         f"run the same command again to resume")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequest:
+    """The signal asking the run to stop (``None`` while none came)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` when a stop was asked for."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+@contextmanager
+def graceful_stop():
+    """Within the block SIGINT and SIGTERM set the yielded :class:`StopRequest` (the first of
+    them) and restore the previous handlers (a second one acts at once). Signals can only be
+    handled in the main thread: elsewhere the block runs with the handlers as they are."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in _SIGNALS}
+
+    def ask_to_stop(signum, frame):
+        request.signum = signum
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for s in _SIGNALS:
+        signal.signal(s, ask_to_stop)
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
