@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -250,3 +251,7 @@ def main(argv=None) -> int:
     except Interrupted as e:  # SIGINT/SIGTERM: stopped at a safe point, resumable
         print(f"apl: {e}", file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside a run's loop (the grid's own process), or a second one
+        print("apl: interrupted; finished runs and epochs are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
