@@ -386,6 +386,7 @@ APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& basics,
 // functions: the CPU in a serial loop, CUDA in one block (LOSSES.md "The fused operator").
 
 enum Reduction : int { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
+APL_HD bool valid_reduction(int64_t r) { return r >= RED_NONE && r <= RED_SUM; }
 
 // Entries of the op's `batch` output, which the backward reads.
 enum BatchTerm : int {
@@ -460,12 +461,13 @@ APL_HD void batch_terms(int active, bool weighted, const BatchSums<T>& s, T entr
   batch[BT_SUM_WACT] = s.wact;
 }
 
-// A row's loss before its class weight: alpha * scale * active + beta * passive.
+// A valid row's loss: alpha * scale * active + beta * passive, times the weight of its class y
+// when there are per-class weights (`weight` not null).
 template <typename T>
-APL_HD T row_loss(const T* st, T alpha_scale, T beta, bool has_passive) {
+APL_HD T row_loss(const T* st, T alpha_scale, T beta, bool has_passive, const T* weight, int64_t y) {
   T v = alpha_scale * st[ST_ACTIVE];
   if (has_passive) v += beta * st[ST_PASSIVE];
-  return v;
+  return weight != nullptr ? v * weight[y] : v;
 }
 
 // The 'mean' or 'sum' of the rows' losses from the sums and the batch terms.

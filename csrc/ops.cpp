@@ -70,8 +70,8 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
                     ", ", beta);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
   TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
-  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM,
-                    "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(row::valid_reduction(reduction), "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
   check_weight(weight, logits);
 }
 
@@ -155,8 +155,7 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
                       n, ") for reduction='none', got ", grad_loss.sizes());
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1,
-                      "apl_loss_backward: grad_loss must be a scalar for a "
-                      "reduced loss, got shape ",
+                      "apl_loss_backward: grad_loss must be a scalar for a reduced loss, got shape ",
                       grad_loss.sizes());
   }
 }
@@ -164,10 +163,7 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
 static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
   TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "_launch_counts: active kind ", active,
                     " is not a loss kind");
-  TORCH_CHECK_VALUE(reduction >= row::RED_NONE && reduction <= row::RED_SUM,
-                    "_launch_counts: reduction must be "
-                    "0, 1 or 2, got ",
-                    reduction);
+  TORCH_CHECK_VALUE(row::valid_reduction(reduction), "_launch_counts: reduction must be 0, 1 or 2, got ", reduction);
   const LaunchPlan p = launch_plan(active, reduction);
   return {p.forward, p.backward};
 }

@@ -117,10 +117,9 @@ void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::Lo
     scalar_t* o = loss.mutable_data_ptr<scalar_t>();
     const acc_t alpha_scale = p.alpha * b[row::BT_SCALE];
     for (int64_t i = 0; i < N; ++i) {
-      const acc_t v = t[i] == ignore_index
-                          ? acc_t(0)
-                          : row::row_loss<acc_t>(st + i * row::NUM_STATS, alpha_scale, p.beta, has_passive);
-      o[i] = static_cast<scalar_t>(w && t[i] != ignore_index ? v * w[t[i]] : v);
+      o[i] = static_cast<scalar_t>(t[i] == ignore_index ? acc_t(0)
+                                                        : row::row_loss<acc_t>(st + i * row::NUM_STATS, alpha_scale,
+                                                                               p.beta, has_passive, w, t[i]));
     }
   }
 }

@@ -216,8 +216,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_row<scalar_t, acc_t>(g, logits + r * C, C, y, p, st);
     if (out.loss != nullptr && g.lane == 0) {
       // lane 0 wrote st (row_stats), so it reads its own writes
-      const acc_t v = row_loss<acc_t>(st, p.alpha, p.beta, p.passive != NONE);
-      out.loss[r] = static_cast<scalar_t>(out.weight != nullptr ? v * out.weight[y] : v);
+      out.loss[r] = static_cast<scalar_t>(row_loss<acc_t>(st, p.alpha, p.beta, p.passive != NONE, out.weight, y));
     }
   }
 }
@@ -311,12 +310,9 @@ __global__ void __launch_bounds__(kBatchThreads)
   const acc_t alpha_scale = p.alpha * bt[BT_SCALE];
   for (int64_t i = tid; i < N; i += kBatchThreads) {
     const int64_t y = target[i];
-    acc_t v = 0;
-    if (y != ignore_index) {
-      v = row_loss<acc_t>(stats + i * NUM_STATS, alpha_scale, p.beta, has_passive);
-      if (weight != nullptr) v *= weight[y];
-    }
-    loss[i] = static_cast<scalar_t>(v);
+    loss[i] = static_cast<scalar_t>(
+        y == ignore_index ? acc_t(0)
+                          : row_loss<acc_t>(stats + i * NUM_STATS, alpha_scale, p.beta, has_passive, weight, y));
   }
 }
 
