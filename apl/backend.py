@@ -25,6 +25,7 @@ def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
+
 _fallback_warned = False
 #: (backend, spec, device) -> the backend used; decided once, so a call costs a dict lookup.
 _CHOICES: dict = {}
@@ -71,7 +72,7 @@ def backend_for(backend: str, spec: LossSpec, device: torch.device) -> str:
     chosen = _CHOICES.get(key)
     if chosen is None:
         chosen, reason = resolve_backend(backend, spec, device)
-        if chosen == "reference" and backend == "auto" and not torch.compiler.is_compiling():
+        if chosen == "reference" and backend == "auto":
             _warn_fallback(reason)
         _CHOICES[key] = chosen
     return chosen

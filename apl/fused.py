@@ -46,6 +46,7 @@ except ImportError as exc:  # not built, or built against another torch
 else:
     _IMPORT_ERROR = ""
 
+
 def _abi_mismatch() -> str:
     """Why the built extension cannot serve this apl.spec ('' when its loss kinds are Kind's)."""
     built = list(torch.ops.apl._kind_names())

@@ -24,6 +24,7 @@ __all__ = [
 #: Keyword parameters that :func:`apl.spec.spec_for` understands.
 SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta")
 
+
 def _describe(spec: LossSpec) -> str:
     parts = [f"active={spec.active.name}", f"alpha={spec.alpha:g}"]
     if spec.passive != Kind.NONE:
@@ -91,10 +92,10 @@ class APLLoss(nn.Module):
         """The loss of ``logits`` (N, C) against ``target`` (N,), reduced by ``self.reduction``."""
         check_num_classes(logits, self.num_classes)  # the backend checks the rest
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
-        chosen = None if torch.compiler.is_compiling() else self._backends.get(device)
+        chosen = self._backends.get(device)
         if chosen is None:
             chosen = backend_for(self.backend, self.spec, device)
-            if not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling():  # a traced call must not mutate the module
                 self._backends[device] = chosen
         if chosen == "fused":
             return fused.apply(logits, target, self._op_args, self.weight)

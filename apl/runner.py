@@ -2,7 +2,8 @@
 
 :func:`run_sequential` trains the runs one after another here; :func:`run_parallel` starts one
 spawned worker per device, each taking configs from a shared queue and reporting events back
-(``(kind, worker index, run name, payload)``: start, epoch, done, failed, exit). A run's
+(``(kind, worker index, run name, payload)``: start, epoch, done, failed, busy, interrupted,
+exit). A run's
 result depends only on its config, so both give the same records. Either way the manifest
 is updated as each run starts and ends, and one failed run does not stop the others.
 """
@@ -106,19 +107,22 @@ class _RunBook:
         self.seen[name] = self.seen.get(name, 0) + 1
         self.progress.epoch(name, epoch_time)
 
-    def ended(self, name: str, error: str | None = None, summary: dict | None = None,
-              busy: str | None = None) -> None:
-        """Run ``name`` ended: with ``error`` (a failure), ``busy`` (another process trains it, so it
-        was left alone) or its manifest ``summary``."""
+    def ended(self, name: str, error: str | None = None, summary: dict | None = None) -> None:
+        """Run ``name`` ended: with ``error`` (a failure) or its manifest ``summary``."""
         if error is not None:
             self.failures.append(name)
             self.manifest.run(name, status="failed", error=error)
             self.progress.say(f"[grid] run {name} failed: {error}")
-        elif busy is not None:
-            self.manifest.run(name, status="busy", error=busy)
-            self.progress.say(f"[grid] run {name} skipped: {busy}")
         else:
             self.manifest.run(name, **summary)
+        self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
+        self.manifest.save()
+
+    def set_aside(self, name: str, status: str, why: str) -> None:
+        """Run ``name`` stopped unfinished, not failed: ``busy`` (another process trains it) or
+        ``interrupted`` (a signal); a later grid picks it up."""
+        self.manifest.run(name, status=status, error=why)
+        self.progress.say(f"[grid] run {name} {status}: {why}")
         self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
         self.manifest.save()
 
@@ -135,10 +139,11 @@ def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manif
         try:
             result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
                            on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
-        except Interrupted:
-            raise  # a stop asked for by a signal ends the grid, at this run's safe point
+        except Interrupted as e:  # a stop asked for by a signal ends the grid, at this run's safe point
+            book.set_aside(name, "interrupted", str(e))
+            raise
         except RunInUse as e:
-            book.ended(name, busy=str(e))
+            book.set_aside(name, "busy", str(e))
         except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
             book.ended(name, error=_failure(e))
         else:
@@ -223,15 +228,17 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
                 book.started(name, payload)
             elif kind == "epoch":
                 book.epoch(name, payload)
+            elif kind == "busy":
+                current[index] = None
+                book.set_aside(name, "busy", payload)
             elif kind == "interrupted":
                 current[index] = None
                 interrupted = payload
-                manifest.run(name, status="interrupted")
-                manifest.save()
+                book.set_aside(name, "interrupted", str(Interrupted(payload)))
             else:
                 current[index] = None
                 book.ended(name, error=payload if kind == "failed" else None,
-                           summary=payload if kind == "done" else None, busy=payload if kind == "busy" else None)
+                           summary=payload if kind == "done" else None)
     finally:
         for p in procs:
             p.join(timeout=10)
