@@ -167,10 +167,13 @@ def train(config: TrainConfig, out_dir, *, resume: bool = True, progress: bool =
 
     ``resume=True``: a finished run (``result.json`` of the same config) is returned as is;
     a checkpoint continues from its next epoch. ``resume=False`` deletes both and starts
-    fresh. A folder holding another config's run raises ``ValueError``. ``data`` reuses
-    already loaded arrays (else ``config.data_dir`` is loaded). ``on_epoch(record)`` is
-    called with each epoch's history record after its checkpoint is written. ``progress``
-    shows a tqdm bar per epoch and prints each epoch's summary and time.
+    fresh. A folder holding another config's run raises ``ValueError``; a run another process is
+    training raises :class:`apl.runlock.RunInUse` (one trainer per run); SIGINT or SIGTERM stops
+    it after the batch in progress with :class:`apl.interrupts.Interrupted` (its epoch abandoned,
+    the checkpoint kept: the same call resumes). ``data`` reuses already loaded arrays (else
+    ``config.data_dir`` is loaded). ``on_epoch(record)`` is called with each epoch's history
+    record after its checkpoint is written. ``progress`` shows a tqdm bar per epoch and prints
+    each epoch's summary and time.
 
     The result holds the config, the per-epoch history (accuracies in percent), the final
     and best test accuracy, the noise record, model size, device and software versions,
