@@ -39,19 +39,22 @@ def ce(logits, target, *, reduction="mean", ignore_index=-100, weight=None, fuse
     return _call("ce", logits, target, fused, reduction, ignore_index, weight)
 
 
-def fl(logits, target, *, variant="ma2020", gamma=0.5, reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """Focal loss (LOSSES.md ``fl``): ``variant="ma2020"`` detaches the weight, ``"paper"`` (Lin) does not."""
+def fl(logits, target, *, variant="ma2020", gamma=None, reduction="mean", ignore_index=-100, weight=None, fused=True):
+    """Focal loss (LOSSES.md ``fl``): ``variant="ma2020"`` detaches the weight, ``"paper"`` and
+    ``"author"`` (Lin) do not; ``gamma`` defaults to the variant's (0.5 ma2020, 2 otherwise)."""
     return _call("fl", logits, target, fused, reduction, ignore_index, weight, variant=variant, gamma=gamma)
 
 
-def mae(logits, target, *, reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """Mean absolute error in the cited code's form ``1 - p_y`` (LOSSES.md ``mae``)."""
-    return _call("mae", logits, target, fused, reduction, ignore_index, weight)
+def mae(logits, target, *, variant="ma2020", reduction="mean", ignore_index=-100, weight=None, fused=True):
+    """Mean absolute error (LOSSES.md ``mae``): ``1 - p_y`` (the cited code's form, also
+    ``"paper"``), or ``"author"``'s mean over the C classes, ``(2/C) (1 - p_y)``."""
+    return _call("mae", logits, target, fused, reduction, ignore_index, weight, variant=variant)
 
 
-def rce(logits, target, *, reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """Reverse cross entropy (LOSSES.md ``rce``)."""
-    return _call("rce", logits, target, fused, reduction, ignore_index, weight)
+def rce(logits, target, *, variant="ma2020", reduction="mean", ignore_index=-100, weight=None, fused=True):
+    """Reverse cross entropy (LOSSES.md ``rce``): the cited work's clamped one-hot (also
+    ``"paper"``), or ``"author"``'s smoothed target."""
+    return _call("rce", logits, target, fused, reduction, ignore_index, weight, variant=variant)
 
 
 def gce(logits, target, *, q=0.7, reduction="mean", ignore_index=-100, weight=None, fused=True):
@@ -67,20 +70,20 @@ def sce(logits, target, *, alpha=0.1, beta=1.0, reduction="mean", ignore_index=-
 def nce(logits, target, *, variant="ma2020", alpha=1.0, reduction="mean", ignore_index=-100, weight=None, fused=True):
     """Normalised cross entropy scaled by ``alpha`` (LOSSES.md ``nce``).
 
-    ``variant="ma2020"`` is the cited work's symmetric per-sample form; ``"paper"`` is the seed
-    paper's (batch CE over the batch label entropy). Both exist because the paper prints a
-    different function from the one it cites.
+    ``variant="ma2020"`` is the cited work's symmetric per-sample form; ``"paper"`` and
+    ``"author"`` are the seed paper's (batch CE over the batch label entropy). They differ
+    because the paper prints a different function from the one it cites.
     """
     return _call("nce", logits, target, fused, reduction, ignore_index, weight, variant=variant, alpha=alpha)
 
 
-def nfl(logits, target, *, variant="ma2020", gamma=0.5, alpha=1.0, reduction="mean",
+def nfl(logits, target, *, variant="ma2020", gamma=None, alpha=1.0, reduction="mean",
         ignore_index=-100, weight=None, fused=True):
     """Normalised focal loss scaled by ``alpha`` (LOSSES.md ``nfl``).
 
     ``variant="ma2020"`` normalises each sample over all labels (cited work, symmetric);
-    ``"paper"`` divides the batch focal loss by the batch-mean focal weight (seed paper). Both
-    exist because the paper prints a different function from the one it cites.
+    ``"paper"`` and ``"author"`` divide the batch focal loss by the batch-mean focal weight
+    (seed paper). ``gamma`` defaults to the variant's (0.5 ma2020, 2 otherwise).
     """
     return _call("nfl", logits, target, fused, reduction, ignore_index, weight,
                  variant=variant, gamma=gamma, alpha=alpha)
@@ -88,27 +91,27 @@ def nfl(logits, target, *, variant="ma2020", gamma=0.5, alpha=1.0, reduction="me
 
 def nce_mae(logits, target, *, variant="ma2020", lam=None, alpha=None, beta=None,
             reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """APL ``NCE + MAE``: ``lam`` (paper) or ``alpha``/``beta`` (cited work) weights; see spec_for."""
+    """APL ``NCE + MAE``: ``lam`` or ``alpha``/``beta`` weights, default by variant; see spec_for."""
     return _call("nce+mae", logits, target, fused, reduction, ignore_index, weight,
                  variant=variant, lam=lam, alpha=alpha, beta=beta)
 
 
 def nce_rce(logits, target, *, variant="ma2020", lam=None, alpha=None, beta=None,
             reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """APL ``NCE + RCE``: ``lam`` (paper) or ``alpha``/``beta`` (cited work) weights; see spec_for."""
+    """APL ``NCE + RCE``: ``lam`` or ``alpha``/``beta`` weights, default by variant; see spec_for."""
     return _call("nce+rce", logits, target, fused, reduction, ignore_index, weight,
                  variant=variant, lam=lam, alpha=alpha, beta=beta)
 
 
-def nfl_mae(logits, target, *, variant="ma2020", gamma=0.5, lam=None, alpha=None, beta=None,
+def nfl_mae(logits, target, *, variant="ma2020", gamma=None, lam=None, alpha=None, beta=None,
             reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """APL ``NFL + MAE``: ``lam`` (paper) or ``alpha``/``beta`` (cited work) weights; see spec_for."""
+    """APL ``NFL + MAE``: ``lam`` or ``alpha``/``beta`` weights, default by variant; see spec_for."""
     return _call("nfl+mae", logits, target, fused, reduction, ignore_index, weight,
                  variant=variant, gamma=gamma, lam=lam, alpha=alpha, beta=beta)
 
 
-def nfl_rce(logits, target, *, variant="ma2020", gamma=0.5, lam=None, alpha=None, beta=None,
+def nfl_rce(logits, target, *, variant="ma2020", gamma=None, lam=None, alpha=None, beta=None,
             reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """APL ``NFL + RCE``: ``lam`` (paper) or ``alpha``/``beta`` (cited work) weights; see spec_for."""
+    """APL ``NFL + RCE``: ``lam`` or ``alpha``/``beta`` weights, default by variant; see spec_for."""
     return _call("nfl+rce", logits, target, fused, reduction, ignore_index, weight,
                  variant=variant, gamma=gamma, lam=lam, alpha=alpha, beta=beta)

@@ -35,7 +35,8 @@ __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_
 #: ``reduction`` string -> the operator's integer code.
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 #: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
-SUPPORTED_PASSIVE = (Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE)
+SUPPORTED_PASSIVE = (Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE, Kind.MAE_AUTHOR,
+                     Kind.RCE_AUTHOR)
 
 try:
     from apl import _C  # noqa: F401  (loading the library registers torch.ops.apl.*)

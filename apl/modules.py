@@ -130,12 +130,12 @@ class FocalLoss(_NamedLoss):
 
 
 class MAELoss(_NamedLoss):
-    """Mean absolute error, the cited code's form ``1 - p_y`` (LOSSES.md ``mae``)."""
+    """Mean absolute error (LOSSES.md ``mae``): ``1 - p_y``, or ``(2/C)(1 - p_y)`` for ``variant="author"``."""
     loss_name = "mae"
 
 
 class RCELoss(_NamedLoss):
-    """Reverse cross entropy (LOSSES.md ``rce``)."""
+    """Reverse cross entropy (LOSSES.md ``rce``); ``variant="author"`` uses a smoothed target."""
     loss_name = "rce"
 
 
@@ -152,9 +152,9 @@ class SCELoss(_NamedLoss):
 class NCELoss(_NamedLoss):
     """Normalised cross entropy (LOSSES.md ``nce``).
 
-    Two variants because the seed paper prints a different function from the work it cites:
-    ``"ma2020"`` (default) is the cited, symmetric per-sample form; ``"paper"`` divides by the
-    batch's label entropy as the paper's Sec. 2.3 writes. ``alpha`` scales it.
+    The seed paper prints a different function from the work it cites: ``"ma2020"`` (default)
+    is the cited, symmetric per-sample form; ``"paper"`` and ``"author"`` divide by the batch's
+    label entropy as the paper's Sec. 2.3 writes. ``alpha`` scales it.
     """
     loss_name = "nce"
 
@@ -162,9 +162,9 @@ class NCELoss(_NamedLoss):
 class NFLLoss(_NamedLoss):
     """Normalised focal loss (LOSSES.md ``nfl``), focal exponent ``gamma``.
 
-    Two variants because the seed paper prints a different function from the work it cites:
-    ``"ma2020"`` (default) normalises each sample over all labels (detached weights,
-    symmetric); ``"paper"`` divides by the batch-mean focal weight. ``alpha`` scales it.
+    The seed paper prints a different function from the work it cites: ``"ma2020"`` (default)
+    normalises each sample over all labels (detached weights, symmetric); ``"paper"`` and
+    ``"author"`` divide by the batch-mean focal weight. ``alpha`` scales it.
     """
     loss_name = "nfl"
 
@@ -203,7 +203,7 @@ def available_losses() -> tuple[str, ...]:
 def get_loss(name: str, num_classes: int | None = 10, **params) -> nn.Module:
     """Build the loss module called ``name`` (one of :func:`available_losses`; ``_`` may replace ``+``).
 
-    ``params``: ``variant`` ("ma2020" | "paper"), ``gamma``, ``q``, ``lam`` or
+    ``params``: ``variant`` ("ma2020" | "paper" | "author"), ``gamma``, ``q``, ``lam`` or
     ``alpha``/``beta``, ``reduction``, ``ignore_index``, ``backend``, ``weight``. Any other name raises
     ``ValueError``. ``num_classes`` (default 10, CIFAR-10) is checked against the logits;
     ``None`` skips the check. Formulas: LOSSES.md.

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from apl.spec import PROB_CLAMP, RCE_A, Kind, LossSpec, check_call, validate_inputs, validate_weight
+from apl.spec import PROB_CLAMP, RCE_A, Kind, LossSpec, author_affine, check_call, validate_inputs, validate_weight
 
 __all__ = ["reference_loss"]
 
@@ -113,6 +113,9 @@ def _term(kind: Kind, spec: LossSpec, rows: _Rows) -> torch.Tensor:
     if kind == Kind.RCE:
         others = rows.p.clamp(PROB_CLAMP, 1.0).masked_fill(rows.onehot, 0.0)
         return RCE_A * others.sum(dim=1)
+    if kind in (Kind.MAE_AUTHOR, Kind.RCE_AUTHOR):
+        offset, slope = author_affine(kind, rows.num_classes)
+        return offset + slope * rows.log1m_p_y.exp()
     if kind == Kind.GCE:
         # (1 - clamp(p_y)^q) / q with the clamp taken on log p_y (same zero gradient below it)
         # and expm1 for accuracy near p_y = 1.

@@ -17,7 +17,8 @@ import torch
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
     "spec_for", "canonical_name", "check_call", "validate_inputs", "check_num_classes", "validate_weight",
-    "INDEX_DTYPES", "PAPER_LAMBDA",
+    "INDEX_DTYPES", "PAPER_LAMBDA", "AUTHOR_LAMBDA", "DEFAULT_GAMMA", "AUTHOR_SMOOTHING", "AUTHOR_TARGET_CLIP",
+    "author_affine",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
@@ -25,6 +26,10 @@ __all__ = [
 RCE_A = -math.log(1e-4)
 #: Lower clamp the official code applies to probabilities inside RCE and GCE.
 PROB_CLAMP = 1e-7
+#: The seed paper's author's RCE: a smoothed target, 1 - s on the label and s / (C - 1) elsewhere,
+#: clamped to [clip, 1 - clip] (facts: ../shared/notes/seed_code.md).
+AUTHOR_SMOOTHING = 0.1
+AUTHOR_TARGET_CLIP = 1e-7
 
 
 class Kind(enum.IntEnum):
@@ -41,23 +46,35 @@ class Kind(enum.IntEnum):
     MAE = 8          # 1 - p_y
     RCE = 9          # A * sum_{k!=y} clamp(p_k, 1e-7, 1)
     GCE = 10         # (1 - clamp(p_y, 1e-7, 1)^q) / q
+    MAE_AUTHOR = 11  # mean over the C classes of |p_k - onehot_k| = (2 / C) (1 - p_y)
+    RCE_AUTHOR = 12  # -sum_k p_k log t_k, t the smoothed target: affine in 1 - p_y
 
 
 LOSS_NAMES = ("ce", "fl", "mae", "rce", "gce", "sce", "nce", "nfl",
               "nce+mae", "nce+rce", "nfl+mae", "nfl+rce")
-VARIANTS = ("ma2020", "paper")
+#: The forms of the losses (LOSSES.md "Three forms"): the cited work's official code, the seed
+#: paper's printed formulas, and the code the seed paper's author ran.
+VARIANTS = ("ma2020", "paper", "author")
 REDUCTIONS = ("mean", "sum", "none")
 
-_ACTIVE = {
-    ("nce", "ma2020"): Kind.NCE_MA2020, ("nce", "paper"): Kind.NCE_PAPER,
-    ("nfl", "ma2020"): Kind.NFL_MA2020, ("nfl", "paper"): Kind.NFL_PAPER,
-    ("fl", "ma2020"): Kind.FL_DETACHED, ("fl", "paper"): Kind.FL,
+# The kind of each (loss, variant) that differs between variants; ce and gce are the same in all.
+_BY_VARIANT = {
+    ("nce", "ma2020"): Kind.NCE_MA2020, ("nce", "paper"): Kind.NCE_PAPER, ("nce", "author"): Kind.NCE_PAPER,
+    ("nfl", "ma2020"): Kind.NFL_MA2020, ("nfl", "paper"): Kind.NFL_PAPER, ("nfl", "author"): Kind.NFL_PAPER,
+    ("fl", "ma2020"): Kind.FL_DETACHED, ("fl", "paper"): Kind.FL, ("fl", "author"): Kind.FL,
+    ("mae", "ma2020"): Kind.MAE, ("mae", "paper"): Kind.MAE, ("mae", "author"): Kind.MAE_AUTHOR,
+    ("rce", "ma2020"): Kind.RCE, ("rce", "paper"): Kind.RCE, ("rce", "author"): Kind.RCE_AUTHOR,
 }
-_SIMPLE = {"ce": Kind.CE, "mae": Kind.MAE, "rce": Kind.RCE, "gce": Kind.GCE}
-_PASSIVE = {"mae": Kind.MAE, "rce": Kind.RCE}
+_SIMPLE = {"ce": Kind.CE, "gce": Kind.GCE}
 
-#: The paper's APL weight (Sec. 2.4): lambda * active + (1 - lambda) * passive.
+#: The APL weight lambda (lambda * active + (1 - lambda) * passive) of the seed paper's text
+#: (Sec. 2.4) and of its author's code, which weights the passive term by 0.6.
 PAPER_LAMBDA = 0.6
+AUTHOR_LAMBDA = 0.4
+_DEFAULT_LAMBDA = {"paper": PAPER_LAMBDA, "author": AUTHOR_LAMBDA}
+#: The focal exponent when none is given: the cited work's CIFAR-10 configs use 0.5; the seed
+#: paper does not state one and its author's code uses 2.
+DEFAULT_GAMMA = {"ma2020": 0.5, "paper": 2.0, "author": 2.0}
 
 
 @dataclass(frozen=True)
@@ -90,32 +107,37 @@ class LossSpec:
         return self.active in (Kind.NCE_PAPER, Kind.NFL_PAPER)
 
 
-def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float = 0.7,
+def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, q: float = 0.7,
              lam: float | None = None, alpha: float | None = None,
              beta: float | None = None) -> LossSpec:
     """Build the :class:`LossSpec` of a named loss.
 
-    ``variant`` picks the NCE/NFL (and FL) form: ``"ma2020"`` is the cited work's
-    official definition, ``"paper"`` the seed paper's Sec. 2.3 formulas (see LOSSES.md
-    for why both exist). For the APL sums (``"nce+rce"`` ...) the weighting is either the
-    paper's ``lam`` (``lam*active + (1-lam)*passive``) or the cited work's ``alpha``/``beta``;
-    when neither is given it follows the variant (paper: lam = 0.6; ma2020: alpha = beta = 1).
+    ``variant`` picks the form of NCE, NFL, FL, MAE and RCE: ``"ma2020"`` is the cited work's
+    official definition, ``"paper"`` the seed paper's Sec. 2.3 formulas, ``"author"`` the code
+    its author ran (LOSSES.md, "Three forms"). ``gamma`` defaults per variant
+    (:data:`DEFAULT_GAMMA`). For the APL sums (``"nce+rce"`` ...) the weighting is either
+    ``lam`` (``lam*active + (1-lam)*passive``) or the cited work's ``alpha``/``beta``; when
+    neither is given it follows the variant (paper: lam = 0.6; author: lam = 0.4; ma2020:
+    alpha = beta = 1).
     For a single loss, ``alpha`` scales it (the cited work trains NFL with scale 10).
-    ``sce`` is ``alpha*CE + beta*RCE`` with the cited work's CIFAR-10 defaults 0.1 and 1.
+    ``sce`` is ``alpha*CE + beta*RCE`` with the cited work's CIFAR-10 defaults 0.1 and 1;
+    ``ce``, ``gce`` and ``sce`` are the same in every variant.
     """
     name = canonical_name(name)
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use 'ma2020' or 'paper'")
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if lam is not None and (alpha is not None or beta is not None):
         raise ValueError("give either lam (the paper's weighting) or alpha/beta, not both")
-    common = dict(gamma=float(gamma), q=float(q))
+    common = dict(q=float(q))
+    if gamma is not None or name.split("+")[0] in ("fl", "nfl"):  # other losses keep one spec in every variant
+        common["gamma"] = DEFAULT_GAMMA[variant] if gamma is None else float(gamma)
 
     if "+" in name:
         act, pas = name.split("+")
-        if lam is None and alpha is None and beta is None and variant == "paper":
-            lam = PAPER_LAMBDA
+        if lam is None and alpha is None and beta is None:
+            lam = _DEFAULT_LAMBDA.get(variant)
         if lam is not None:
             if not 0.0 <= lam <= 1.0:
                 raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -123,7 +145,7 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
         else:
             a = 1.0 if alpha is None else float(alpha)
             b = 1.0 if beta is None else float(beta)
-        return LossSpec(_ACTIVE[(act, variant)], _PASSIVE[pas], a, b, **common)
+        return LossSpec(_BY_VARIANT[(act, variant)], _BY_VARIANT[(pas, variant)], a, b, **common)
     if lam is not None:
         raise ValueError(f"lam weights an active+passive sum; {name!r} is a single loss")
     if name == "sce":
@@ -132,8 +154,21 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float = 0.5, q: float
         return LossSpec(Kind.CE, Kind.RCE, a, b, **common)
     if beta is not None:
         raise ValueError(f"beta weights a passive term; {name!r} has none")
-    kind = _SIMPLE.get(name) or _ACTIVE[(name, variant)]
+    kind = _SIMPLE.get(name) or _BY_VARIANT[(name, variant)]
     return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, **common)
+
+
+def author_affine(kind: Kind, num_classes: int) -> tuple[float, float]:
+    """``(offset, slope)`` of the author's passive terms, whose row value is
+    ``offset + slope * (1 - p_y)`` (LOSSES.md "Three forms"; csrc/loss_row.h mirrors it)."""
+    c = float(num_classes)
+    if kind == Kind.MAE_AUTHOR:  # sum_k |p_k - onehot_k| = 2 (1 - p_y), averaged over the C entries
+        return 0.0, 2.0 / c
+    if kind == Kind.RCE_AUTHOR:  # -p_y log t_y - (1 - p_y) log t_o
+        t_y = min(max(1.0 - AUTHOR_SMOOTHING, AUTHOR_TARGET_CLIP), 1.0 - AUTHOR_TARGET_CLIP)
+        t_o = min(max(AUTHOR_SMOOTHING / (c - 1.0), AUTHOR_TARGET_CLIP), 1.0 - AUTHOR_TARGET_CLIP)
+        return -math.log(t_y), math.log(t_y) - math.log(t_o)
+    raise ValueError(f"{kind!r} is not one of the author's affine kinds")
 
 
 def canonical_name(name) -> str:

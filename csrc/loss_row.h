@@ -34,7 +34,7 @@ namespace row {
 // clang-format off
 #define APL_LOSS_KINDS(X)                                                                        \
   X(NONE, 0) X(CE, 1) X(FL, 2) X(FL_DETACHED, 3) X(NCE_MA2020, 4) X(NFL_MA2020, 5) X(NCE_PAPER, 6) \
-  X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10)
+  X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10) X(MAE_AUTHOR, 11) X(RCE_AUTHOR, 12)
 
 enum Kind : int {
 #define APL_KIND_VALUE(name, code) name = code,
@@ -70,6 +70,10 @@ constexpr double kRceA = 9.210340371976182736;
 constexpr double kProbClamp = 1e-7;
 constexpr double kLogProbClamp = -16.11809565095831978;  // log(1e-7)
 constexpr double kLn2 = 0.693147180559945309;
+// The author's RCE target: 1 - s on the label, s / (C - 1) elsewhere, clamped to [clip, 1 - clip]
+// (apl.spec.AUTHOR_SMOOTHING, AUTHOR_TARGET_CLIP).
+constexpr double kAuthorSmoothing = 0.1;
+constexpr double kAuthorTargetClip = 1e-7;
 
 template <typename T>
 struct LossParams {
@@ -154,6 +158,23 @@ APL_HD typename M::V focal_weight_from_log_one_minus_p(typename M::V log_one_min
   using S = typename M::S;
   return gamma == S(0) ? V(S(1)) : M::exp(V(gamma) * log_one_minus_py);
 }
+
+// MAE_AUTHOR and RCE_AUTHOR are offset + slope (1 - p_y) (apl.spec.author_affine): MAE's
+// gradient times the slope.
+template <typename S>
+APL_HD void author_affine(int kind, S c_classes, S& offset, S& slope) {
+  if (kind == MAE_AUTHOR) {
+    offset = S(0);
+    slope = S(2) / c_classes;
+    return;
+  }
+  const double lo = kAuthorTargetClip, hi = 1.0 - kAuthorTargetClip;
+  const double t_y = fmin(fmax(1.0 - kAuthorSmoothing, lo), hi);
+  const double t_o = fmin(fmax(kAuthorSmoothing / (static_cast<double>(c_classes) - 1.0), lo), hi);
+  offset = S(-apl_log(t_y));
+  slope = S(apl_log(t_y) - apl_log(t_o));
+}
+APL_HD bool is_author_affine(int kind) { return kind == MAE_AUTHOR || kind == RCE_AUTHOR; }
 
 APL_HD bool is_normalised(int kind) { return kind == NCE_MA2020 || kind == NFL_MA2020; }
 APL_HD bool is_batch_level(int kind) { return kind == NCE_PAPER || kind == NFL_PAPER; }
@@ -317,7 +338,7 @@ struct RowExtra {
 // `norm` is the row's normaliser for the normalised kinds (stats ST_NORM).
 template <class M>
 APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics, const LossParams<typename M::S>& p,
-                                typename M::V norm, typename M::V rce_value) {
+                                typename M::V norm, typename M::V rce_value, typename M::S c_classes) {
   using V = typename M::V;
   using S = typename M::S;
   const V zero(S(0));
@@ -337,6 +358,12 @@ APL_HD typename M::V term_value(int kind, const RowBasics<typename M::V>& basics
       return basics.one_minus_py;
     case RCE:
       return V(S(kRceA)) * rce_value;
+    case MAE_AUTHOR:
+    case RCE_AUTHOR: {
+      S offset, slope;
+      author_affine(kind, c_classes, offset, slope);
+      return V(offset) + V(slope) * basics.one_minus_py;
+    }
     case GCE: {
       // (1 - clamp(p_y, 1e-7, 1)^q) / q taken on log p_y: -expm1(q max(log p_y, log 1e-7)) / q
       // (expm1 keeps precision near p_y = 1; NaN stays NaN)
@@ -365,8 +392,8 @@ APL_HD void row_stats(typename M::V* st, const RowBasics<typename M::V>& basics,
     norm = extra.nfl_norm + wy * basics.log_py;
     wsum = extra.nfl_wsum + wy;
   }
-  st[ST_ACTIVE] = term_value<M>(p.active, basics, p, norm, extra.rce_value);
-  st[ST_PASSIVE] = p.passive == NONE ? zero : term_value<M>(p.passive, basics, p, norm, extra.rce_value);
+  st[ST_ACTIVE] = term_value<M>(p.active, basics, p, norm, extra.rce_value, c_classes);
+  st[ST_PASSIVE] = p.passive == NONE ? zero : term_value<M>(p.passive, basics, p, norm, extra.rce_value, c_classes);
   st[ST_MAX_NY] = basics.m;
   st[ST_LOGSUM_NY] = basics.lsum;
   st[ST_LOG_P] = basics.log_py;
@@ -572,6 +599,14 @@ APL_HD void add_term_coefs(Coefs<typename M::V>& c, int kind, typename M::V weig
       c.Q = c.Q + weight * p_y * one_minus_py;
       c.Y = c.Y - weight * p_y * one_minus_py;
       break;
+    case MAE_AUTHOR:
+    case RCE_AUTHOR: {  // offset + slope (1 - p_y)
+      S offset, slope;
+      author_affine(kind, c_classes, offset, slope);
+      c.Q = c.Q + weight * V(slope) * p_y * one_minus_py;
+      c.Y = c.Y - weight * V(slope) * p_y * one_minus_py;
+      break;
+    }
     case RCE: {  // A sum_{k != y} clamp(p_k)
       const V a = weight * V(S(kRceA));
       c.Qin = c.Qin + a * st[ST_RCE_CMASS] * one_minus_py;

@@ -65,7 +65,7 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
   TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive, " (",
                     kind_name(passive),
                     ") is not supported by the fused operator; the passive "
-                    "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE or GCE");
+                    "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE, GCE, MAE_AUTHOR or RCE_AUTHOR");
   TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta), "apl_loss: alpha and beta must be finite, got ", alpha,
                     ", ", beta);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);

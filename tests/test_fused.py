@@ -38,11 +38,11 @@ REDUCTIONS = ("none", "mean", "sum")
 # Every kind as the active term alone, then the APL sums (both weightings) and SCE.
 SINGLE = [LossSpec(k) for k in Kind if k != Kind.NONE]
 SUMS = [spec_for(n, variant=v) for n in ("nce+mae", "nce+rce", "nfl+mae", "nfl+rce")
-        for v in ("ma2020", "paper")] + [spec_for("sce")]
+        for v in VARIANTS] + [spec_for("sce")]
 ALL_SPECS = SINGLE + SUMS
 # Kinds with detached weights: their autograd gradient is by definition not the derivative.
 DETACHED = (Kind.FL_DETACHED, Kind.NFL_MA2020)
-# Every loss name with each variant that changes its spec (ce, mae, rce, gce, sce have one form).
+# Every loss name with each variant that changes its spec (ce, gce, sce have one form).
 NAME_VARIANTS = [(n, v) for n in LOSS_NAMES for v in VARIANTS if v == "ma2020" or spec_for(n, variant=v) != spec_for(n)]
 # Tolerance of the operator against the float64 reference, by logits dtype (half types: the
 # final rounding of a float32 result).
@@ -71,8 +71,8 @@ def class_weights(c, seed, dtype=torch.float64):
 
 def weight_scale(spec):
     """Size of the gradient coefficients of a spec: |alpha| + |beta| (x A for RCE terms)."""
-    a = abs(spec.alpha) * (RCE_A if spec.active == Kind.RCE else 1.0)
-    b = abs(spec.beta) * (RCE_A if spec.passive == Kind.RCE else 1.0)
+    a = abs(spec.alpha) * (RCE_A if spec.active in (Kind.RCE, Kind.RCE_AUTHOR) else 1.0)
+    b = abs(spec.beta) * (RCE_A if spec.passive in (Kind.RCE, Kind.RCE_AUTHOR) else 1.0)
     return a + b
 
 
@@ -110,8 +110,10 @@ def assert_scaled_close(actual, expected, tol, scale, what):
 
 
 def check_parity(spec, n, c, reduction, dtype, seed, device="cpu"):
-    """The fused op (on `device`) agrees with the float64 CPU reference in value and gradient."""
-    tol = TOL[dtype]
+    """The fused op (on `device`) agrees with the float64 CPU reference in value and gradient.
+    Low-precision sums over a row's C classes round with an error that grows like sqrt(C): the
+    tolerance does too, above C = 10000 (RCE's clamped mass over 128000 classes in float32)."""
+    tol = TOL[dtype] * (max(1.0, (c / 10000) ** 0.5) if dtype != torch.float64 else 1.0)
     z, target = random_batch(n, c, seed, **MIXED)
     (lf, gf), (lr, gr), per_row = run_both(spec, z, target, reduction, dtype, device)
     assert lf.dtype == dtype and gf.dtype == dtype
@@ -207,12 +209,11 @@ def test_parity_hypothesis():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    passive_kinds = [Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE]
 
     @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
     @hypothesis.given(n=st.integers(1, 40), c=st.integers(2, 70), seed=st.integers(0, 2**31 - 1),
                       active=st.sampled_from([k for k in Kind if k != Kind.NONE]),
-                      passive=st.sampled_from(passive_kinds),
+                      passive=st.sampled_from(fused.SUPPORTED_PASSIVE),
                       alpha=st.floats(-2, 10), beta=st.floats(-2, 10), gamma=st.sampled_from([0.0, 0.5, 2.0]),
                       q=st.sampled_from([0.1, 0.7, 1.0]), reduction=st.sampled_from(REDUCTIONS))
     def prop(n, c, seed, active, passive, alpha, beta, gamma, q, reduction):
@@ -531,7 +532,7 @@ T = torch.tensor([0, 1, 2, 0])
     ((torch.randn(3, 4).t(), T), "logits must be contiguous"),
     ((Z, torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])[::2]), "target must be contiguous"),
     ((Z, T, 0), "active kind 0 is not a loss kind"),
-    ((Z, T, 11), "active kind 11 is not a loss kind"),
+    ((Z, T, len(Kind)), f"active kind {len(Kind)} is not a loss kind"),
     ((Z, T, 1, 4, 1.0, 1.0), r"passive kind 4 \(NCE_MA2020\) is not supported"),
     ((Z, T, 1, 7, 1.0, 1.0), r"passive kind 7 \(NFL_PAPER\) is not supported"),
     ((Z, T, 2, 0, 1.0, 0.0, -0.5), "gamma must be finite and >= 0"),

@@ -49,33 +49,37 @@ def logits_and_targets(n, c, seed=0, scale=1.0, dtype=torch.float64):
 
 # ----------------------------------------------------------------------------- hand values
 
-def _hand_values(z, y, gamma=0.5, q=0.7):
-    """Per-loss values for one row, from math on the softmax (LOSSES.md's table, by hand)."""
+def _hand_values(z, y, q=0.7):
+    """Per-loss values for one row, from math on the softmax (LOSSES.md's table, by hand).
+    The focal exponent is each variant's default: 0.5 for ma2020, 2 for paper and author."""
     s = sum(math.exp(v) for v in z)
     p = [math.exp(v) / s for v in z]
     c = len(z)
     ce = -math.log(p[y])
-    w = [(1 - pk) ** gamma for pk in p]
-    fl = w[y] * ce
     mae = 1 - p[y]
     rce = RCE_A * sum(max(pk, 1e-7) for k, pk in enumerate(p) if k != y)
     gce = (1 - max(p[y], 1e-7) ** q) / q
-    nce = math.log(p[y]) / sum(math.log(pk) for pk in p)
-    nfl = w[y] * math.log(p[y]) / sum(wk * math.log(pk) for wk, pk in zip(w, p))
-    nce_paper = ce / math.log(c)  # one row: H = 0 -> ln C
-    nfl_paper = fl / w[y]         # one row: B = w_y
-    out = {("ce", v): ce for v in VARIANTS}
-    out.update({("fl", v): fl for v in VARIANTS})
-    out.update({("mae", v): mae for v in VARIANTS})
-    out.update({("rce", v): rce for v in VARIANTS})
-    out.update({("gce", v): gce for v in VARIANTS})
-    out.update({("sce", v): 0.1 * ce + rce for v in VARIANTS})
-    out[("nce", "ma2020")], out[("nce", "paper")] = nce, nce_paper
-    out[("nfl", "ma2020")], out[("nfl", "paper")] = nfl, nfl_paper
-    for act, a_ma, a_pa in (("nce", nce, nce_paper), ("nfl", nfl, nfl_paper)):
-        for pas, pv in (("mae", mae), ("rce", rce)):
-            out[(f"{act}+{pas}", "ma2020")] = a_ma + pv
-            out[(f"{act}+{pas}", "paper")] = 0.6 * a_pa + 0.4 * pv
+    out = {}
+    for v, gamma in (("ma2020", 0.5), ("paper", 2.0), ("author", 2.0)):
+        w = [(1 - pk) ** gamma for pk in p]
+        fl = w[y] * ce
+        out.update({("ce", v): ce, ("fl", v): fl, ("gce", v): gce, ("sce", v): 0.1 * ce + rce})
+        if v == "ma2020":
+            out[("nce", v)] = math.log(p[y]) / sum(math.log(pk) for pk in p)
+            out[("nfl", v)] = w[y] * math.log(p[y]) / sum(wk * math.log(pk) for wk, pk in zip(w, p))
+        else:
+            out[("nce", v)] = ce / math.log(c)  # one row: H = 0 -> ln C
+            out[("nfl", v)] = fl / w[y]  # one row: B = w_y
+        if v == "author":  # mean |p - onehot| over the C entries; RCE against the smoothed target
+            out[("mae", v)] = sum(abs(pk - (k == y)) for k, pk in enumerate(p)) / c
+            out[("rce", v)] = -sum(pk * math.log(0.9 if k == y else 0.1 / (c - 1)) for k, pk in enumerate(p))
+        else:
+            out[("mae", v)], out[("rce", v)] = mae, rce
+        lam = {"ma2020": None, "paper": 0.6, "author": 0.4}[v]
+        for act in ("nce", "nfl"):
+            for pas in ("mae", "rce"):
+                a, b = (1.0, 1.0) if lam is None else (lam, 1 - lam)
+                out[(f"{act}+{pas}", v)] = a * out[(act, v)] + b * out[(pas, v)]
     return out
 
 
@@ -93,7 +97,7 @@ def test_hand_computed_two_rows_paper_forms():
     t = torch.tensor([0, 2])
     ce = [math.log(math.exp(2) + 1 + math.exp(-1)) - 2, math.log(2 + math.e)]
     p_y = [math.exp(-v) for v in ce]
-    w = [(1 - p) ** 0.5 for p in p_y]
+    w = [(1 - p) ** 2 for p in p_y]  # the paper form's default gamma
     assert ref("nce", z, t, "paper").item() == pytest.approx(sum(ce) / 2 / math.log(2), rel=1e-12)
     assert ref("nfl", z, t, "paper").item() == pytest.approx(
         (w[0] * ce[0] + w[1] * ce[1]) / (w[0] + w[1]), rel=1e-12)
