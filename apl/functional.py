@@ -1,6 +1,7 @@
 """The losses as functions: ``apl.functional.nce_rce(logits, target, ...)`` and friends.
 
-Each takes logits (N, C) and integer targets (N,), only the parameters that apply to it, and
+Each takes logits (N, C) and integer targets (N,) (or F.cross_entropy's (N, C, d1, ..., dK) with
+(N, d1, ..., dK)), only the parameters that apply to it, and
 ``reduction`` ("mean" | "sum" | "none"), ``ignore_index``, ``weight`` (optional per-class
 weights, see :func:`apl.losses.reference_loss`) and ``fused``: ``fused=True`` uses the
 fused operator when it is available (else the pure-PyTorch reference, with one warning per
@@ -34,9 +35,10 @@ def _call(name, logits, target, fused, reduction, ignore_index, weight, **params
                         ignore_index=ignore_index, weight=weight, backend="auto" if fused else "reference")
 
 
-def ce(logits, target, *, reduction="mean", ignore_index=-100, weight=None, fused=True):
-    """Cross entropy ``-log p_y`` (LOSSES.md ``ce``)."""
-    return _call("ce", logits, target, fused, reduction, ignore_index, weight)
+def ce(logits, target, *, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0, fused=True):
+    """Cross entropy ``-log p_y`` (LOSSES.md ``ce``), or ``-sum_k t_k log p_k`` of probability
+    targets, with ``F.cross_entropy``'s ``label_smoothing``."""
+    return _call("ce", logits, target, fused, reduction, ignore_index, weight, label_smoothing=label_smoothing)
 
 
 def fl(logits, target, *, variant="ma2020", gamma=None, reduction="mean", ignore_index=-100, weight=None, fused=True):

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from apl.spec import INDEX_DTYPES, Kind, LossSpec, check_call, validate_weight
+from apl.spec import INDEX_DTYPES, Kind, LossSpec, check_call, check_positions, positions_as_rows, validate_weight
 
 __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
+           "unsupported_reason",
            "fused_loss", "op_args", "apply", "launch_counts", "set_sync_target_check", "sync_target_check",
            "NUM_STATS", "NUM_BATCH", "REDUCTION_CODES"]
 
@@ -126,9 +127,21 @@ def _probe(device: str) -> None:
 
 
 def supports(spec: LossSpec) -> bool:
-    """True when the operator computes ``spec`` (any active kind; passive NONE, CE, FL,
-    FL_DETACHED, MAE, RCE or GCE: every loss :func:`apl.spec.spec_for` builds)."""
-    return isinstance(spec, LossSpec) and spec.passive in SUPPORTED_PASSIVE
+    """True when the operator computes ``spec``: any active kind, a passive kind of
+    :data:`SUPPORTED_PASSIVE` (every sum :func:`apl.spec.spec_for` builds), no label smoothing."""
+    return not unsupported_reason(spec)
+
+
+def unsupported_reason(spec: LossSpec) -> str:
+    """Why the operator does not compute ``spec`` ('' when it does)."""
+    if not isinstance(spec, LossSpec):
+        return f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}"
+    if spec.passive not in SUPPORTED_PASSIVE:
+        return (f"the fused operator does not support {spec.passive.name} as the passive term (supported: "
+                f"{', '.join(k.name for k in SUPPORTED_PASSIVE)})")
+    if spec.smoothing:
+        return "the fused operator has no label smoothing (the reference computes it)"
+    return ""
 
 
 def launch_counts(spec: LossSpec, reduction: str = "mean") -> tuple[int, int]:
@@ -160,15 +173,14 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None):
-    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or [N] for 'none'), stats
-    [N, NUM_STATS], batch [NUM_BATCH]."""
-    torch._check(logits.dim() == 2, lambda: "apl_loss: logits must be 2-D (N, C)")
-    torch._check(target.dim() == 1, lambda: "apl_loss: target must be 1-D (N,)")
+    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or the target's shape for 'none'),
+    stats [rows, NUM_STATS] (a row per position), batch [NUM_BATCH]."""
+    torch._check(logits.dim() >= 2, lambda: "apl_loss: logits must be (N, C) or (N, C, d1, ..., dK)")
+    torch._check(target.dim() == logits.dim() - 1, lambda: "apl_loss: target must be (N,) or (N, d1, ..., dK)")
     if weight is not None:  # as the C++ check, for meta and fake tensors
         validate_weight(weight.detach(), logits)
-    n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == 0 else ())
-    stats = logits.new_empty((n, NUM_STATS), dtype=_stats_dtype(logits.dtype))
+    loss = logits.new_empty(target.shape if reduction == 0 else ())
+    stats = logits.new_empty((target.numel(), NUM_STATS), dtype=_stats_dtype(logits.dtype))
     batch = logits.new_empty((NUM_BATCH,), dtype=_stats_dtype(logits.dtype))
     return loss, stats, batch
 
@@ -194,10 +206,9 @@ def _require_built() -> None:
 def _require(spec: LossSpec, reduction: str, ignore_index: int = -100) -> None:
     """Raise ``ValueError`` unless the arguments are valid and the operator computes ``spec``."""
     check_call(spec, reduction, ignore_index)
-    if not supports(spec):
-        raise ValueError(f"the fused operator does not support {spec.passive.name} as the passive "
-                         f"term (supported: {', '.join(k.name for k in SUPPORTED_PASSIVE)}); "
-                         f"use apl.losses.reference_loss")
+    reason = unsupported_reason(spec)
+    if reason:
+        raise ValueError(f"{reason}; use apl.losses.reference_loss")
 
 
 def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> tuple:
@@ -209,10 +220,25 @@ def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -
             float(spec.q), REDUCTION_CODES[reduction], ignore_index)
 
 
+_REDUCTION_ARG = 6  # where op_args puts the reduction code
+
+
 def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
           weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
-    modules and functions. The operator itself checks the tensors (``ValueError``)."""
+    modules and functions. The operator itself checks the tensors (``ValueError``).
+    ``F.cross_entropy``'s (N, C, d1, ..., dK) layout goes to the operator as it is; an unbatched
+    (C,) is one row (:func:`apl.spec.positions_as_rows`)."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        raise ValueError("the fused operator takes class-index targets; probability targets are computed by "
+                         "the reference (backend='auto' or 'reference', fused=False)")
+    if isinstance(logits, torch.Tensor) and logits.dim() != 2 and isinstance(target, torch.Tensor):
+        if logits.dim() > 2:
+            check_positions(logits, target)  # named in Python's shape notation, as the reference does
+        else:
+            rows, rows_target, shape = positions_as_rows(logits, target)
+            loss = apply(rows, rows_target, args, weight)
+            return loss.reshape(shape) if args[_REDUCTION_ARG] == REDUCTION_CODES["none"] else loss
     if not torch.compiler.is_compiling():  # eager: straight to the dispatcher (csrc/python_module.cpp)
         loss = _C.loss(logits, target, args, weight)
         if loss is not NotImplemented:

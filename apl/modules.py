@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 #: Keyword parameters that :func:`apl.spec.spec_for` understands.
-SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta")
+SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta", "label_smoothing")
 
 
 def _describe(spec: LossSpec) -> str:
@@ -30,10 +30,12 @@ def _describe(spec: LossSpec) -> str:
     if spec.passive != Kind.NONE:
         parts += [f"passive={spec.passive.name}", f"beta={spec.beta:g}"]
     kinds = (spec.active, spec.passive)
-    if any(k in (Kind.FL, Kind.FL_DETACHED, Kind.NFL_MA2020, Kind.NFL_PAPER) for k in kinds):
+    if spec.uses_gamma:
         parts.append(f"gamma={spec.gamma:g}")
     if Kind.GCE in kinds:
         parts.append(f"q={spec.q:g}")
+    if spec.smoothing:
+        parts.append(f"label_smoothing={spec.smoothing:g}")
     return ", ".join(parts)
 
 
@@ -89,11 +91,14 @@ class APLLoss(nn.Module):
         self._backends: dict[torch.device, str] = {}  # device -> backend, decided on first use
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of ``logits`` (N, C) against ``target`` (N,), reduced by ``self.reduction``."""
+        """The loss of ``logits`` (N, C) against ``target`` (N,), or (N, C, d1, ..., dK) against
+        (N, d1, ..., dK) as ``F.cross_entropy``, reduced by ``self.reduction``."""
         check_num_classes(logits, self.num_classes)  # the backend checks the rest
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         chosen = self._backends.get(device)
-        if chosen is None:
+        if isinstance(target, torch.Tensor) and target.is_floating_point():  # probabilities: the reference
+            chosen = backend_for(self.backend, self.spec, device, target)
+        elif chosen is None:
             chosen = backend_for(self.backend, self.spec, device)
             if not torch.compiler.is_compiling():  # a traced call must not mutate the module
                 self._backends[device] = chosen

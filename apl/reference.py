@@ -11,7 +11,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from apl.spec import PROB_CLAMP, RCE_A, Kind, LossSpec, author_affine, check_call, validate_inputs, validate_weight
+from apl.spec import (
+    LABEL_CLAMP,
+    PROB_CLAMP,
+    RCE_A,
+    Kind,
+    LossSpec,
+    author_affine,
+    check_call,
+    positions_as_rows,
+    validate_inputs,
+    validate_weight,
+)
 
 __all__ = ["reference_loss"]
 
@@ -164,7 +175,11 @@ def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """``spec.alpha * active + spec.beta * passive`` per row, reduced: the pure-PyTorch reference.
 
-    ``logits`` (N, C) floating, ``target`` (N,) class indices. Rows whose target is
+    ``logits`` (N, C) floating, ``target`` (N,) class indices or (N, C) probabilities (for the
+    losses LOSSES.md "Soft targets" extends); or, as ``F.cross_entropy``, (N, C, d1, ..., dK)
+    and (N, d1, ..., dK) (or probabilities of the logits' shape), each position a row
+    (:func:`positions_as_rows`; ``"none"`` returns the positions' shape). ``spec.smoothing`` is
+    ``F.cross_entropy``'s ``label_smoothing`` (CE). Rows whose target is
     ``ignore_index`` add 0 and are left out of every batch statistic (the paper forms' H and B)
     and of the ``mean`` denominator; ``mean`` of a batch with no valid row is NaN, like
     ``F.cross_entropy``. ``weight`` (C,), optional per-class weights: row i's loss is scaled
@@ -175,10 +190,22 @@ def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
     float32 and the result cast back to the input dtype.
     """
     check_call(spec, reduction, ignore_index)
+    logits, target, shape = positions_as_rows(logits, target)
     target = validate_inputs(logits, target, reduction=reduction, ignore_index=ignore_index)
     weight = validate_weight(weight, logits)
     compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     z = logits.to(compute_dtype)
+    if target.is_floating_point():
+        loss = _soft_target_loss(z, target.to(compute_dtype), spec, reduction, ignore_index, weight)
+    else:
+        loss = _index_target_loss(z, target, spec, reduction, ignore_index, weight)
+    loss = loss.to(logits.dtype)
+    return loss.reshape(shape) if shape is not None and reduction == "none" else loss
+
+
+def _index_target_loss(z, target, spec, reduction, ignore_index, weight) -> torch.Tensor:
+    """The loss of class-index targets (LOSSES.md's table), label smoothing as F.cross_entropy's."""
+    compute_dtype = z.dtype
     valid = target != ignore_index
     rows = _Rows(z, torch.where(valid, target, torch.zeros_like(target)), valid)
 
@@ -190,4 +217,43 @@ def reference_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec,
     if weight is not None:
         row_weight = torch.where(valid, weight.to(compute_dtype)[rows.target], torch.zeros_like(per_row))
         per_row = per_row * row_weight
-    return _reduce(per_row, valid, reduction, row_weight).to(logits.dtype)
+    if spec.smoothing:
+        # (1 - e) CE + (e / C) sum_k w_k (-log p_k): the uniform part weighted per class, not by w_y
+        uniform = -(rows.log_p if weight is None else rows.log_p * weight.to(compute_dtype)).sum(dim=1)
+        uniform = torch.where(valid, uniform, torch.zeros_like(uniform))
+        per_row = (1 - spec.smoothing) * per_row + spec.alpha * spec.smoothing / rows.num_classes * uniform
+    return _reduce(per_row, valid, reduction, row_weight)
+
+
+def _soft_target_loss(z, t, spec, reduction, ignore_index, weight) -> torch.Tensor:
+    """The loss of probability targets ``t`` (N, C) (LOSSES.md "Soft targets")."""
+    if not spec.soft_target_kinds:
+        kinds = "+".join(k.name for k in (spec.active, spec.passive) if k != Kind.NONE)
+        raise ValueError(f"probability targets are defined for CE, MAE and RCE terms (LOSSES.md \"Soft targets\"); "
+                         f"{kinds} has no principled extension to them: pass class indices")
+    if ignore_index != -100:
+        raise ValueError(f"ignore_index={ignore_index} applies to class-index targets; probability targets have "
+                         f"no ignored rows")
+    if weight is not None and (spec.active, spec.passive) != (Kind.CE, Kind.NONE):
+        raise ValueError("per-class weights with probability targets are defined for ce alone (F.cross_entropy's)")
+    c = z.shape[1]
+    if spec.smoothing:
+        t = t * (1 - spec.smoothing) + spec.smoothing / c
+    log_p = F.log_softmax(z, dim=1)
+
+    def term(kind):
+        if kind == Kind.CE:
+            return -(t * log_p if weight is None else t * log_p * weight.to(z.dtype)).sum(dim=1)
+        p = log_p.exp()
+        if kind == Kind.MAE:
+            return 0.5 * (p - t).abs().sum(dim=1)
+        if kind == Kind.MAE_AUTHOR:
+            return (p - t).abs().mean(dim=1)
+        return -(p.clamp(PROB_CLAMP, 1.0) * t.clamp(LABEL_CLAMP, 1.0).log()).sum(dim=1)  # RCE
+
+    per_row = spec.alpha * term(spec.active)
+    if spec.passive != Kind.NONE:
+        per_row = per_row + spec.beta * term(spec.passive)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()

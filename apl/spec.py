@@ -16,14 +16,17 @@ import torch
 
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
-    "spec_for", "canonical_name", "check_call", "validate_inputs", "check_num_classes", "validate_weight",
+    "spec_for", "canonical_name", "check_call", "positions_as_rows", "check_positions", "validate_inputs",
+    "check_num_classes",
+    "validate_weight",
     "INDEX_DTYPES", "PAPER_LAMBDA", "AUTHOR_LAMBDA", "DEFAULT_GAMMA", "AUTHOR_SMOOTHING", "AUTHOR_TARGET_CLIP",
-    "author_affine",
+    "author_affine", "SOFT_TARGET_KINDS", "LABEL_CLAMP", "FOCAL_KINDS",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
 #: so A = -log(1e-4) (the paper text of Ma et al. quotes A = -4; the code is what ran).
-RCE_A = -math.log(1e-4)
+LABEL_CLAMP = 1e-4  # the official code's clamp of the label distribution before the log
+RCE_A = -math.log(LABEL_CLAMP)
 #: Lower clamp the official code applies to probabilities inside RCE and GCE.
 PROB_CLAMP = 1e-7
 #: The seed paper's author's RCE: a smoothed target, 1 - s on the label and s / (C - 1) elsewhere,
@@ -52,6 +55,12 @@ class Kind(enum.IntEnum):
 
 LOSS_NAMES = ("ce", "fl", "mae", "rce", "gce", "sce", "nce", "nfl",
               "nce+mae", "nce+rce", "nfl+mae", "nfl+rce")
+#: Kinds with a focal exponent ``gamma``.
+FOCAL_KINDS = frozenset({Kind.FL, Kind.FL_DETACHED, Kind.NFL_MA2020, Kind.NFL_PAPER})
+#: Kinds defined for probability targets t (LOSSES.md "Soft targets"): CE -sum t_k log p_k
+#: (F.cross_entropy), MAE as |p - t|_1 / 2 and the author's as its mean over classes, RCE as
+#: -sum clamp(p_k) log clamp(t_k, 1e-4, 1) (Wang et al.'s definition for any label distribution).
+SOFT_TARGET_KINDS = (Kind.CE, Kind.MAE, Kind.MAE_AUTHOR, Kind.RCE)
 #: The forms of the losses (LOSSES.md "Three forms"): the cited work's official code, the seed
 #: paper's printed formulas, and the code the seed paper's author ran.
 VARIANTS = ("ma2020", "paper", "author")
@@ -81,7 +90,8 @@ DEFAULT_GAMMA = {"ma2020": 0.5, "paper": 2.0, "author": 2.0}
 class LossSpec:
     """``alpha * active + beta * passive``, per row, then reduced.
 
-    ``gamma`` is the focal exponent (FL/NFL kinds), ``q`` the GCE exponent.
+    ``gamma`` is the focal exponent (FL/NFL kinds), ``q`` the GCE exponent, ``smoothing``
+    ``F.cross_entropy``'s ``label_smoothing`` (CE alone; LOSSES.md "Soft targets").
     """
 
     active: Kind
@@ -90,6 +100,7 @@ class LossSpec:
     beta: float = 0.0
     gamma: float = 0.5
     q: float = 0.7
+    smoothing: float = 0.0
 
     def __post_init__(self):
         if self.active == Kind.NONE:
@@ -100,6 +111,21 @@ class LossSpec:
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
         if not (0 < self.q <= 1):
             raise ValueError(f"q must be in (0, 1], got {self.q}")
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.smoothing}")
+        if self.smoothing and (self.active, self.passive) != (Kind.CE, Kind.NONE):
+            raise ValueError(f"label_smoothing is defined for ce alone (F.cross_entropy's); "
+                             f"{self.active.name}+{self.passive.name} has no published definition with it")
+
+    @property
+    def uses_gamma(self) -> bool:
+        """True when a term has a focal exponent (FL and NFL kinds)."""
+        return bool({self.active, self.passive} & FOCAL_KINDS)
+
+    @property
+    def soft_target_kinds(self) -> bool:
+        """True when every term extends to probability targets (LOSSES.md "Soft targets")."""
+        return self.active in SOFT_TARGET_KINDS and self.passive in SOFT_TARGET_KINDS + (Kind.NONE,)
 
     @property
     def batch_level(self) -> bool:
@@ -109,7 +135,7 @@ class LossSpec:
 
 def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, q: float = 0.7,
              lam: float | None = None, alpha: float | None = None,
-             beta: float | None = None) -> LossSpec:
+             beta: float | None = None, label_smoothing: float = 0.0) -> LossSpec:
     """Build the :class:`LossSpec` of a named loss.
 
     ``variant`` picks the form of NCE, NFL, FL, MAE and RCE: ``"ma2020"`` is the cited work's
@@ -121,7 +147,8 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, 
     alpha = beta = 1).
     For a single loss, ``alpha`` scales it (the cited work trains NFL with scale 10).
     ``sce`` is ``alpha*CE + beta*RCE`` with the cited work's CIFAR-10 defaults 0.1 and 1;
-    ``ce``, ``gce`` and ``sce`` are the same in every variant.
+    ``ce``, ``gce`` and ``sce`` are the same in every variant. ``label_smoothing`` is
+    ``F.cross_entropy``'s, for ``ce`` only.
     """
     name = canonical_name(name)
     if name not in LOSS_NAMES:
@@ -130,6 +157,9 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, 
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if lam is not None and (alpha is not None or beta is not None):
         raise ValueError("give either lam (the paper's weighting) or alpha/beta, not both")
+    if label_smoothing and name != "ce":
+        raise ValueError(f"label_smoothing is defined for ce alone (F.cross_entropy's semantics); "
+                         f"{name!r} has no published definition with it")
     common = dict(q=float(q))
     if gamma is not None or name.split("+")[0] in ("fl", "nfl"):  # other losses keep one spec in every variant
         common["gamma"] = DEFAULT_GAMMA[variant] if gamma is None else float(gamma)
@@ -155,7 +185,8 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, 
     if beta is not None:
         raise ValueError(f"beta weights a passive term; {name!r} has none")
     kind = _SIMPLE.get(name) or _BY_VARIANT[(name, variant)]
-    return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, **common)
+    return LossSpec(kind, Kind.NONE, 1.0 if alpha is None else float(alpha), 0.0, smoothing=float(label_smoothing),
+                    **common)
 
 
 def author_affine(kind: Kind, num_classes: int) -> tuple[float, float]:
@@ -196,14 +227,64 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def positions_as_rows(logits, target):
+    """``F.cross_entropy``'s layouts as the rows every loss computes on: ``(logits, target, shape)``.
+
+    Logits (N, C, d1, ..., dK) with class dimension 1 and targets (N, d1, ..., dK) become
+    (N*d1*...*dK, C) and (N*d1*...*dK,), one row per position (a copy: the class dimension is
+    moved last); an unbatched (C,) with a 0-D target becomes one row. ``shape`` is the target's
+    shape, what ``reduction="none"`` returns, or None for (N, C) logits, which pass through
+    unchanged (as does anything that is not a tensor: :func:`validate_inputs` names it).
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor) or logits.dim() == 2:
+        return logits, target, None
+    soft = target.is_floating_point()  # probability targets: the logits' shape, classes in dimension 1
+    if logits.dim() == 1:
+        if target.dim() != (1 if soft else 0):
+            raise ValueError(f"unbatched logits of shape {tuple(logits.shape)} need a 0-D target (or probabilities "
+                             f"of their shape), got shape {tuple(target.shape)}")
+        return logits[None], target[None], logits.shape[:0]
+    if logits.dim() == 0:
+        raise ValueError("logits must be (N, C), (N, C, d1, ..., dK) or unbatched (C,), got a 0-D tensor")
+    check_positions(logits, target)
+    shape = (logits.shape[0], *logits.shape[2:])
+    rows_target = target.movedim(1, -1).reshape(-1, logits.shape[1]) if soft else target.reshape(-1)
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1]), rows_target, torch.Size(shape)
+
+
+def check_positions(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``target`` is (N, d1, ..., dK) for (N, C, d1, ..., dK) ``logits``
+    (or, floating, probabilities of the logits' own shape)."""
+    if target.is_floating_point():
+        return check_probabilities_shape(logits, target)
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target of shape {tuple(target.shape)} does not match logits of shape "
+                         f"{tuple(logits.shape)}: logits (N, C, d1, ..., dK) need a target (N, d1, ..., dK) "
+                         f"= {expected}")
+
+
+def check_probabilities_shape(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless a floating ``target`` has the logits' shape (probabilities)."""
+    if target.shape == logits.shape:
+        return
+    if target.dim() == logits.dim() - 1:  # the shape of class indices: float labels, a common slip
+        raise ValueError(f"target must be an integer tensor of class indices (got dtype {target.dtype}), "
+                         f"or probabilities of the logits' shape {tuple(logits.shape)}")
+    raise ValueError(f"probability targets must have the logits' shape {tuple(logits.shape)}, "
+                     f"got {tuple(target.shape)}")
+
+
 def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean",
                     ignore_index: int = -100, num_classes: int | None = None,
                     check_range: bool = True) -> torch.Tensor:
-    """Raise ``ValueError`` naming the problem, or return ``target`` as int64.
+    """Raise ``ValueError`` naming the problem, or return ``target`` as int64 (class indices) or
+    as it is (probabilities).
 
     Checks: logits are a 2-D floating tensor (N, C) with C >= 2; target is a 1-D integer
-    tensor of length N on the same device; every target is in [0, C) or equals
-    ``ignore_index``; ``reduction`` is known. NaN logits are *not* an error: they give a
+    tensor of length N on the same device, every target in [0, C) or equal to
+    ``ignore_index``, or a floating (N, C) tensor of probabilities (values not checked, as
+    ``F.cross_entropy``); ``reduction`` is known. NaN logits are *not* an error: they give a
     NaN loss. ``check_range=False`` skips the range check (it costs a device sync on GPU);
     under ``torch.compile`` it is skipped too (a data-dependent branch would split the graph),
     as PyTorch's own losses leave it to their kernels.
@@ -213,13 +294,18 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be (N, C), (N, C, d1, ..., dK) or (C,), got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"logits must be a floating tensor, got dtype {logits.dtype}")
     n, c = logits.shape
     if c < 2:
         raise ValueError(f"logits need at least 2 classes, got C={c}")
     check_num_classes(logits, num_classes)
+    if target.is_floating_point():
+        check_probabilities_shape(logits, target)
+        if target.device != logits.device:
+            raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+        return target
     if target.dim() != 1:
         raise ValueError(f"target must be 1-D (N,), got shape {tuple(target.shape)}")
     if target.dtype not in INDEX_DTYPES:
@@ -239,14 +325,15 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
 
 
 def check_num_classes(logits: torch.Tensor, num_classes: int | None) -> None:
-    """Raise ``ValueError`` when 2-D ``logits`` do not have ``num_classes`` columns (None: any).
+    """Raise ``ValueError`` when ``logits`` do not have ``num_classes`` classes (None: any).
 
     Only the class count: the rest of the input is :func:`validate_inputs`' (or the fused
     operator's) to check, so a loss module that knows its C checks the input once.
     """
-    if num_classes is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2 \
-            and logits.shape[1] != num_classes:
-        raise ValueError(f"logits have C={logits.shape[1]} classes but the loss was built for {num_classes}")
+    if num_classes is not None and isinstance(logits, torch.Tensor) and logits.dim() >= 1:
+        c = logits.shape[0 if logits.dim() == 1 else 1]  # unbatched (C,), else class dimension 1
+        if c != num_classes:
+            raise ValueError(f"logits have C={c} classes but the loss was built for {num_classes}")
 
 
 def validate_weight(weight, logits: torch.Tensor) -> torch.Tensor | None:
@@ -259,7 +346,7 @@ def validate_weight(weight, logits: torch.Tensor) -> torch.Tensor | None:
         return None
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
-    c = logits.shape[-1]
+    c = logits.shape[1] if logits.dim() >= 2 else logits.shape[-1]  # class dimension 1, as F.cross_entropy
     if weight.dim() != 1 or weight.shape[0] != c:
         raise ValueError(f"weight must be 1-D with one entry per class ({c}), got shape {tuple(weight.shape)}")
     if weight.dtype not in _FLOAT_DTYPES:

@@ -23,6 +23,12 @@ module/F.cross_entropy and reference/floor.
     python benchmarks/bench_losses.py --quick    # fewer shapes, no torch.compile
     python benchmarks/bench_losses.py --ns 128 --cs 10,100 --no-compile   # the shapes people train with
     python benchmarks/bench_losses.py --device cuda
+    python benchmarks/bench_losses.py --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
+
+``--shape`` times F.cross_entropy's K-dimensional layout instead ((N, C, d1, ..., dK) logits,
+(N, d1, ..., dK) targets), as users pass it to ``fused`` (the module), ``reference`` and
+``F.cross_entropy``; ``fused on rows`` is the same module on the positions already laid out as
+(N*D, C) rows, for comparison with the layout the kernels were first written for.
 """
 from __future__ import annotations
 
@@ -127,6 +133,8 @@ def main(argv=None) -> int:
                         help="subset of: " + ", ".join(LOSSES))
     parser.add_argument("--ns", type=_int_list, default=None, help="batch sizes, e.g. 128,1000 (overrides the presets)")
     parser.add_argument("--cs", type=_int_list, default=None, help="class counts, e.g. 10,100 (overrides the presets)")
+    parser.add_argument("--shape", type=_int_list, default=None,
+                        help="one K-dimensional logits shape N,C,d1,...,dK (e.g. 4,21,256,256) instead of N x C")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -147,6 +155,8 @@ def main(argv=None) -> int:
     print("# apl fused loss benchmark: forward+backward, median of repeats, times in ms\n")
     print(f"torch {torch.__version__}, device {args.device} (row kernels: {isa}), "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    if args.shape:
+        return layout_table(args, max_repeats)
     header = ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
               "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
     print("| " + " | ".join(header) + " |")
@@ -178,6 +188,36 @@ def main(argv=None) -> int:
                        _fmt_ms(t_ce), _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused),
                        _ratio(t_fused, t_ce), _ratio(t_mod, t_ce), _ratio(t_ref, t_floor)]
                 print("| " + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+def layout_table(args, max_repeats: int) -> int:
+    """The ``--shape`` table: each loss on one (N, C, d1, ..., dK) batch."""
+    if len(args.shape) < 3:
+        print("--shape needs N,C and at least one more dimension (use --ns/--cs for N x C)", file=sys.stderr)
+        return 2
+    n, c, *rest = args.shape
+    header = ["loss", "shape", "fused", "fused on rows", "reference", "F.cross_entropy",
+              "reference/fused", "fused/F.ce"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(args.shape, generator=g) * 3).to(args.device)
+    target = torch.randint(0, c, (n, *rest), generator=g).to(args.device)
+    rows, rows_target = logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
+    for name in args.losses:
+        spec = LOSSES[name]
+        module = APLLoss(spec, backend="fused")
+        contenders = {"fused": module, "reference": lambda x, y: reference_loss(x, y, spec)}
+        if name == "CE":
+            contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
+        t = time_steps(contenders, logits, target, args.device, min_time=args.min_time, max_repeats=max_repeats)
+        t_rows = time_steps({"rows": module}, rows, rows_target, args.device, min_time=args.min_time,
+                            max_repeats=max_repeats)["rows"]
+        t_ce = t.get("F.cross_entropy")
+        row = [name, "x".join(map(str, args.shape)), _fmt_ms(t["fused"]), _fmt_ms(t_rows), _fmt_ms(t["reference"]),
+               _fmt_ms(t_ce), _ratio(t["reference"], t["fused"]), _ratio(t["fused"], t_ce)]
+        print("| " + " | ".join(row) + " |", flush=True)
     return 0
 
 

@@ -54,6 +54,10 @@ BENCH_NS = (128, 4096)
 BENCH_CS = (10, 1000, 32000, 128000)
 QUICK_BENCH_CS = (10, 32000)
 BENCH_DTYPES = ("float32", "bfloat16")
+#: F.cross_entropy's segmentation layout (N, C, H, W): the kernels read it in place on the CPU and
+#: through a transposed copy on CUDA, whose cost this measures.
+SEGMENTATION_SHAPE = (4, 21, 256, 256)
+SEGMENTATION_LOSSES = ("CE", "NCE+RCE (ma2020)")
 #: Shape of the kernel-launch count (C <= 1024: the warp-per-row kernel).
 LAUNCH_SHAPE = (512, 1000)
 #: Training modes timed one after another in one process: (name, amp, compile, channels_last).
@@ -282,6 +286,20 @@ def render_markdown(results: dict) -> str:
                          ratio(f, ms.get("F.cross_entropy")),
                          "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items()) or ""])
         lines += _table(header, rows) + [""]
+
+    if bench and bench.get("segmentation"):
+        lines += ["## Segmentation layout: forward + backward, median ms, float32", "",
+                  "`fused`: the (N, C, H, W) logits as users pass them (on CUDA through a transposed copy); "
+                  "`fused on rows`: the same positions already laid out as (N*H*W, C).", ""]
+        rows = []
+        for r in bench["segmentation"]:
+            ms = r.get("seconds", {})
+            f, ce = ms.get("fused"), ms.get("F.cross_entropy")
+            rows.append([r["loss"], "x".join(map(str, r["shape"])), _fmt_ms(f), _fmt_ms(ms.get("fused on rows")),
+                         _fmt_ms(ce), "-" if f is None or ce is None else f"{f / ce:.2f}x",
+                         "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items())])
+        lines += _table(["loss", "shape", "fused", "fused on rows", "F.cross_entropy", "fused/F.ce", "skipped"],
+                        rows) + [""]
 
     launches = steps.get("launches")
     if launches and launches.get("rows"):
@@ -548,7 +566,40 @@ def _worker_bench(p: dict, out: Path) -> None:
                     result["rows"] = rows
                     _write_json_atomic(out, result)
     result["rows"] = rows
+    result["segmentation"] = _segmentation_rows(p, specs, time_steps, device, deadline)
     _write_json_atomic(out, result)
+
+
+def _segmentation_rows(p, specs, time_steps, device, deadline) -> list:
+    """Forward + backward of the (N, C, H, W) layout as users pass it, of the same positions as
+    (N*H*W, C) rows, and of F.cross_entropy (CE), in float32."""
+    import torch
+    import torch.nn.functional as F
+
+    from apl.losses import APLLoss
+
+    n, c, *rest = p["segmentation_shape"]
+    rows = []
+    for loss_name in p["segmentation_losses"]:
+        row = {"loss": loss_name, "shape": list(p["segmentation_shape"]), "seconds": {}, "skipped": {}}
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row["skipped"]["all"] = "time box"
+            continue
+        module = APLLoss(specs[loss_name], backend="fused")
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(n, c, *rest, device=device, generator=g) * 3
+        target = torch.randint(0, c, (n, *rest), device=device, generator=g)
+        contenders = {"fused": module}
+        if loss_name == "CE":
+            contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
+        row["seconds"] = _time_contenders(time_steps, contenders, logits, target, device, p, row)
+        as_rows = logits.movedim(1, -1).reshape(-1, c)
+        row["seconds"].update({"fused on rows": s for s in _time_contenders(
+            time_steps, {"rows": module}, as_rows, target.reshape(-1), device, p, row).values()})
+        del logits, target, as_rows
+        _free(device)
+    return rows
 
 
 def _time_contenders(time_steps, contenders, logits, target, device, p, row) -> dict:
@@ -882,6 +933,7 @@ def step_bench(args, out_dir: Path, peak) -> dict:
               "ns": list(BENCH_NS), "cs": list(QUICK_BENCH_CS if args.quick else BENCH_CS),
               "compile": not args.quick, "min_time": 0.05, "max_repeats": 100,
               "max_step_s": 1.0, "compile_reserve_s": 15.0, "peak_gbps": peak,
+              "segmentation_shape": list(SEGMENTATION_SHAPE), "segmentation_losses": list(SEGMENTATION_LOSSES),
               # The worker stops starting rows a little before the hard limit, to write its results.
               "budget_s": max(1.0, args.bench_timeout - 10)}
     st = _run_worker_step("bench", params, out_dir, args.bench_timeout)

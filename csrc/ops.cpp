@@ -44,14 +44,23 @@ static void check_weight(const std::optional<at::Tensor>& weight, const at::Tens
 void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
                         double alpha, double beta, double gamma, double q, int64_t reduction,
                         const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "apl_loss: logits must be 2-D (N, C), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() >= 2, "apl_loss: logits must be 2-D (N, C) or (N, C, d1, ..., dK), got shape ",
+                    logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "apl_loss: logits must be a floating tensor, got dtype ",
                     logits.scalar_type());
   auto dt = logits.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                     "apl_loss: logits dtype ", dt, " is not supported (float16, bfloat16, float32, float64)");
   TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=", logits.size(1));
-  TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
+  if (logits.dim() == 2) {
+    TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
+  } else {
+    std::vector<int64_t> expected{logits.size(0)};
+    for (int64_t d = 2; d < logits.dim(); ++d) expected.push_back(logits.size(d));
+    TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), "apl_loss: target of shape ", target.sizes(),
+                      " does not match logits of shape ", logits.sizes(), " (expected ", at::IntArrayRef(expected),
+                      ")");
+  }
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
                     "apl_loss: target must be an int64 tensor of class indices, got dtype ", target.scalar_type());
   TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "apl_loss: logits have N=", logits.size(0),
@@ -113,6 +122,21 @@ static bool set_sync_target_check(bool enabled) {
   return sync_target_check_flag().exchange(enabled, std::memory_order_relaxed);
 }
 
+int64_t positions_per_sample(const at::Tensor& logits) {
+  int64_t d = 1;
+  for (int64_t i = 2; i < logits.dim(); ++i) d *= logits.size(i);
+  return d;
+}
+
+at::Tensor logits_as_rows(const at::Tensor& logits) { return logits.movedim(1, -1).reshape({-1, logits.size(1)}); }
+
+at::Tensor grad_from_rows(const at::Tensor& grad_rows, const at::Tensor& logits) {
+  std::vector<int64_t> moved{logits.size(0)};
+  for (int64_t d = 2; d < logits.dim(); ++d) moved.push_back(logits.size(d));
+  moved.push_back(logits.size(1));
+  return grad_rows.view(moved).movedim(-1, 1).contiguous();
+}
+
 LaunchPlan launch_plan(int64_t active, int64_t reduction) {
   const int a = static_cast<int>(active), r = static_cast<int>(reduction);
   return LaunchPlan{1 + int64_t(row::needs_batch_step(a, r)), 1 + int64_t(row::needs_backward_batch_step(a, r))};
@@ -132,7 +156,7 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
                          double alpha, double beta, double gamma, double q, int64_t reduction,
                          const std::optional<at::Tensor>& weight) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight);
-  const int64_t n = logits.size(0);
+  const int64_t n = target.numel();  // rows: one per position
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
                     "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ", stats.sizes());
@@ -151,8 +175,8 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
   TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()), "apl_loss_backward: grad_loss must be floating, got ",
                     grad_loss.scalar_type());
   if (reduction == row::RED_NONE) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n, "apl_loss_backward: grad_loss must have shape (",
-                      n, ") for reduction='none', got ", grad_loss.sizes());
+    TORCH_CHECK_VALUE(grad_loss.sizes() == target.sizes(), "apl_loss_backward: grad_loss must have the target's shape ",
+                      target.sizes(), " for reduction='none', got ", grad_loss.sizes());
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1,
                       "apl_loss_backward: grad_loss must be a scalar for a reduced loss, got shape ",

@@ -36,12 +36,20 @@ bool sync_target_check();
 // The (checked) weight as a contiguous tensor of the accumulation dtype (undefined when not given).
 at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits);
 
-// The backward's checks: as the forward's plus stats [N, NUM_STATS] and batch [NUM_BATCH] in
-// the accumulation dtype and grad_loss of the reduced shape ([] or [N]).
+// The backward's checks: as the forward's plus stats [rows, NUM_STATS] and batch [NUM_BATCH] in
+// the accumulation dtype and grad_loss of the reduced shape ([] or the target's).
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                          double alpha, double beta, double gamma, double q, int64_t reduction,
                          const std::optional<at::Tensor>& weight);
+
+// F.cross_entropy's (N, C, d1, ..., dK) layout: positions per sample D = d1 * ... * dK (1 for
+// (N, C)); row i of the loss is position i % D of sample i / D. Kernels that do not read the
+// layout directly compute on logits_as_rows (a transposed copy, (N * D, C)) and return their
+// gradient through grad_from_rows (the inverse copy, in the logits' shape).
+int64_t positions_per_sample(const at::Tensor& logits);
+at::Tensor logits_as_rows(const at::Tensor& logits);
+at::Tensor grad_from_rows(const at::Tensor& grad_rows, const at::Tensor& logits);
 
 // Steps (kernel launches on CUDA) of one forward and one backward call with N > 0 rows:
 // the row pass, plus the batch step where row::needs_batch_step / needs_backward_batch_step.

@@ -26,6 +26,7 @@ def _fake_fused(monkeypatch, available, calls=None, cuda=False):
     mod.is_available = lambda: available
     mod.cuda_launch_problem = lambda device: "" if available and cuda else "no CUDA kernels (test)"
     mod.supports = lambda spec: spec.passive in (Kind.NONE, Kind.MAE, Kind.RCE)
+    mod.unsupported_reason = lambda spec: "" if mod.supports(spec) else f"no {spec.passive.name} (test)"
     mod.unavailable_reason = lambda: "" if available else "extension apl._C not built (test)"
     mod.op_args = lambda spec, reduction="mean", ignore_index=-100: (spec, reduction, ignore_index)
 

@@ -89,3 +89,17 @@ def test_compare_builds_table_takes_medians_over_rounds(tmp_path, capsys):
     assert "median 0.50x" in out
     with pytest.raises(SystemExit):
         cb.main(["table", "--before", str(files[0])])
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_bench_losses_times_the_segmentation_layout(capsys):
+    bench = load_bench()
+    assert bench.main(["--shape", "2,5,4,4", "--min-time", "0", "--losses", "CE", "NCE (paper)"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["loss", "shape", "fused", "fused on rows", "reference", "F.cross_entropy",
+                      "reference/fused", "fused/F.ce"]
+    rows = [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("CE", "2x5x4x4"), ("NCE (paper)", "2x5x4x4")]
+    assert rows[0][5] != "-" and rows[1][5] == "-"  # F.cross_entropy only on the CE row
+    assert bench.main(["--shape", "2,5", "--min-time", "0"]) == 2

@@ -525,7 +525,7 @@ T = torch.tensor([0, 1, 2, 0])
     ((Z, T.float()), "target must be an int64 tensor"),
     ((Z, T.int()), "target must be an int64 tensor"),
     ((Z[0], T), r"logits must be 2-D"),
-    ((Z.unsqueeze(0), T), r"logits must be 2-D"),
+    ((Z.unsqueeze(0), T), r"target of shape \[\d+\] does not match logits of shape \[1, \d+, \d+\]"),
     ((Z, T[None]), r"target must be 1-D"),
     ((Z, T[:3]), r"logits have N=4 rows but target has 3"),
     ((Z[:, :1], T * 0), r"at least 2 classes"),
@@ -562,7 +562,7 @@ def test_backward_op_rejects_bad_input():
         backward(loss, Z, T, stats, batch.double(), *tail)
     with pytest.raises(ValueError, match="grad_loss must be a scalar"):
         backward(torch.ones(4), Z, T, stats, batch, *tail)
-    with pytest.raises(ValueError, match=r"grad_loss must have shape \(4\)"):
+    with pytest.raises(ValueError, match=r"grad_loss must have the target's shape \[4\]"):
         backward(torch.ones(()), Z, T, stats, batch, 1, 0, 1.0, 0.0, 0.5, 0.7, 0, IGNORE)
     with pytest.raises(ValueError, match="out of range"):
         backward(loss, Z, torch.tensor([0, 1, 5, 0]), stats, batch, *tail)
@@ -573,8 +573,10 @@ def test_wrapper_rejects_bad_input():
     spec = spec_for("nce+rce")
     with pytest.raises(ValueError, match="out of range"):
         fused.fused_loss(Z, torch.tensor([0, 1, 7, 0]), spec)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="unbatched logits of shape .* need a 0-D target"):
         fused.fused_loss(Z[0], T, spec)
+    with pytest.raises(ValueError, match="the fused operator takes class-index targets"):
+        fused.fused_loss(Z, torch.softmax(Z, 1), spec)
     with pytest.raises(ValueError, match="reduction"):
         fused.fused_loss(Z, T, spec, "avg")
     with pytest.raises(ValueError, match="LossSpec"):

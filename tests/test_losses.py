@@ -407,7 +407,7 @@ GOOD_T = torch.tensor([0, 1, 2, 1])
     (GOOD_Z, torch.tensor([0, 1, 3, 1]), r"target 3 is out of range for C=3"),
     (GOOD_Z, torch.tensor([0, -1, 2, 1]), r"target -1 is out of range"),
     (GOOD_Z, GOOD_T.float(), r"target must be an integer tensor"),
-    (torch.zeros(4, 3, 2), GOOD_T, r"logits must be 2-D"),
+    (torch.zeros(4, 3, 2), GOOD_T, r"target of shape \(4,\) does not match logits of shape \(4, 3, 2\)"),
     (GOOD_Z, GOOD_T[:3], r"N=4 rows but target has 3"),
     (torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), r"at least 2 classes"),
     (torch.zeros(4, 3, dtype=torch.long), GOOD_T, r"floating"),
@@ -458,8 +458,10 @@ def test_bad_loss_construction_raises_value_error():
 def test_num_classes_mismatch_raises_value_error(backend):
     with pytest.raises(ValueError, match="C=3 classes but the loss was built for 10"):
         get_loss("nce+rce", backend=backend)(GOOD_Z, GOOD_T)
-    with pytest.raises(ValueError, match="logits must be 2-D"):  # shape first, then the count
-        get_loss("nce+rce", backend=backend)(GOOD_Z[0], GOOD_T[:1])
+    with pytest.raises(ValueError, match="C=3 classes but the loss was built for 10"):  # unbatched (C,)
+        get_loss("nce+rce", backend=backend)(GOOD_Z[0], GOOD_T[0])
+    with pytest.raises(ValueError, match="unbatched logits of shape"):
+        get_loss("nce+rce", num_classes=3, backend=backend)(GOOD_Z[0], GOOD_T[:1])
 
 
 # ----------------------------------------------------------------------------- modules

@@ -44,6 +44,13 @@ void run_forward(const ForwardBlock<double>& b) { kernels().forward_f64(b); }
 void run_backward(const BackwardBlock<float>& b) { kernels().backward_f32(b); }
 void run_backward(const BackwardBlock<double>& b) { kernels().backward_f64(b); }
 
+// Whether the row kernels read F.cross_entropy's (N, C, d1, ..., dK) layout in place: the
+// rows-in-lanes kernels do (C <= kRowsMaxC) for float32/float64; half types convert rows.
+bool reads_layout(const at::Tensor& logits) {
+  const auto dt = logits.scalar_type();
+  return logits.size(1) <= kRowsMaxC && (dt == at::kFloat || dt == at::kDouble);
+}
+
 // Rows per task: enough elements (~32K) that threading pays off.
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
@@ -54,14 +61,19 @@ int64_t half_rows(int64_t C) { return std::max<int64_t>(16, 4096 / std::max<int6
 template <typename scalar_t, typename acc_t>
 void forward_rows(const at::Tensor& logits, const at::Tensor& target, const row::LossParams<acc_t>& params,
                   int64_t ignore_index, at::Tensor& stats) {
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t N = target.numel(), C = logits.size(1), D = positions_per_sample(logits);
   const scalar_t* z = logits.const_data_ptr<scalar_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   acc_t* st = stats.mutable_data_ptr<acc_t>();
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      run_forward(ForwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, params,
-                                      st + begin * row::NUM_STATS});
+      if (D > 1) {
+        run_forward(ForwardBlock<acc_t>{z, t + begin, end - begin, C, ignore_index, params, st + begin * row::NUM_STATS,
+                                        D, begin});
+      } else {
+        run_forward(ForwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, params,
+                                        st + begin * row::NUM_STATS});
+      }
     } else {  // float16 / bfloat16: kHalfRows rows at a time through a float32 buffer
       const int64_t rows = half_rows(C);
       std::unique_ptr<acc_t[]> buf(new acc_t[rows * C]);
@@ -82,7 +94,7 @@ template <typename scalar_t, typename acc_t>
 void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::LossParams<acc_t>& p, int64_t C,
                 int64_t reduction, int64_t ignore_index, const at::Tensor& weight, at::Tensor& batch,
                 at::Tensor& loss) {
-  const int64_t N = target.size(0);
+  const int64_t N = target.numel();
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
@@ -130,13 +142,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& lo
                                                             int64_t ignore_index,
                                                             const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
-  const int64_t N = logits.size(0), C = logits.size(1);
+  if (logits.dim() > 2 && !reads_layout(logits)) {  // as rows of a transposed copy
+    auto [loss, stats, batch] = apl_loss_cpu(logits_as_rows(logits), target.reshape({-1}), active, passive, alpha, beta,
+                                             gamma, q, reduction, ignore_index, weight_arg);
+    return {reduction == row::RED_NONE ? loss.view(target.sizes()) : loss, stats, batch};
+  }
+  const int64_t N = target.numel(), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
   const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
   at::Tensor stats = at::empty({N, kNumStats}, acc_options);
   at::Tensor batch = at::empty({kNumBatch}, acc_options);
-  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss =
+      reduction == row::RED_NONE ? at::empty(target.sizes(), logits.options()) : at::empty({}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);
@@ -153,7 +171,7 @@ template <typename scalar_t, typename acc_t>
 void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                    const at::Tensor& stats, const at::Tensor& batch, const row::LossParams<acc_t>& p, int64_t reduction,
                    int64_t ignore_index, const at::Tensor& weight, at::Tensor& grad) {
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t N = target.numel(), C = logits.size(1), D = positions_per_sample(logits);
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const acc_t* bt = batch.const_data_ptr<acc_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
@@ -199,9 +217,14 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   count_step();
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      run_backward(BackwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, p,
-                                        st + begin * row::NUM_STATS, g_rows + begin * g_stride, g_stride, scale,
-                                        batch_coef, out + begin * C});
+      if (D > 1) {
+        run_backward(BackwardBlock<acc_t>{z, t + begin, end - begin, C, ignore_index, p, st + begin * row::NUM_STATS,
+                                          g_rows + begin * g_stride, g_stride, scale, batch_coef, out, D, begin});
+      } else {
+        run_backward(BackwardBlock<acc_t>{z + begin * C, t + begin, end - begin, C, ignore_index, p,
+                                          st + begin * row::NUM_STATS, g_rows + begin * g_stride, g_stride, scale,
+                                          batch_coef, out + begin * C});
+      }
     } else {  // float16 / bfloat16 through float32 buffers, as the forward
       const int64_t rows = half_rows(C);
       std::unique_ptr<acc_t[]> zbuf(new acc_t[rows * C]), gbuf(new acc_t[rows * C]);
@@ -224,11 +247,17 @@ at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
+  if (logits.dim() > 2 && !reads_layout(logits)) {  // as the forward: rows of a copy, the gradient copied back
+    const at::Tensor g = reduction == row::RED_NONE ? grad_loss.reshape({-1}) : grad_loss;
+    return grad_from_rows(apl_loss_backward_cpu(g, logits_as_rows(logits), target.reshape({-1}), stats, batch, active,
+                                                passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg),
+                          logits);
+  }
   // Cheap on the CPU, and it keeps a direct call with bad targets from reading out of bounds.
   check_target_range(target, logits.size(1), ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
-  at::Tensor grad = at::empty_like(logits);
-  if (logits.size(0) == 0) return grad;
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (target.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);

@@ -11,17 +11,26 @@
 namespace apl {
 namespace cpu {
 
+// The rows-in-lanes kernels' class limit: up to it, W rows in the vector lanes beat one row
+// at a time (benchmarks/RESULTS.md, "Kernel design"). They alone read F.cross_entropy's
+// (N, C, d1, ..., dK) layout directly; above it the host computes on a transposed copy.
+constexpr int64_t kRowsMaxC = 112;
+
 // Forward of `rows` consecutive rows: writes their stats (row::Stat columns).
+// D = 1: `logits` is the block's rows x C, contiguous. D > 1 (C <= kRowsMaxC only): the
+// (N, C, D) layout, `logits` the tensor's start, the block rows row0 .. row0 + rows - 1, row i
+// at position i % D of sample i / D (its class k at logits[(i / D) * C * D + k * D + i % D]).
 template <typename T>
 struct ForwardBlock {
-  const T* logits;        // rows x C, contiguous
-  const int64_t* target;  // rows (already range-checked)
+  const T* logits;
+  const int64_t* target;  // the block's rows (already range-checked)
   int64_t rows, C, ignore_index;
   row::LossParams<T> params;
   T* stats;  // rows x row::NUM_STATS
+  int64_t D = 1, row0 = 0;
 };
 
-// Backward of `rows` consecutive rows: writes dL/dz.
+// Backward of `rows` consecutive rows: writes dL/dz. Layout as ForwardBlock's.
 template <typename T>
 struct BackwardBlock {
   const T* logits;
@@ -29,11 +38,12 @@ struct BackwardBlock {
   int64_t rows, C, ignore_index;
   row::LossParams<T> params;
   const T* stats;
-  const T* grad_rows;   // upstream gradient of each row's loss (incl. 1/N_valid for 'mean')
-  int64_t grad_stride;  // 0 when one value serves every row
-  T scale;              // batch scale of the active term (1 unless a paper form)
-  T batch_coef;         // NFL_PAPER's term through B (row::nfl_paper_batch_coef)
-  T* grad;              // rows x C
+  const T* grad_rows;       // upstream gradient of each row's loss (incl. 1/N_valid for 'mean')
+  int64_t grad_stride;      // 0 when one value serves every row
+  T scale;                  // batch scale of the active term (1 unless a paper form)
+  T batch_coef;             // NFL_PAPER's term through B (row::nfl_paper_batch_coef)
+  T* grad;                  // laid out as `logits`
+  int64_t D = 1, row0 = 0;  // as ForwardBlock
 };
 
 struct RowKernels {

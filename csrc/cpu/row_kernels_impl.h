@@ -330,10 +330,9 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
 // rows instead: a block of W rows is transposed into a class-major buffer and every row
 // quantity, the scalar math included, is computed for the W rows at once with the same
 // loss_row.h functions.
-// Ignored and missing rows are computed on zeros and discarded. Up to C = 112 this is faster
-// than the one-row-at-a-time forward for every kind (the limit's measurements:
-// benchmarks/RESULTS.md, "Kernel design").
-constexpr int64_t kRowsMaxC = 112;
+// Ignored and missing rows are computed on zeros and discarded. Up to C = kRowsMaxC this is
+// faster than the one-row-at-a-time forward for every kind. In F.cross_entropy's (N, C, D)
+// layout a class of W consecutive positions is already a vector: no transpose at all.
 
 // A block of up to W rows, class-major: buf[k * W + r] = z[row r, class k].
 template <typename T>
@@ -346,16 +345,32 @@ struct RowBlock {
   Vec zy;  // target logit of each lane
   alignas(64) T buf[kRowsMaxC * W];
 
-  RowBlock(const T* logits, const int64_t* target, int64_t rows_, int64_t C, int64_t ignore_index) : rows(rows_) {
-    // ATen's transpose_mxn works in 16 x 16 register tiles for float on AVX-512 (a scalar loop
-    // for other types and instruction sets, as this was before).
-    at::vec::transpose_mxn<T>(logits, C, buf, W, static_cast<int>(rows), static_cast<int>(C));
+  // The block's rows of a ForwardBlock / BackwardBlock `a` starting at its row i0.
+  template <class Block>
+  RowBlock(const Block& a, int64_t i0) : rows(std::min<int64_t>(W, a.rows - i0)) {
+    const int64_t C = a.C;
+    if (a.D == 1) {
+      // ATen's transpose_mxn works in 16 x 16 register tiles for float on AVX-512 (a scalar loop
+      // for other types and instruction sets, as this was before).
+      at::vec::transpose_mxn<T>(a.logits + i0 * C, C, buf, W, static_cast<int>(rows), static_cast<int>(C));
+    } else {
+      const int64_t first = a.row0 + i0, n = first / a.D, d = first % a.D;
+      if (d + rows <= a.D) {  // one sample: each class is `rows` consecutive positions
+        for (int64_t k = 0; k < C; ++k) Vec::loadu(a.logits + (n * C + k) * a.D + d, rows).store(buf + k * W);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* z = a.logits + ((first + r) / a.D) * C * a.D + (first + r) % a.D;
+          for (int64_t k = 0; k < C; ++k) buf[k * W + r] = z[k * a.D];
+        }
+      }
+    }
+    const int64_t* target = a.target + i0;
     alignas(64) T y_arr[W], zy_arr[W];
     for (int64_t r = 0; r < W; ++r) {
-      valid[r] = r < rows && target[r] != ignore_index;
+      valid[r] = r < rows && target[r] != a.ignore_index;
       if (valid[r]) {
         y_arr[r] = static_cast<T>(target[r]);
-        zy_arr[r] = logits[r * C + target[r]];
+        zy_arr[r] = buf[target[r] * W + r];
       } else {
         for (int64_t k = 0; k < C; ++k) buf[k * W + r] = T(0);
         y_arr[r] = T(-1);
@@ -367,6 +382,8 @@ struct RowBlock {
   }
   inline Vec col(int64_t k) const { return Vec::loadu(buf + k * W); }
   inline Vec is_target(int64_t k) const { return yv == Vec(static_cast<T>(k)); }
+  // all-ones lanes for ignored and missing rows
+  inline Vec invalid() const { return yv == Vec(T(-1)); }
 };
 
 template <typename T>
@@ -379,7 +396,7 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
   const Vec zero(T(0));
   alignas(64) T exps[kRowsMaxC * W];  // exp(z_k - m) of the block, class-major like RowBlock::buf
   for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
-    const RowBlock<T> blk(a.logits + i0 * C, a.target + i0, std::min<int64_t>(W, a.rows - i0), C, a.ignore_index);
+    const RowBlock<T> blk(a, i0);
     // pass 1: max over k != y, NaN-propagating. Two accumulators (even and odd k) in passes 1
     // and 2: a single one makes the pass a chain of dependent max/add steps.
     const Vec neg_inf(-std::numeric_limits<T>::infinity());
@@ -441,11 +458,58 @@ void forward_block(const ForwardBlock<T>& a) {
     forward_rows_serial(a);
 }
 
-// The backward is one masked pass per row whatever C: its per-row bookkeeping (row_grad) is
-// light, and transposing a block in and out cost more than it saved.
+// The backward of the (N, C, D) layout: W positions in the lanes, as the forward reads them,
+// each class one vector of every lane's gradient (grad_not_target, or the target's own entry).
+template <bool kMask, bool kW, typename T>
+void backward_positions_in_lanes(const BackwardBlock<T>& a) {
+  using Vec = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t W = Vec::size();
+  const row::LossParams<T>& p = a.params;
+  const int64_t C = a.C, D = a.D;
+  const Vec zero(T(0));
+  for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
+    const RowBlock<T> blk(a, i0);
+    Lanes<T> stats[row::NUM_STATS], g_row;
+    for (int64_t r = 0; r < W; ++r) {
+      for (int j = 0; j < row::NUM_STATS; ++j)
+        stats[j].v[r] = blk.valid[r] ? a.stats[(i0 + r) * row::NUM_STATS + j] : T(0);
+      g_row.v[r] = blk.valid[r] ? a.grad_rows[(i0 + r) * a.grad_stride] : T(0);
+    }
+    Vec st[row::NUM_STATS];
+    for (int j = 0; j < row::NUM_STATS; ++j) st[j] = stats[j].load();
+    const row::RowGrad<Vec> g = row::row_grad<M>(st, p, static_cast<T>(C), g_row.load(), a.scale, a.batch_coef);
+    const Vec invalid = blk.invalid();
+    const int64_t first = a.row0 + i0, n = first / D, d = first % D;
+    const bool one_sample = d + blk.rows <= D;
+    for (int64_t k = 0; k < C; ++k) {
+      Vec v = row::grad_not_target<kMask, kW, M>(g, p.gamma, blk.col(k));
+      v = Vec::blendv(Vec::blendv(v, g.grad_y, blk.is_target(k)), zero, invalid);
+      if (one_sample) {
+        v.store(a.grad + (n * C + k) * D + d, blk.rows);
+      } else {
+        alignas(64) T out[W];
+        v.store(out);
+        for (int64_t r = 0; r < blk.rows; ++r) a.grad[((first + r) / D) * C * D + k * D + (first + r) % D] = out[r];
+      }
+    }
+  }
+}
+
+// The backward of (N, C) rows is one masked pass per row whatever C: its per-row bookkeeping
+// (row_grad) is light, and transposing a block in and out cost more than it saved.
 template <typename T>
 void backward_block(const BackwardBlock<T>& a) {
-  backward_rows_serial(a);
+  if (a.D == 1) return backward_rows_serial(a);
+  const bool mask = row::uses(a.params, row::RCE), wterm = a.params.active == row::NFL_MA2020;
+  if (mask && wterm)
+    backward_positions_in_lanes<true, true>(a);
+  else if (mask)
+    backward_positions_in_lanes<true, false>(a);
+  else if (wterm)
+    backward_positions_in_lanes<false, true>(a);
+  else
+    backward_positions_in_lanes<false, false>(a);
 }
 
 inline RowKernels table(const char* isa) {

@@ -361,6 +361,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& l
                                                              int64_t ignore_index,
                                                              const std::optional<at::Tensor>& weight_arg) {
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
+  if (logits.dim() > 2) {  // F.cross_entropy's (N, C, d1, ..., dK) layout, computed as rows of a copy
+    auto [loss, stats, batch] = apl_loss_cuda(logits_as_rows(logits), target.reshape({-1}), active, passive, alpha,
+                                              beta, gamma, q, reduction, ignore_index, weight_arg);
+    return {reduction == row::RED_NONE ? loss.view(target.sizes()) : loss, stats, batch};
+  }
   const int64_t N = logits.size(0), C = logits.size(1);
   if (sync_target_check()) check_target_range(target, C, ignore_index);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
@@ -412,6 +417,12 @@ at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Ten
                                   int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
   check_backward_args(grad_loss_arg, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       weight_arg);
+  if (logits.dim() > 2) {  // as the forward: rows of a copy, the gradient copied back
+    const at::Tensor g = reduction == row::RED_NONE ? grad_loss_arg.reshape({-1}) : grad_loss_arg;
+    return grad_from_rows(apl_loss_backward_cuda(g, logits_as_rows(logits), target.reshape({-1}), stats, batch, active,
+                                                 passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg),
+                          logits);
+  }
   const int64_t N = logits.size(0), C = logits.size(1);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor weight = weight_for(weight_arg, logits);
