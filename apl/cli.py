@@ -3,50 +3,53 @@
 ``train`` runs one configuration (:func:`apl.train.train`), ``grid`` the paper's grid
 (:func:`apl.grid.run_grid`), ``report`` Table 1 and Figures 1-3 from a grid's run records
 (:func:`apl.report.make_report`). Bad values (``ValueError``) and missing data
-(``FileNotFoundError``) print one line ``apl: error: ...`` and exit with status 2.
+(``FileNotFoundError``) print one line ``apl: error: ...`` and exit with status 2; a file that
+cannot be written (``OSError``: a full disk, a read-only folder) prints one such line and exits 1.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from apl.config import TrainConfig
-from apl.grid import plan_grid, run_grid
+from apl.data import NORMALIZATIONS
+from apl.grid import ENGINES, plan_grid, run_grid
 from apl.interrupts import Interrupted
 from apl.losses import BACKENDS
-from apl.models import MODEL_NAMES
+from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
 from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS
 from apl.records import RESULT_FILE, number_text
 from apl.report import REFERENCES, make_report
-from apl.spec import LOSS_NAMES
+from apl.spec import LOSS_NAMES, VARIANTS
+from apl.sweeps import make_sweep, parse_numbers, parse_set
 from apl.train import train
 
-__all__ = ["build_parser", "main", "config_from_args", "overrides_from_args"]
+__all__ = ["build_parser", "main", "config_from_args", "overrides_from_args", "sweep_from_args",
+           "ray_options_from_args"]
 
 #: The loss parameters ``train`` takes as flags, in the order its help lists them.
 _LOSS_PARAM_FLAGS = ("gamma", "lam", "alpha", "beta", "q")
 #: ``train`` flags that override the protocol only when given.
-_TRAIN_OPTIONAL = ("variant", "noise_type", "epochs", "batch_size", "lr", "width", "model",
-                   "train_subset", "test_subset", "augment", "num_threads", "amp", "backend",
-                   "channels_last")
+_TRAIN_OPTIONAL = ("variant", "noise_type", "epochs", "batch_size", "lr", "width", "model", "init",
+                   "normalize", "train_subset", "test_subset", "augment", "num_threads", "amp",
+                   "backend", "channels_last")
 
 
 # --------------------------------------------------------------------------- train
 
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train one configuration and print its result",
-                              description="Train one configuration. Unset options follow the protocol preset "
-                                          "(--protocol paper: the seed paper; ma2020: the cited work).")
+                              description="Train one configuration. Unset options follow the protocol "
+                                          "(--protocol author: the seed paper's author's code; paper: "
+                                          "the seed paper's text; ma2020: the cited work).")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper")
     p.add_argument("--loss", default="ce", help=", ".join(LOSS_NAMES))
-    p.add_argument("--variant", choices=("paper", "ma2020"), help="NCE/NFL form (default: the protocol's)")
+    p.add_argument("--variant", choices=VARIANTS, help="loss form (default: the protocol's)")
     p.add_argument("--noise", type=float, default=0.0, help="noise rate eta")
     p.add_argument("--noise-type", choices=NOISE_TYPES)
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +58,9 @@ def _add_train(subparsers) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--width", type=float)
     p.add_argument("--model", choices=MODEL_NAMES)
+    p.add_argument("--init", choices=MODEL_INITS, help="the model's Kaiming init or PyTorch's defaults")
+    p.add_argument("--normalize", choices=tuple(NORMALIZATIONS),
+                   help="image normalisation: CIFAR-10 mean/std, or 0.5/0.5 to [-1, 1]")
     p.add_argument("--train-subset", type=int)
     p.add_argument("--test-subset", type=int)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
@@ -112,12 +118,13 @@ def _add_grid(subparsers) -> None:
         description="Train every run of the paper's grid into <out>/runs/<run name>/ and keep "
                     "<out>/manifest.json. Finished runs are skipped; interrupted ones resume.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
-                   help="paper: the paper's protocol; quick: a scaled-down grid (<= 10 min on a "
-                        "2-core CPU); ma2020: the cited work's protocol")
+                   help="paper: the paper's grid in three forms (the author's code, the paper's "
+                        "text, the cited work's losses); quick: the same scaled down (<= 10 min on a "
+                        "2-core CPU); author: the author's code alone; ma2020: the cited work's protocol")
     p.add_argument("--data-dir", default=os.environ.get("APL_DATA_DIR", "data"),
                    help="folder holding cifar-10-batches-py (default $APL_DATA_DIR or data)")
     p.add_argument("--out", help="output folder (default runs/<preset>)")
-    p.add_argument("--seeds", type=int, help="K: seeds 0..K-1 (default 1; ma2020: 3)")
+    p.add_argument("--seeds", type=int, help="K: seeds 0..K-1 (default: the preset's, 1; ma2020: 3)")
     p.add_argument("--devices", help="comma-separated, one worker each: cuda:0,cuda:1 or cpu,cpu "
                                      "(default: every GPU, else the preset's CPU default)")
     mode = p.add_mutually_exclusive_group()
@@ -127,12 +134,29 @@ def _add_grid(subparsers) -> None:
                       help="delete this grid's runs and manifest first")
     p.add_argument("--losses", nargs="+", help=f"subset of {','.join(GRID_LOSSES)}")
     p.add_argument("--noise", nargs="+", help="subset of 0.0,0.2,0.4,0.6,0.8")
-    p.add_argument("--variants", nargs="+", help="subset of paper,ma2020")
+    p.add_argument("--variants", nargs="+", help="subset of the preset's forms, by variant "
+                                                 "(author,paper,ma2020 for paper and quick)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast of the forward pass")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any other config field, e.g. --set train_subset=500 (repeat)")
+                   help="override any other config field, e.g. --set train_subset=500 (repeat); "
+                        "several values sweep it: --set lr=0.01,0.001")
+    p.add_argument("--lam", nargs="+", help="APL weight(s) lam of the active+passive sums, e.g. "
+                                            "0.2,0.4,0.6,0.8: one run per value (a sweep)")
+    p.add_argument("--gamma", nargs="+", help="focal exponent(s) gamma of FL/NFL and their sums: one run "
+                                              "per value (a sweep)")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: here or one worker per --devices entry (default); ray: a Ray cluster, "
+                        "one task per run (pip install '.[ray]')")
+    p.add_argument("--address", help="Ray: the cluster to join (auto: this machine's; default: start "
+                                     "a local one)")
+    p.add_argument("--gpus-per-run", type=float,
+                   help="Ray: GPUs per run, e.g. 0.25 for four runs per GPU (default 1 where the "
+                        "cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-run", type=int, help="Ray: CPUs (threads) per run (default 1)")
+    p.add_argument("--max-retries", type=int,
+                   help="Ray: how often a run whose worker or node died is resumed elsewhere (default 3)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_grid)
@@ -146,19 +170,27 @@ def _comma_separated(values) -> list[str] | None:
 
 
 def _parse_set(items) -> dict:
-    known = {f.name for f in fields(TrainConfig)}
-    out = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        if key not in known:
-            raise ValueError(f"--set {key}: no such config field; known: {', '.join(sorted(known))}")
-        try:
-            out[key] = json.loads(raw)  # numbers, true/false, null, {"gamma": 1}
-        except json.JSONDecodeError:
-            out[key] = raw  # plain strings: --set optimizer=sgd
-    return out
+    """The ``--set`` keys given one value (a key given several is a sweep axis: :func:`sweep_from_args`)."""
+    return {key: values[0] for key, values in parse_set(items).items() if len(values) == 1}
+
+
+def sweep_from_args(args) -> dict:
+    """The sweep of parsed ``grid`` arguments (--lam, --gamma, --set KEY=V1,V2), :func:`apl.sweeps.make_sweep`."""
+    return make_sweep(lam=parse_numbers(args.lam, "--lam"), gamma=parse_numbers(args.gamma, "--gamma"),
+                      sets=parse_set(args.set))
+
+
+_RAY_FLAGS = ("address", "gpus_per_run", "cpus_per_run", "max_retries")
+
+
+def ray_options_from_args(args) -> dict | None:
+    """The Ray engine's options of parsed ``grid`` arguments (None for the local engine)."""
+    given = {k: getattr(args, k) for k in _RAY_FLAGS if getattr(args, k) is not None}
+    if args.engine != "ray":
+        if given:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need(s) --engine ray")
+        return None
+    return given
 
 
 def overrides_from_args(args) -> dict:
@@ -180,7 +212,9 @@ def _run_grid(args) -> int:
     except ValueError:
         raise ValueError(f"--noise takes numbers, got {args.noise}") from None
     kwargs = dict(seeds=args.seeds, losses=_comma_separated(args.losses), noise=noise,
-                  variants=_comma_separated(args.variants), overrides=overrides_from_args(args))
+                  variants=_comma_separated(args.variants), overrides=overrides_from_args(args),
+                  sweep=sweep_from_args(args))
+    ray_options = ray_options_from_args(args)
     out = args.out or os.path.join("runs", args.preset)
     if args.dry_run:
         plan = plan_grid(args.preset, **kwargs)
@@ -191,7 +225,8 @@ def _run_grid(args) -> int:
     command = "python -m apl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["grid"] else None
     try:
         run_grid(args.preset, args.data_dir, out, devices=args.devices, fresh=args.fresh,
-                 progress=not args.no_progress, command=command, **kwargs)
+                 progress=not args.no_progress, command=command, engine=args.engine,
+                 ray_options=ray_options, **kwargs)
     except RuntimeError as e:
         print(f"apl grid: {e}", file=sys.stderr)
         return 1
@@ -204,7 +239,7 @@ def _add_report(subparsers) -> None:
     p = subparsers.add_parser(
         "report", help="tables and figures from a grid's run records (no training)",
         description="Write Table 1 (md/csv/tex), Figures 1-3 (png/pdf) and a README for "
-                    "each loss variant, from <runs>/runs/*/result.json alone.")
+                    "each form of the grid, from <runs>/runs/*/result.json alone.")
     p.add_argument("--runs", required=True, help="the grid's output folder (holds runs/)")
     p.add_argument("--out", required=True, help="folder for tables and figures")
     p.add_argument("--reference", default="auto", choices=REFERENCES,
@@ -239,8 +274,9 @@ def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
 
     Bad values (``ValueError``) and missing data (``FileNotFoundError``) print one line
-    ``apl: error: ...`` to stderr and return 2 instead of a traceback; a run stopped by SIGINT
-    or SIGTERM at a safe point returns 128 + the signal's number (130, 143).
+    ``apl: error: ...`` to stderr and return 2 instead of a traceback, any other ``OSError`` (a
+    write that failed) returns 1 the same way; a run stopped by SIGINT or SIGTERM at a safe point
+    returns 128 + the signal's number (130, 143).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -248,6 +284,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"apl: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder that cannot be written: the file is named, nothing half-written
+        print(f"apl: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:  # SIGINT/SIGTERM: stopped at a safe point, resumable
         print(f"apl: {e}", file=sys.stderr)
         return e.exit_status

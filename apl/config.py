@@ -1,8 +1,9 @@
 """One training run's configuration: :class:`TrainConfig`, validated on construction.
 
-:meth:`TrainConfig.paper` and :meth:`TrainConfig.ma2020` build a config from a protocol of
-:mod:`apl.presets`. Every field is validated on construction (``ValueError`` naming the
-field), so a bad grid entry fails before any data is loaded.
+:meth:`TrainConfig.from_protocol` (and :meth:`~TrainConfig.author`, :meth:`~TrainConfig.paper`,
+:meth:`~TrainConfig.ma2020`) build a config from a protocol of :mod:`apl.presets`. Every field is
+validated on construction (``ValueError`` naming the field), so a bad grid entry fails before any
+data is loaded.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from apl.data import NORMALIZATIONS
 from apl.losses import BACKENDS
-from apl.models import MODEL_NAMES
+from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
 from apl.presets import PROTOCOLS, WEIGHT_PARAMS
 from apl.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
@@ -28,7 +30,11 @@ AMP_MODES = (None, "bf16")
 #: Fields that change *how* a run executes but not *what* it computes (up to float
 #: reordering): left out of :meth:`TrainConfig.run_name`'s identity.
 _EXECUTION_FIELDS = ("data_dir", "device", "num_threads", "compile", "channels_last", "backend")
-_NOISE_TAGS = {"symmetric": "sym", "ma2020_symmetric": "msym", "asymmetric": "asym"}
+#: Fields that say what a run learns with and from (its loss and its grid cell), not how it
+#: trains: left out of :meth:`TrainConfig.training_identity`.
+_LOSS_AND_CELL_FIELDS = ("loss", "variant", "loss_params", "noise", "seed")
+_NOISE_TAGS = {"symmetric": "sym", "ma2020_symmetric": "msym", "author_symmetric": "auth",
+               "asymmetric": "asym"}
 
 
 def _is_int(v) -> bool:
@@ -44,11 +50,16 @@ class TrainConfig:
     """Everything that defines one training run; :func:`apl.train.train` runs it.
 
     ``loss``/``variant``/``loss_params`` select the loss (:func:`apl.losses.get_loss`;
-    formulas in LOSSES.md); ``noise``/``noise_type`` the training-label noise
-    (:mod:`apl.noise`); ``model``/``width`` the network (:mod:`apl.models`);
+    formulas in LOSSES.md); a loss with a focal term always records its ``gamma`` in
+    ``loss_params`` (the variant's default, :data:`apl.spec.DEFAULT_GAMMA`, when none is given),
+    so a run's record says it and a changed default can never relabel an earlier run.
+    ``noise``/``noise_type`` the training-label noise (:mod:`apl.noise`);
+    ``model``/``width``/``init`` the network and its initialisation (:mod:`apl.models`);
+    ``normalize`` the image normalisation (:data:`apl.data.NORMALIZATIONS`);
     ``train_subset``/``test_subset`` take the first K of a class-balanced ordering seeded
     by ``subset_seed`` (:func:`apl.data.balanced_subset`). ``seed`` seeds the model
-    initialisation, dropout, the noise and the batch order. ``amp="bf16"`` autocasts the
+    initialisation, dropout, the noise (except ``author_symmetric``, whose seed is the
+    author's fixed 42) and the batch order. ``amp="bf16"`` autocasts the
     forward pass to bfloat16 (meant for CUDA); the loss is computed in float32.
     ``channels_last`` is the memory format of images and weights
     (benchmarks/train_epoch_time.py times both formats).
@@ -62,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     model: str = "paper"
     width: float = 1.0
+    init: str = "kaiming"
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
@@ -70,6 +82,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     augment: bool = False
+    normalize: str = "cifar"
     grad_clip: float | None = None
     train_subset: int | None = None
     test_subset: int | None = None
@@ -96,8 +109,11 @@ class TrainConfig:
         for k, v in self.loss_params.items():
             if not _is_num(v):
                 raise ValueError(f"loss_params[{k!r}] must be a finite number, got {v!r}")
-        self.loss_params = {k: float(v) for k, v in sorted(self.loss_params.items())}
-        spec_for(self.loss, variant=self.variant, **self.loss_params)  # raises on a bad combination
+        params = {k: float(v) for k, v in self.loss_params.items()}
+        spec = spec_for(self.loss, variant=self.variant, **params)  # raises on a bad combination
+        if spec.uses_gamma:  # the resolved gamma is part of the run's identity, never an implicit default
+            params.setdefault("gamma", spec.gamma)
+        self.loss_params = dict(sorted(params.items()))
 
         if self.noise_type not in NOISE_TYPES:
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
@@ -114,6 +130,10 @@ class TrainConfig:
         if not (_is_num(self.width) and self.width > 0):
             raise ValueError(f"width must be a number > 0, got {self.width!r}")
         self.width = float(self.width)
+        if self.init not in MODEL_INITS:
+            raise ValueError(f"init must be one of {MODEL_INITS}, got {self.init!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {tuple(NORMALIZATIONS)}, got {self.normalize!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (_is_num(self.lr) and self.lr > 0):
@@ -170,6 +190,11 @@ class TrainConfig:
         return cls(**base)
 
     @classmethod
+    def author(cls, **overrides) -> TrainConfig:
+        """The seed paper's author's code (:data:`apl.presets.AUTHOR_PROTOCOL`), ``overrides`` last."""
+        return cls.from_protocol("author", **overrides)
+
+    @classmethod
     def paper(cls, **overrides) -> TrainConfig:
         """The seed paper's protocol (:data:`apl.presets.PAPER_PROTOCOL`), ``overrides`` last."""
         return cls.from_protocol("paper", **overrides)
@@ -203,19 +228,31 @@ class TrainConfig:
             d.pop(name)
         return d
 
-    def run_name(self) -> str:
-        """A filesystem-safe name, e.g. ``"nce+rce_paper_sym0.6_s0"``, unique per :meth:`identity`.
+    def differences(self, saved: dict) -> list[str]:
+        """The :meth:`identity` fields in which ``saved``, a config dict as a run wrote it, differs
+        from this config, sorted (``ValueError`` for a dict that is no config). A field ``saved``
+        lacks differs too: it was written by an earlier version, whose default for that field (or
+        for the focal exponent, implicit before) need not be this version's."""
+        TrainConfig.from_dict(saved)
+        return sorted(k for k, v in self.identity().items() if k not in saved or saved[k] != v)
 
-        The readable part is loss, variant, noise type and rate, seed. When the rest of the
-        config is exactly a protocol preset the name ends there (the paper's) or with
-        ``_ma2020`` (the cited work's); otherwise a short hash of :meth:`identity` follows.
+    def training_identity(self) -> dict:
+        """:meth:`identity` without the loss and the grid cell (loss, variant, loss_params, noise,
+        seed): how the run trains. A variant-free loss's run serves exactly the forms whose runs
+        share it (:func:`apl.report.cells.group_runs`)."""
+        d = self.identity()
+        for name in _LOSS_AND_CELL_FIELDS:
+            d.pop(name)
+        return d
+
+    def run_name(self) -> str:
+        """A filesystem-safe name, e.g. ``"nce+rce_paper_sym0.6_s0_1a2b3c4d"``.
+
+        Loss, variant, noise type and rate, seed, then a short hash of :meth:`identity`: two
+        configs share a name only when they compute the same run, and a run written under an
+        earlier definition of the config (other fields or defaults) never shares a folder, or a
+        record name (:func:`apl.records.is_current`), with one of this version.
         """
         head = f"{self.loss}_{self.variant}_{_NOISE_TAGS[self.noise_type]}{self.noise:g}_s{self.seed}"
-        common = dict(loss=self.loss, variant=self.variant, noise=self.noise,
-                      noise_type=self.noise_type, seed=self.seed)
-        if self.identity() == TrainConfig.paper(**common).identity():
-            return head
-        if self.identity() == TrainConfig.ma2020(**common).identity():
-            return head + "_ma2020"
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{head}_{digest}"

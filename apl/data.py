@@ -26,7 +26,7 @@ from apl.noise import NoiseRecord, apply_noise
 __all__ = [
     "CIFAR10Arrays", "DataNotFoundError", "DataFormatError", "DeviceData", "load_cifar10",
     "write_cifar10_folder", "balanced_subset", "random_crop_flip", "epoch_generator",
-    "official_md5s", "FOLDER", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD",
+    "official_md5s", "FOLDER", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "NORMALIZATIONS",
 ]
 
 #: The folder torchvision's CIFAR10 extracts to, inside ``data_dir``.
@@ -36,10 +36,12 @@ TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-#: Normalisation of the cited work's code (per-channel mean/std of the CIFAR-10 train set);
-#: the seed paper states none, so both protocols use these.
+#: Normalisation of the cited work's code (per-channel mean/std of the CIFAR-10 train set).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: ``TrainConfig.normalize`` -> (mean, std) per channel after ToTensor's [0, 1]: the cited work's
+#: constants, or the seed paper's author's Normalize(0.5, 0.5) to [-1, 1] (the paper states none).
+NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 #: Key in batches.meta marking a folder written by :func:`write_cifar10_folder`.
 _SYNTHETIC_KEY = "apl_synthetic_seed"
 

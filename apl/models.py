@@ -1,7 +1,9 @@
 """The two CIFAR-10 CNNs: the seed paper's (:class:`PaperCNN`) and the cited work's (:class:`MaCNN`).
 
 Both take normalised 3x32x32 images and return logits. :func:`build_model` maps the config's
-``model`` name to one of them.
+``model`` and ``init`` to one of them: ``init="kaiming"`` is each model's own initialisation
+(the paper's stated Kaiming normal; the cited work's official Kaiming uniform and Xavier),
+``init="torch"`` keeps PyTorch's default initialisation, as the seed paper's author's code does.
 """
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PaperCNN", "MaCNN", "build_model", "MODEL_NAMES", "param_count"]
+__all__ = ["PaperCNN", "MaCNN", "build_model", "MODEL_NAMES", "MODEL_INITS", "param_count"]
 
 MODEL_NAMES = ("paper", "ma2020")
+#: Weight initialisations: the model's own (Kaiming-based) or PyTorch's layer defaults.
+MODEL_INITS = ("kaiming", "torch")
 
 
 def param_count(model: nn.Module) -> int:
@@ -35,6 +39,12 @@ def _check_num_classes(num_classes) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     return num_classes
+
+
+def _check_init(init) -> str:
+    if init not in MODEL_INITS:
+        raise ValueError(f"init must be one of {MODEL_INITS}, got {init!r}")
+    return init
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -68,26 +78,30 @@ class PaperCNN(nn.Module):
     PyTorch default; the paper does not say). ``width`` scales every channel count and the
     hidden FC size (rounded, at least 1).
 
-    Initialisation (the paper says only "Kaiming normal"): convolutions Kaiming normal
-    (fan_out, ReLU gain), linear layers Kaiming normal (fan_in, ReLU gain), every bias
-    zero, BatchNorm weight 1 and bias 0.
+    Initialisation, ``init="kaiming"`` (the paper says only "Kaiming normal"): convolutions
+    Kaiming normal (fan_out, ReLU gain), linear layers Kaiming normal (fan_in, ReLU gain),
+    every bias zero, BatchNorm weight 1 and bias 0. ``init="torch"`` keeps PyTorch's defaults
+    (Kaiming uniform with a = sqrt(5), uniform biases): the author's ``SimpleCNN``, which is
+    this network at width 1 (same layers, conv biases, parameter count).
 
     Parameter count at width 1 and 10 classes: **5,352,778** (convs 1,145,408, BatchNorm
     1,792, FC1 4,195,328, FC2 10,250), not the "~4.2 million" the paper states (FC1 alone
     is 4.2 M).
     """
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, init: str = "kaiming"):
         super().__init__()
         num_classes = _check_num_classes(num_classes)
         width = _check_width(width)
+        init = _check_init(init)
         c1, c2, c3 = (_scaled(c, width) for c in (64, 128, 256))
         hidden = _scaled(1024, width)
         self.features = _conv_blocks((c1, c2, c3))
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c3 * 4 * 4, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(hidden, num_classes))
-        self._init_weights()
+        if init == "kaiming":
+            self._init_weights()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -115,16 +129,18 @@ class MaCNN(nn.Module):
     becomes 4x4 after the three pools and the flatten is 196 * 4 * 4 = 3136 -> Linear 256
     -> BatchNorm1d -> ReLU -> Linear ``num_classes``. No dropout.
 
-    Initialisation as the official code: convolutions Kaiming uniform (fan_in, ReLU gain),
-    linear weights Xavier uniform; biases and BatchNorm keep PyTorch's defaults.
+    Initialisation as the official code (``init="kaiming"``): convolutions Kaiming uniform
+    (fan_in, ReLU gain), linear weights Xavier uniform; biases and BatchNorm keep PyTorch's
+    defaults. ``init="torch"`` keeps PyTorch's defaults everywhere.
     ``width`` (not in the cited work; 1.0 there) scales the channels and hidden size for
     quick runs. Parameter count at width 1 and 10 classes: 1,639,794.
     """
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, init: str = "kaiming"):
         super().__init__()
         num_classes = _check_num_classes(num_classes)
         width = _check_width(width)
+        init = _check_init(init)
         c1, c2, c3 = (_scaled(c, width) for c in (64, 128, 196))
         hidden = _scaled(256, width)
         self.features = _conv_blocks((c1, c2, c3))
@@ -132,6 +148,10 @@ class MaCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(self.flatten_dim, hidden), nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        if init == "kaiming":
+            self._init_weights()
+
+    def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -144,10 +164,10 @@ class MaCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """``"paper"`` -> :class:`PaperCNN`, ``"ma2020"`` -> :class:`MaCNN`."""
+def build_model(name: str, num_classes: int = 10, width: float = 1.0, init: str = "kaiming") -> nn.Module:
+    """``"paper"`` -> :class:`PaperCNN`, ``"ma2020"`` -> :class:`MaCNN`, initialised by ``init``."""
     if name == "paper":
-        return PaperCNN(num_classes, width)
+        return PaperCNN(num_classes, width, init)
     if name == "ma2020":
-        return MaCNN(num_classes, width)
+        return MaCNN(num_classes, width, init)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")

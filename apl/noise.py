@@ -1,7 +1,7 @@
-"""Synthetic label noise for the training set: the seed paper's rule and the cited work's.
+"""Synthetic label noise for the training set: the seed paper's rule, its author's code, the cited work's.
 
-Three generators, each deterministic from its ``seed`` (a private ``numpy`` generator; the
-global RNGs are never touched) and each returning ``(noisy_labels, NoiseRecord)``:
+Four generators, each deterministic (a private ``numpy`` generator; the global RNGs are never
+touched) and each returning ``(noisy_labels, NoiseRecord)``:
 
 - :func:`symmetric_noise`: the seed paper's rule (Sec. 2.1): *each sample independently*
   with probability ``eta`` gets a label drawn uniformly from the other C-1 classes. The
@@ -11,6 +11,11 @@ global RNGs are never touched) and each returning ``(noisy_labels, NoiseRecord)`
   other C-1 classes, so the realised rate is ``eta`` up to rounding. (The official code
   computes ``int(int(eta * N) / C)`` per class, which is the same number on a balanced set
   such as CIFAR-10; on an unbalanced subset this per-class form keeps each class's rate.)
+- :func:`author_symmetric_noise`: the seed paper's author's code (../shared/notes/seed_code.md):
+  *exactly* ``int(eta * N)`` samples of the whole set, drawn with numpy's legacy generator
+  seeded 42 at every call, so the noisy sets are nested across ``eta``; each chosen label is
+  replaced by a uniform draw among the other classes. Call for call the author's procedure,
+  so on the official CIFAR-10 training labels, in their order, it gives the author's labels.
 - :func:`asymmetric_noise`: the cited work's CIFAR-10 class mapping truck->automobile,
   bird->airplane, cat->dog, dog->cat, deer->horse, applied in that order to the labels *as
   they are at that step* (so dog->cat counts, and may flip back, the cats just made dogs,
@@ -28,8 +33,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NoiseRecord", "NOISE_TYPES", "CIFAR10_ASYMMETRIC_MAP", "symmetric_noise",
-    "ma2020_symmetric_noise", "asymmetric_noise", "apply_noise",
+    "NoiseRecord", "NOISE_TYPES", "SYMMETRIC_NOISE_TYPES", "CIFAR10_ASYMMETRIC_MAP", "symmetric_noise",
+    "ma2020_symmetric_noise", "author_symmetric_noise", "AUTHOR_NOISE_SEED", "asymmetric_noise",
+    "apply_noise",
 ]
 
 #: Source -> target class of the cited work's CIFAR-10 asymmetric noise, in the order applied.
@@ -38,7 +44,11 @@ __all__ = [
 CIFAR10_ASYMMETRIC_MAP = ((9, 1), (2, 0), (3, 5), (5, 3), (4, 7))
 
 #: Names accepted by :func:`apply_noise` (and ``TrainConfig.noise_type``).
-NOISE_TYPES = ("symmetric", "ma2020_symmetric", "asymmetric")
+NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric", "asymmetric")
+#: The symmetric ones (each flipped label uniform over the other classes): the paper's grid.
+SYMMETRIC_NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric")
+#: The seed the author's noise script passes to ``np.random.seed`` on every call.
+AUTHOR_NOISE_SEED = 42
 
 
 @dataclass
@@ -164,6 +174,28 @@ def ma2020_symmetric_noise(labels, eta: float, num_classes: int = 10, seed: int 
     return _like(noisy, labels), _record("ma2020_symmetric", eta, clean, noisy, seed, num_classes)
 
 
+def author_symmetric_noise(labels, eta: float, num_classes: int = 10):
+    """The seed paper's author's symmetric noise: exactly ``int(eta * N)`` labels changed.
+
+    The author's procedure, call for call, on a private ``np.random.RandomState`` seeded with
+    :data:`AUTHOR_NOISE_SEED` (the legacy global functions draw from the same stream): one
+    ``choice(N, int(eta * N), replace=False)`` for the indices, then for each index in that
+    order one ``choice`` among the other classes in ascending order. The index draw is a
+    permutation prefix, so a smaller ``eta``'s noisy set is inside a larger one's. There is no
+    seed argument (the author's is fixed); the record says 42. ``eta`` must be in [0, 1).
+    Returns ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=False)
+    num_classes, seed = _check_common(num_classes, AUTHOR_NOISE_SEED)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.RandomState(seed)  # the legacy stream np.random.seed(42) gives, never the global one
+    noisy = clean.copy()
+    chosen = rng.choice(clean.size, int(eta * clean.size), replace=False)
+    for i in chosen:
+        noisy[i] = rng.choice([c for c in range(num_classes) if c != clean[i]])
+    return _like(noisy, labels), _record("author_symmetric", eta, clean, noisy, seed, num_classes)
+
+
 def asymmetric_noise(labels, eta: float, seed: int = 0):
     """The cited work's CIFAR-10 asymmetric (class-dependent) noise.
 
@@ -185,11 +217,16 @@ def asymmetric_noise(labels, eta: float, seed: int = 0):
 
 
 def apply_noise(labels, kind: str, eta: float, num_classes: int = 10, seed: int = 0):
-    """Dispatch on ``kind`` (one of :data:`NOISE_TYPES`); ``eta == 0`` still returns a record."""
+    """Dispatch on ``kind`` (one of :data:`NOISE_TYPES`); ``eta == 0`` still returns a record.
+
+    ``seed`` does not apply to ``"author_symmetric"``, whose seed is the author's fixed 42.
+    """
     if kind == "symmetric":
         return symmetric_noise(labels, eta, num_classes, seed)
     if kind == "ma2020_symmetric":
         return ma2020_symmetric_noise(labels, eta, num_classes, seed)
+    if kind == "author_symmetric":
+        return author_symmetric_noise(labels, eta, num_classes)
     if kind == "asymmetric":
         if num_classes != 10:
             raise ValueError(f"asymmetric noise is the CIFAR-10 mapping (10 classes), got num_classes={num_classes}")

@@ -2,11 +2,13 @@
 
 A run folder's ``result.json`` is written by :func:`apl.train.train`; a grid folder holds
 ``runs/<run name>/result.json`` and ``manifest.json`` (what was planned, on which machine and
-software, with which command, and each run's status). :mod:`apl.grid` keeps the manifest,
-:mod:`apl.report` reads both. Strict JSON throughout: non-finite numbers are written ``null``.
+software, with which command, and each run's status; grids sharing a folder update it under a lock).
+:mod:`apl.grid` keeps the manifest, :mod:`apl.report` reads both. Strict JSON throughout:
+non-finite numbers are written ``null``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -19,10 +21,11 @@ import torch
 
 from apl.config import TrainConfig
 from apl.devices import device_name, resolve_device
+from apl.runlock import manifest_lock
 
 __all__ = [
     "RESULT_FILE", "MANIFEST_FILE", "utc_now", "jsonable", "read_number", "number_text",
-    "atomic_write_bytes", "save_json", "finished_result", "load_run_records", "load_manifest",
+    "atomic_write_bytes", "save_json", "finished_result", "is_current", "load_run_records", "load_manifest",
     "environment", "Manifest", "run_summary",
 ]
 
@@ -64,13 +67,30 @@ def number_text(value, digits: int = 4) -> str:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then replace ``path`` by it."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then replace ``path`` by it (fsynced).
+
+    A write that fails (a full disk, a read-only folder) leaves ``path`` as it was and no temporary
+    file behind, and raises ``OSError`` naming ``path``.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a half-written copy only takes space (a full disk's)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); it is as it was before") from e
+        raise
+    # The rename itself reaches the disk only with its folder's entry.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def save_json(path: Path, obj) -> None:
@@ -85,10 +105,21 @@ def finished_result(run_dir: Path, config: TrainConfig) -> dict | None:
     it resumes a checkpoint, and refuses a folder holding another config's run)."""
     try:
         result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        same = TrainConfig.from_dict(result["config"]).identity() == config.identity()
+        same = not config.differences(result["config"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return result if same else None
+
+
+def is_current(record: dict) -> bool:
+    """True when ``record`` (a result.json) is a run of this version: its run name is the one this
+    version gives its config (:meth:`apl.config.TrainConfig.run_name` hashes every field that
+    defines a run, so a record written under an earlier definition of the runs, e.g. before a
+    default changed or a field was added, never passes for one of them)."""
+    try:
+        return TrainConfig.from_dict(record["config"]).run_name() == record["run_name"]
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _runs_dir(root: Path) -> Path:
@@ -172,34 +203,96 @@ def run_summary(result: dict) -> dict:
     return {"status": "done", **{k: result.get(k) for k in _SUMMARY_KEYS}}
 
 
+def _empty_manifest() -> dict:
+    return {"runs": {}, "invocations": []}
+
+
+def _merge_run(entry: dict, change: dict) -> None:
+    """Apply ``change`` to a run's manifest ``entry``: a new status drops the old status's error, and
+    ``busy`` (another process trained the run) does not cover the ``done`` that process recorded since."""
+    if change.get("status") == "busy" and entry.get("status") == "done":
+        return
+    if "status" in change:
+        entry.pop("error", None)
+    entry.update(change)
+
+
 class Manifest:
-    """``<out>/manifest.json``: written atomically, rewritten whenever a run's status changes."""
+    """``<out>/manifest.json``: what the grids run into ``out`` planned, where, and how each run went.
+
+    Several grid drivers may share ``out``. Each keeps its changes since its last save; a save takes
+    the folder's manifest lock (:func:`apl.runlock.manifest_lock`), reads the file, applies those
+    changes to it and replaces it atomically, so no driver loses another's run entries or
+    invocation. ``data`` is the file as this driver last wrote it, with its changes since.
+    """
 
     def __init__(self, out: Path, fresh: bool):
-        self.path = out / MANIFEST_FILE
-        old = {}
-        if self.path.exists() and not fresh:
-            try:
-                old = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                old = {}  # a manifest is a record, not an input: start a new one
-        self.data = {"runs": old.get("runs", {}), "invocations": old.get("invocations", [])}
+        self.path = Path(out) / MANIFEST_FILE
+        self._fresh = fresh  # the first save starts the file anew
+        self._fields: dict = {}  # top-level fields set since the last save
+        self._run_changes: list[tuple[str, dict]] = []  # in the order made, since the last save
+        self._invocation: dict | None = None  # this driver's entry in "invocations"
+        self._slot: int | None = None  # and its index there
+        self.data = _empty_manifest() if fresh else self._read()
+
+    def _read(self) -> dict:
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}  # a manifest is a record, not an input: a missing or broken one is started anew
+        if not isinstance(old, dict):
+            old = {}
+        runs, invocations = old.get("runs"), old.get("invocations")
+        return {**old, "runs": runs if isinstance(runs, dict) else {},
+                "invocations": invocations if isinstance(invocations, list) else []}
+
+    def _set(self, **fields) -> None:
+        self._fields.update(fields)
+        self.data.update(fields)
 
     def start(self, **info) -> None:
-        """Record a new invocation (``info`` holds at least ``command`` and ``started_at``)."""
-        self.data.update(info)
-        self.data["finished_at"] = None
-        self.data["invocations"].append({"command": info["command"], "started_at": info["started_at"],
-                                         "finished_at": None})
+        """Record a new invocation (``info`` holds at least ``command`` and ``started_at``) and save."""
+        self._set(**info, finished_at=None)
+        self._invocation = {"command": info["command"], "started_at": info["started_at"], "finished_at": None}
         self.save()
 
     def run(self, name: str, **entry) -> None:
         """Update run ``name``'s entry (not saved until :meth:`save`)."""
-        self.data["runs"].setdefault(name, {}).update(entry)
+        self._run_changes.append((name, entry))
+        _merge_run(self.data["runs"].setdefault(name, {}), entry)
 
-    def finish(self) -> None:
-        self.data["finished_at"] = self.data["invocations"][-1]["finished_at"] = utc_now()
+    def finish(self, **info) -> None:
+        """Record that this invocation ended (``info``: more of its fields, e.g. ``wall_time_s``) and save."""
+        now = utc_now()
+        self._invocation.update(info, finished_at=now)
+        self._set(finished_at=now)
         self.save()
 
+    def _place_invocation(self, invocations: list) -> None:
+        """This invocation into the file's list: at its index, or appended the first time (or after
+        another driver's fresh start emptied the list)."""
+        mine, slot = self._invocation, self._slot
+        ours = slot is not None and slot < len(invocations) and \
+            (invocations[slot].get("command"), invocations[slot].get("started_at")) == \
+            (mine["command"], mine["started_at"])
+        if ours:
+            invocations[slot] = dict(mine)
+        else:
+            self._slot = len(invocations)
+            invocations.append(dict(mine))
+
     def save(self) -> None:
-        save_json(self.path, dict(sorted(self.data.items())))
+        """Apply this driver's changes since its last save to the file: read, change and replace it
+        under the folder's manifest lock."""
+        with manifest_lock(self.path.parent):
+            data = _empty_manifest() if self._fresh else self._read()
+            data.update(self._fields)
+            for name, change in self._run_changes:
+                _merge_run(data["runs"].setdefault(name, {}), change)
+            if self._invocation is not None:
+                self._place_invocation(data["invocations"])
+            sources = sorted({r["data_source"] for r in data["runs"].values() if r.get("data_source")})
+            data["data_source"] = "; ".join(sources) or None
+            save_json(self.path, dict(sorted(data.items())))
+        self.data = data
+        self._fresh, self._fields, self._run_changes = False, {}, []

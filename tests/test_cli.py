@@ -33,7 +33,8 @@ def test_cli_ma2020_protocol_and_params(tmp_path, cifar_dir):
     c = r["config"]
     assert (c["model"], c["optimizer"], c["scheduler"], c["augment"], c["variant"]) == \
         ("ma2020", "sgd", "cosine", True, "ma2020")
-    assert c["loss_params"] == {"alpha": 2.0, "beta": 0.5} and r["noise_record"]["kind"] == "ma2020_symmetric"
+    assert c["loss_params"] == {"alpha": 2.0, "beta": 0.5, "gamma": 0.5}
+    assert r["noise_record"]["kind"] == "ma2020_symmetric"
     assert r["num_train"] == 200
 
 
@@ -61,9 +62,23 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
 
 
 def test_dry_run_lists_the_plan(capsys):
+    # three forms: nfl in each, ce once per protocol (author's, paper's)
     assert main(["grid", "--preset", "quick", "--dry-run", "--losses", "ce,nfl", "--noise", "0.8"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("3 runs")
+    assert len(lines) == 6 and lines[-1].startswith("5 runs")
+    assert main(["grid", "--preset", "author", "--dry-run", "--noise", "0.2", "0.4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("16 runs, 480 epochs") and all("_author_auth0." in n for n in lines[:-1])
+
+
+def test_train_takes_the_init_and_normalisation(tmp_path, cifar_dir):
+    out = tmp_path / "a"
+    assert main(["train", "--protocol", "author", "--loss", "nce", "--epochs", "1", "--width", "0.125",
+                 "--init", "kaiming", "--normalize", "cifar", "--train-subset", "100", "--data-dir",
+                 str(cifar_dir), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    c = json.loads((out / RESULT_FILE).read_text())["config"]
+    assert (c["variant"], c["batch_size"], c["init"], c["normalize"], c["noise_type"]) == \
+        ("author", 64, "kaiming", "cifar", "author_symmetric")
 
 
 # --------------------------------------------------------------------------- report
@@ -71,7 +86,7 @@ def test_dry_run_lists_the_plan(capsys):
 def test_report_rebuilds_the_committed_quick_tables(tmp_path, capsys):
     quick = Path(__file__).resolve().parents[1] / "paper_figures" / "quick"
     assert main(["report", "--runs", str(quick / "run_records"), "--out", str(tmp_path), "--no-figures"]) == 0
-    assert capsys.readouterr().out == f"wrote 7 files to {tmp_path}\n"  # 2 variants x 3 tables + README
+    assert capsys.readouterr().out == f"wrote 10 files to {tmp_path}\n"  # 3 forms x 3 tables + README
     assert (tmp_path / "table1_paper.md").read_bytes() == (quick / "table1_paper.md").read_bytes()
     readme = (tmp_path / "README.md").read_text()
     assert f"`python -m apl report --runs {quick / 'run_records'} --out {tmp_path}`" in readme

@@ -14,6 +14,7 @@ from apl.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     FOLDER,
+    NORMALIZATIONS,
     CIFAR10Arrays,
     DataFormatError,
     DataNotFoundError,
@@ -167,6 +168,14 @@ def test_images_are_normalised(cifar_arrays):
     on_device_cl = DeviceData(cifar_arrays, channels_last=True)
     assert on_device_cl.train_x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(on_device_cl.train_x, on_device.train_x)
+
+
+def test_the_authors_normalisation_maps_pixels_to_minus_one_one(cifar_arrays):
+    mean, std = NORMALIZATIONS["half"]
+    on_device = DeviceData(cifar_arrays, channels_last=False, mean=mean, std=std)
+    x = torch.from_numpy(cifar_arrays.train_x[:20].astype(np.float32)).permute(0, 3, 1, 2)
+    assert torch.allclose(on_device.train_x[:20], x / 127.5 - 1.0, atol=1e-6)  # ToTensor, Normalize(0.5, 0.5)
+    assert NORMALIZATIONS["cifar"] == (CIFAR10_MEAN, CIFAR10_STD)
 
 
 def test_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch(cifar_arrays):

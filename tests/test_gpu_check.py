@@ -243,6 +243,22 @@ def test_report_of_an_unknown_gpu_with_skipped_steps(gc, tmp_path):
     assert "## Build" not in md and "## Loss speed" not in md and "## Errors" not in md
 
 
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_segmentation_rows_time_each_contender(gc):
+    """The segmentation timing of the bench step, run on the CPU at a tiny shape (on a GPU it
+    runs at gc.SEGMENTATION_SHAPE)."""
+    p = {"segmentation_shape": [2, 5, 4, 4], "segmentation_losses": ["CE", "NCE+RCE (ma2020)"],
+         "min_time": 0.0, "max_repeats": 5}
+    rows = gc._segmentation_rows(p, gc._bench_specs(), gc._bench_losses().time_steps, "cpu", float("inf"))
+    assert [(r["loss"], r["shape"], r["skipped"]) for r in rows] == [
+        ("CE", [2, 5, 4, 4], {}), ("NCE+RCE (ma2020)", [2, 5, 4, 4], {})]
+    assert set(rows[0]["seconds"]) == {"fused", "F.cross_entropy", "fused on rows"}
+    assert set(rows[1]["seconds"]) == {"fused", "fused on rows"}
+    assert all(v > 0 for r in rows for v in r["seconds"].values())
+    assert gc._segmentation_rows(p, gc._bench_specs(), gc._bench_losses().time_steps, "cpu", 0.0)[0]["skipped"] \
+        == {"all": "time box"}
+
+
 # --------------------------------------------------------------------------- launch counts
 
 def test_loss_variants_list_each_distinct_spec_once(gc):

@@ -31,6 +31,20 @@ def test_the_first_signal_asks_the_second_acts(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the block
 
 
+def test_nested_blocks_share_the_outer_request_and_on_stop_hears_the_first_signal():
+    """A grid's (or a worker's) block around its runs: a signal between two runs stops the next one,
+    and the grid passes it on to its workers from ``on_stop``."""
+    heard = []
+    with graceful_stop(on_stop=heard.append) as outer:
+        with graceful_stop(on_stop=lambda signum: heard.append(("inner", signum))) as run:
+            assert run is outer
+        os.kill(os.getpid(), signal.SIGTERM)  # between runs
+        assert outer.signum == signal.SIGTERM and heard == [signal.SIGTERM]
+        with graceful_stop() as next_run, pytest.raises(Interrupted, match="stopped by SIGTERM"):
+            next_run.check()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def _train_cmd(data, out, epochs):
     return [sys.executable, "-m", "apl", "train", "--loss", "nce+rce", "--noise", "0.2", "--epochs", str(epochs),
             "--width", "0.0625", "--batch-size", "20", "--device", "cpu", "--num-threads", "1", "--quiet",

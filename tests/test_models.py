@@ -96,6 +96,26 @@ def test_paper_init_statistics():
             assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
 
 
+@pytest.mark.parametrize("cls", [PaperCNN, MaCNN])
+def test_torch_init_keeps_pytorchs_defaults(cls):
+    """init="torch" (the seed paper's author's code): no Kaiming normal, PyTorch's layer defaults,
+    i.e. weights uniform with bound 1/sqrt(fan_in) and nonzero conv biases; same layers and size."""
+    torch.manual_seed(0)
+    m = cls(init="torch")
+    assert param_count(m) == param_count(cls())
+    big = [x for x in m.modules() if isinstance(x, nn.Conv2d)][-1]
+    bound = 1 / math.sqrt(big.in_channels * 9)
+    assert big.weight.abs().max().item() <= bound
+    assert big.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert torch.count_nonzero(big.bias) == big.out_channels
+    torch.manual_seed(0)
+    assert not torch.equal(cls().classifier[1].weight, cls(init="torch").classifier[1].weight)
+
+
+def test_paper_cnn_at_width_1_has_the_authors_simplecnn_size():
+    assert param_count(build_model("paper", 10, 1.0, "torch")) == 5_352_778
+
+
 def test_ma_init_statistics():
     torch.manual_seed(0)
     m = MaCNN()
@@ -119,7 +139,7 @@ def test_build_model():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"width": 0}, "width"), ({"width": -1.0}, "width"), ({"width": float("inf")}, "width"),
-    ({"num_classes": 1}, "num_classes"), ({"num_classes": 2.5}, "num_classes"),
+    ({"num_classes": 1}, "num_classes"), ({"num_classes": 2.5}, "num_classes"), ({"init": "xavier"}, "init"),
 ])
 def test_bad_constructor_args(kwargs, match):
     for cls in (PaperCNN, MaCNN):

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from apl.noise import (
+    AUTHOR_NOISE_SEED,
     CIFAR10_ASYMMETRIC_MAP,
     NoiseRecord,
     apply_noise,
     asymmetric_noise,
+    author_symmetric_noise,
     ma2020_symmetric_noise,
     symmetric_noise,
 )
@@ -151,6 +153,10 @@ def test_apply_noise_dispatches():
     assert np.array_equal(apply_noise(y, "symmetric", 0.3, C, 1)[0], symmetric_noise(y, 0.3, C, 1)[0])
     assert np.array_equal(apply_noise(y, "ma2020_symmetric", 0.3, C, 1)[0], ma2020_symmetric_noise(y, 0.3, C, 1)[0])
     assert np.array_equal(apply_noise(y, "asymmetric", 0.3, C, 1)[0], asymmetric_noise(y, 0.3, 1)[0])
+    # the author's seed is fixed: the seed argument does not apply, and the record says 42
+    for seed in (0, 7):
+        noisy, rec = apply_noise(y, "author_symmetric", 0.3, C, seed)
+        assert np.array_equal(noisy, author_symmetric_noise(y, 0.3, C)[0]) and rec.seed == AUTHOR_NOISE_SEED
     with pytest.raises(ValueError, match="unknown noise type"):
         apply_noise(y, "pairflip", 0.3, C, 1)
 
@@ -161,6 +167,8 @@ def test_symmetric_eta_out_of_range(eta):
         symmetric_noise(balanced(10), eta, C, 0)
     with pytest.raises(ValueError, match="eta"):
         ma2020_symmetric_noise(balanced(10), eta, C, 0)
+    with pytest.raises(ValueError, match="eta"):
+        author_symmetric_noise(balanced(10), eta, C)
 
 
 def test_asymmetric_eta_range_includes_one():
@@ -188,3 +196,60 @@ def test_bad_num_classes_and_seed():
         symmetric_noise(balanced(10), 0.2, C, -1)
     with pytest.raises(ValueError, match="out of range"):
         asymmetric_noise(np.array([0, 12]), 0.2, 0)
+
+
+# --------------------------------------------------------------------------- the seed paper's author's rule
+
+def authors_procedure(labels: np.ndarray, eta: float, num_classes: int) -> np.ndarray:
+    """The author's noise script as the facts describe it (../shared/notes/seed_code.md), on numpy's
+    *global* legacy functions: seed 42, int(eta * N) indices without replacement, then per index, in
+    that order, a choice among the other classes in ascending order. The global state is restored."""
+    saved = np.random.get_state()
+    try:
+        np.random.seed(42)
+        noisy = labels.copy()
+        for i in np.random.choice(len(labels), int(eta * len(labels)), replace=False):
+            others = list(range(num_classes))
+            others.remove(labels[i])
+            noisy[i] = np.random.choice(others)
+        return noisy
+    finally:
+        np.random.set_state(saved)
+
+
+@pytest.mark.parametrize("n, num_classes, eta", [(3000, 10, 0.2), (3000, 10, 0.6), (1234, 10, 0.8),
+                                                 (999, 7, 0.45), (50, 3, 0.0)])
+def test_author_noise_is_the_authors_procedure_call_for_call(n, num_classes, eta):
+    labels = np.random.default_rng(n + num_classes).integers(0, num_classes, n)
+    noisy, rec = author_symmetric_noise(labels, eta, num_classes)
+    assert np.array_equal(noisy, authors_procedure(labels, eta, num_classes))
+    assert rec.kind == "author_symmetric" and rec.seed == 42 and rec.eta == eta
+
+
+def test_author_noise_flips_exactly_int_eta_n_never_to_the_clean_label():
+    labels = np.random.default_rng(5).integers(0, C, 5003)
+    for eta in (0.2, 0.4, 0.6, 0.8, 0.33):
+        noisy, rec = author_symmetric_noise(labels, eta, C)
+        changed = noisy != labels
+        assert changed.sum() == int(eta * labels.size)  # every chosen label moves to another class
+        assert rec.realised_rate == int(eta * labels.size) / labels.size
+        assert np.trace(np.array(rec.transition)) == labels.size - int(eta * labels.size)
+
+
+def test_author_noise_sets_are_nested_across_eta():
+    labels = np.random.default_rng(6).integers(0, C, 4000)
+    flipped = [set(np.flatnonzero(author_symmetric_noise(labels, eta, C)[0] != labels))
+               for eta in (0.2, 0.4, 0.6, 0.8)]
+    for smaller, larger in zip(flipped, flipped[1:]):
+        assert smaller < larger
+
+
+def test_author_noise_leaves_the_global_rng_alone_and_repeats():
+    labels = torch.from_numpy(np.random.default_rng(8).integers(0, C, 800))
+    np.random.seed(123)
+    state = np.random.get_state()
+    a, _ = author_symmetric_noise(labels, 0.5)
+    after = np.random.get_state()
+    assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
+    b, _ = author_symmetric_noise(labels, 0.5)
+    assert torch.equal(a, b) and a.dtype == labels.dtype  # seed 42 at every call, type kept

@@ -1,4 +1,4 @@
-"""The experiment as data (apl.presets): every preset and protocol is a valid, complete config."""
+"""The experiment as data (apl.presets): every preset, protocol and form is a valid, complete config."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -6,8 +6,19 @@ from dataclasses import fields
 import pytest
 
 from apl.config import TrainConfig
-from apl.presets import GRID_LOSSES, GRID_VARIANTS, PRESETS, PROTOCOLS, WEIGHT_PARAMS, get_preset, is_variant_free
-from apl.spec import PAPER_LAMBDA, spec_for
+from apl.grid import preset_config
+from apl.presets import (
+    FORMS,
+    GRID_LOSSES,
+    GRID_VARIANTS,
+    PRESETS,
+    PROTOCOLS,
+    WEIGHT_PARAMS,
+    get_preset,
+    is_variant_free,
+    protocol_variant,
+)
+from apl.spec import AUTHOR_LAMBDA, PAPER_LAMBDA, spec_for
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 
@@ -19,27 +30,56 @@ def test_protocols_and_presets_name_only_config_fields():
             assert set(weights) <= set(WEIGHT_PARAMS)
             spec_for(loss, variant=protocol.fields["variant"], **weights)  # a valid loss and weighting
     for preset in PRESETS.values():
-        assert preset.protocol in PROTOCOLS and set(preset.overrides) <= CONFIG_FIELDS
+        assert set(preset.overrides) <= CONFIG_FIELDS
         assert preset.seeds >= 1 and preset.cpu_workers >= 1
-        assert preset.variants and set(preset.variants) <= set(GRID_VARIANTS)
+        assert preset.forms and set(preset.forms) <= set(FORMS)
+        variants = [v for v, _ in preset.forms]
+        assert len(set(variants)) == len(variants) and set(variants) <= set(GRID_VARIANTS)  # one protocol per variant
 
 
 def test_every_preset_builds_every_cell_of_the_grid():
     for name, preset in PRESETS.items():
         for loss in GRID_LOSSES:
-            for variant in preset.variants:
-                cfg = TrainConfig.from_protocol(preset.protocol, loss=loss, variant=variant,
-                                                **preset.overrides)
+            for variant, protocol in preset.forms:
+                cfg = TrainConfig.from_protocol(protocol, loss=loss, variant=variant, **preset.overrides)
                 assert cfg.loss == loss and cfg.variant == variant, name
 
 
-def test_the_papers_weight_is_the_spec_constant():
+def test_the_weights_are_the_spec_constants():
     assert {w["lam"] for w in PROTOCOLS["paper"].loss_weights.values()} == {PAPER_LAMBDA}
-    assert sorted(PROTOCOLS["paper"].loss_weights) == sorted(loss for loss in GRID_LOSSES if "+" in loss)
+    assert {w["lam"] for w in PROTOCOLS["author"].loss_weights.values()} == {AUTHOR_LAMBDA}
+    for protocol in ("paper", "author"):
+        assert sorted(PROTOCOLS[protocol].loss_weights) == sorted(loss for loss in GRID_LOSSES if "+" in loss)
+
+
+def test_the_paper_grid_runs_three_forms_author_first():
+    assert PRESETS["paper"].forms == PRESETS["quick"].forms == (
+        ("author", "author"), ("paper", "paper"), ("ma2020", "paper"))
+    assert PRESETS["author"].forms == (("author", "author"),)
+    assert PRESETS["ma2020"].forms == (("ma2020", "ma2020"),)
+    assert GRID_VARIANTS[0] == "author"
+    assert [protocol_variant(p) for p in ("author", "paper", "ma2020")] == ["author", "paper", "ma2020"]
+
+
+def test_the_paper_preset_states_the_texts_protocol_and_the_codes_where_silent():
+    """The paper preset's paper form: what the text states (Kaiming, lam 0.6, per-sample noise),
+    and the author's code where it is silent (batch 64, gamma 2, Normalize 0.5)."""
+    cfg = preset_config("paper", loss="nfl+rce", variant="paper", noise=0.6, seed=0)
+    assert (cfg.batch_size, cfg.init, cfg.normalize, cfg.noise_type) == (64, "kaiming", "half", "symmetric")
+    assert cfg.loss_params == {"gamma": 2.0, "lam": 0.6}
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.epochs, cfg.weight_decay, cfg.scheduler, cfg.augment) == \
+        ("paper", "adam", 1e-3, 30, 0.0, "none", False)
+    # its ma2020 form: the same protocol and weights, the cited work's losses and exponent
+    ma = preset_config("paper", loss="nfl+rce", variant="ma2020", noise=0.6, seed=0)
+    assert ma.training_identity() == cfg.training_identity() and ma.loss_params == {"gamma": 0.5, "lam": 0.6}
+    author = preset_config("paper", loss="nfl+rce", variant="author", noise=0.6, seed=0)
+    assert author == TrainConfig.author(loss="nfl+rce", noise=0.6, seed=0)
+    with pytest.raises(ValueError, match="variant 'paper' is not a form of this preset"):
+        preset_config("author", loss="nce", variant="paper", noise=0.2, seed=0)
 
 
 def test_variant_free_losses_and_unknown_presets():
     assert [loss for loss in GRID_LOSSES if is_variant_free(loss)] == ["ce"]
     assert get_preset("quick") is PRESETS["quick"]
-    with pytest.raises(ValueError, match="unknown preset 'fast'; use one of quick, paper, ma2020"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; use one of quick, paper, author, ma2020"):
         get_preset("fast")

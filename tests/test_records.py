@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 
@@ -19,6 +20,7 @@ from apl.records import (
     run_summary,
     save_json,
 )
+from apl.runlock import MANIFEST_LOCK_FILE
 
 
 def test_non_finite_numbers_are_written_as_null_and_read_back_as_nan(tmp_path):
@@ -63,3 +65,50 @@ def test_manifest_keeps_runs_and_invocations_across_restarts(tmp_path):
     with pytest.raises(ValueError, match="cannot read manifest"):
         load_manifest(tmp_path)
     assert load_manifest(tmp_path / "none") is None
+
+
+def test_manifest_writers_sharing_a_folder_keep_each_others_entries(tmp_path):
+    """Grids sharing an output folder: each save is a read-modify-write under the folder's manifest
+    lock (an flock per open file, so threads here exclude each other as processes do)."""
+    def grid(k: int) -> None:
+        manifest = Manifest(tmp_path, fresh=False)
+        manifest.start(command=f"grid {k}", started_at="t")
+        for i in range(15):
+            manifest.run(f"run {k}.{i}", status="running")
+            manifest.save()
+            manifest.run(f"run {k}.{i}", status="done", data_source="synthetic")
+            manifest.save()
+        manifest.finish(wall_time_s=1.0)
+
+    threads = [threading.Thread(target=grid, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = load_manifest(tmp_path)
+    assert sorted(data["runs"]) == sorted(f"run {k}.{i}" for k in range(4) for i in range(15))
+    assert {r["status"] for r in data["runs"].values()} == {"done"}
+    assert sorted(i["command"] for i in data["invocations"]) == [f"grid {k}" for k in range(4)]
+    assert all(i["finished_at"] and i["wall_time_s"] == 1.0 for i in data["invocations"])
+    assert data["data_source"] == "synthetic" and data["finished_at"]
+    assert (tmp_path / MANIFEST_LOCK_FILE).exists() and not (tmp_path / (MANIFEST_FILE + ".tmp")).exists()
+
+
+def test_a_run_entry_keeps_the_latest_status_and_its_error_only(tmp_path):
+    first, second = Manifest(tmp_path, fresh=False), Manifest(tmp_path, fresh=False)
+    first.start(command="one", started_at="t1")
+    second.start(command="two", started_at="t2")
+    first.run("a", status="running")
+    first.save()
+    second.run("a", status="busy", error="trained by another process")  # while the first trains it
+    second.save()
+    assert load_manifest(tmp_path)["runs"]["a"] == {"status": "busy", "error": "trained by another process"}
+    first.run("a", status="done", final_test_acc=50.0)
+    first.save()
+    assert load_manifest(tmp_path)["runs"]["a"] == {"status": "done", "final_test_acc": 50.0}  # no stale error
+    second.run("a", status="busy", error="trained by another process")  # saved late: does not hide the result
+    second.save()
+    assert load_manifest(tmp_path)["runs"]["a"]["status"] == "done"
+    assert [i["command"] for i in load_manifest(tmp_path)["invocations"]] == ["one", "two"]
+    Manifest(tmp_path, fresh=True).save()  # a fresh grid starts the file anew
+    assert load_manifest(tmp_path)["runs"] == {}

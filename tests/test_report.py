@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from apl.config import TrainConfig
-from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS
+from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PRESETS, is_variant_free, protocol_variant
 from apl.records import load_run_records
 from apl.report import make_report
 from apl.report.cells import group_runs, table_rows
+from apl.report.figures import EPOCH_PANELS, FIGURE1_LOSSES, FIGURE_NOISE, draw_epoch_figure
+from apl.report.readme import nce_ce_pair
 from apl.report.stamp import preset_banner
 
 GOLDEN = Path(__file__).parent / "golden" / "report"
@@ -28,37 +30,51 @@ TABLES = [f"table1_{v}.{ext}" for v in GRID_VARIANTS for ext in ("md", "csv", "t
 EPOCHS = 3
 
 
+#: The protocol of each form of the paper's grid (the fixture's records follow it).
+PROTOCOL_OF = dict(PRESETS["paper"].forms)
+
+
 def fake_accuracy(loss: str, variant: str, noise: float, seed: int, epoch: int) -> float:
     """A closed-form test accuracy: falls with noise, differs per loss/variant/seed/epoch."""
     i = GRID_LOSSES.index(loss)
-    peak = 85.0 - 70.0 * noise + 1.25 * i - (2.5 if variant == "ma2020" else 0.0)
+    peak = 85.0 - 70.0 * noise + 1.25 * i - {"ma2020": 2.5, "author": 1.5}.get(variant, 0.0)
     # Rises to a peak at epoch 2, then drops under noise: best and final differ.
     shape = {1: -8.0, 2: 0.0, 3: -20.0 * noise}[epoch]
     return round(peak + shape + 0.75 * seed, 2)
 
 
-def _record(loss, variant, noise, seed) -> dict:
-    cfg = TrainConfig.paper(loss=loss, variant=variant, noise=noise, seed=seed, width=0.125,
-                            epochs=EPOCHS, train_subset=400, test_subset=200, batch_size=32)
+def fake_train_accuracy(loss: str, variant: str, noise: float, seed: int, epoch: int) -> float:
+    """A closed-form training accuracy on the noisy labels: keeps rising (memorisation), never the test one."""
+    return round(30.0 + 12.0 * epoch + 0.5 * GRID_LOSSES.index(loss) + 0.25 * seed - 10.0 * noise, 2)
+
+
+def _record(loss, variant, noise, seed, protocol=None) -> dict:
+    """A run record of ``loss`` under ``variant``'s form (its protocol), scaled down as the quick preset."""
+    cfg = TrainConfig.from_protocol(protocol or PROTOCOL_OF[variant], loss=loss, variant=variant,
+                                    noise=noise, seed=seed, width=0.125, epochs=EPOCHS,
+                                    train_subset=400, test_subset=200)
     history = [{"epoch": e, "test_acc": fake_accuracy(loss, variant, noise, seed, e),
+                "train_acc_noisy": fake_train_accuracy(loss, variant, noise, seed, e),
                 "train_loss": 1.0 / e, "epoch_time_s": 0.5} for e in range(1, EPOCHS + 1)]
     accs = [h["test_acc"] for h in history]
     return {"run_name": cfg.run_name(), "loss": loss, "variant": variant, "noise": noise,
-            "noise_type": "symmetric", "seed": seed, "config": cfg.to_dict(), "history": history,
+            "noise_type": cfg.noise_type, "seed": seed, "config": cfg.to_dict(), "history": history,
             "final_test_acc": accs[-1], "best_test_acc": max(accs),
-            "best_epoch": accs.index(max(accs)) + 1, "data_source": "fixture: generated records",
+            "best_epoch": accs.index(max(accs)) + 1, "final_train_acc_noisy": history[-1]["train_acc_noisy"],
+            "data_source": "fixture: generated records", "data_official": False,
             "wall_time_s": 1.5, "finished_at": "2025-01-01T00:00:00+00:00"}
 
 
 def write_runs(root: Path, seeds=(0, 1), noise=GRID_NOISE, losses=GRID_LOSSES,
                manifest: dict | None = None) -> list[dict]:
-    """A grid's records (CE once per noise and seed, labelled with variant 'paper')."""
+    """A paper-preset grid's records: CE once per protocol, noise and seed, labelled with the
+    protocol's variant (the author's, and the paper's shared by the paper and ma2020 forms)."""
     records = []
     for seed in seeds:
         for variant in GRID_VARIANTS:
             for eta in noise:
                 for loss in losses:
-                    if loss == "ce" and variant != "paper":
+                    if is_variant_free(loss) and variant != protocol_variant(PROTOCOL_OF[variant]):
                         continue
                     rec = _record(loss, variant, eta, seed)
                     run = root / "runs" / rec["run_name"]
@@ -71,6 +87,7 @@ def write_runs(root: Path, seeds=(0, 1), noise=GRID_NOISE, losses=GRID_LOSSES,
 
 
 MANIFEST = {"preset": "quick", "overrides": {}, "command": "python -m apl grid --preset quick",
+            "forms": [list(f) for f in PRESETS["quick"].forms],
             "devices": [{"device": "cpu", "name": "fixture CPU"}], "torch_version": "x",
             "started_at": "2025-01-01T00:00:00+00:00", "finished_at": None, "runs": {}}
 
@@ -141,20 +158,25 @@ def test_cells_are_mean_and_sample_std_over_seeds_minus_the_paper():
     assert rows[("ce", 0.0)]["reference"] is None
 
 
-def test_ce_runs_serve_both_variants_and_others_do_not(tmp_path):
+def test_a_ce_run_serves_the_forms_of_its_protocol_only(tmp_path):
     records = write_runs(tmp_path, seeds=(0,), noise=(0.2,), losses=("ce", "nce"))
     groups = group_runs(load_run_records(tmp_path))
-    assert len(records) == 3  # ce once, nce per variant
-    for variant in GRID_VARIANTS:
+    assert len(records) == 5  # ce once per protocol (author, paper), nce per form
+    assert [r["variant"] for r in groups["author"][("ce", 0.2)]] == ["author"]  # trained as the author's code
+    for variant in ("paper", "ma2020"):  # both trained under the paper's protocol: one CE run
         assert [r["variant"] for r in groups[variant][("ce", 0.2)]] == ["paper"]
+    for variant in GRID_VARIANTS:
         assert [r["variant"] for r in groups[variant][("nce", 0.2)]] == [variant]
 
 
 def test_banner_says_whose_protocol_it_is():
-    assert preset_banner("paper", "P").endswith("the paper's protocol (Sec. 3)")
-    assert "not the paper's protocol" in preset_banner("paper", "P", {"epochs": 1})
-    assert preset_banner("quick", "P").startswith("QUICK PRESET: P") and \
-        preset_banner("quick", "P").endswith("not the paper's protocol")
+    assert preset_banner("paper", "author", "author", "P").startswith(
+        "PAPER PRESET, form author (the author's code): P")
+    assert preset_banner("paper", "ma2020", "paper", "P").endswith("the full protocol")
+    assert "not the paper's protocol" in preset_banner("paper", "paper", "paper", "P", {"epochs": 1})
+    assert preset_banner("quick", "paper", "paper", "P").startswith("QUICK PRESET, form paper (the paper's text): P")
+    assert preset_banner("quick", "paper", "paper", "P").endswith("not the paper's protocol")
+    assert preset_banner(None, "paper", None, "P").startswith("PRESET UNKNOWN (no manifest.json), form paper: P")
 
 
 def test_single_seed_cells_show_no_std_and_missing_cells_a_dash(tmp_path):
@@ -234,6 +256,98 @@ def test_committed_quick_tables_rebuild_from_their_committed_run_records(tmp_pat
     assert sorted(r["_run"] for r in load_run_records(records)) == sorted(manifest["runs"])
     make_report(records, tmp_path, figures=False)
     committed = sorted(QUICK.glob("table1_*"))
-    assert len(committed) == 6
+    assert len(committed) == 3 * len(GRID_VARIANTS)  # md, csv, tex per form
     for path in committed:
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+# --------------------------------------------------------------------------- the author form and Figures 1-2
+
+def _cells(variant: str, losses, noise=FIGURE_NOISE, seeds=(0,)) -> dict:
+    records = [_record(loss, variant, noise, seed) for loss in losses for seed in seeds]
+    for r in records:
+        r["_run"] = r["run_name"]
+    return group_runs(records)[variant]
+
+
+@pytest.mark.parametrize("number, losses", [(1, FIGURE1_LOSSES), (2, GRID_LOSSES)])
+def test_figures_1_2_plot_noisy_training_accuracy_left_and_test_accuracy_right(number, losses):
+    """As the paper drew them: the left panel is each run's training accuracy on its noisy labels
+    (train_acc_noisy), the right one clean test accuracy, one line per loss of the figure."""
+    fig = draw_epoch_figure(number, losses, "author", _cells("author", GRID_LOSSES, seeds=(0, 1)), ["stamp"])
+    assert [key for key, _, _ in EPOCH_PANELS] == ["train_acc_noisy", "test_acc"]
+    for ax, fake in zip(fig.axes, (fake_train_accuracy, fake_accuracy)):
+        lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        assert sorted(lines) == sorted(loss.upper() for loss in losses)
+        for loss in losses:
+            x, y = lines[loss.upper()].get_data()
+            assert list(x) == list(range(1, EPOCHS + 1))
+            expected = [statistics.fmean(fake(loss, "author", FIGURE_NOISE, s, e) for s in (0, 1))
+                        for e in range(1, EPOCHS + 1)]
+            assert list(y) == pytest.approx(expected)
+    assert fig.axes[1].get_legend() is not None  # the losses named once, right of the test panel
+
+
+def test_readme_lists_the_author_form_first_and_says_where_text_and_code_differ(report):
+    _, out, _ = report
+    readme = (out / "README.md").read_text()
+    tables = readme[readme.index("## Tables"):readme.index("## Where")]
+    positions = [tables.index(f"`table1_{v}.md`") for v in ("author", "paper", "ma2020")]
+    assert positions == sorted(positions)
+    assert "faithful reproduction" in tables[positions[0]:positions[1]]
+    files = readme[readme.index("## Files"):]
+    assert files.index("table1_author.md") < files.index("table1_paper.md") < files.index("table1_ma2020.md")
+    differ = readme[readme.index("## Where the paper's text and its code differ"):readme.index("## Machine")]
+    for topic in ("APL weights", "MAE and RCE", "NCE", "Focal exponent", "Initialisation", "Noise",
+                  "What is plotted"):
+        assert f"**{topic}" in differ, topic
+    assert "0.4 · active + 0.6 · passive" in differ and "0.2 (1 − p_y)" in differ
+
+
+def test_the_measured_nce_ce_pair_is_read_from_the_author_forms_records(report):
+    """The README's NCE-vs-CE rows are the author form's own records (mean over the seeds), per eta."""
+    _, out, _ = report
+    readme = (out / "README.md").read_text()
+    for noise in GRID_NOISE:
+        ce, nce = (statistics.fmean(fake_accuracy(loss, "author", noise, s, EPOCHS) for s in (0, 1))
+                   for loss in ("ce", "nce"))
+        ce_train, nce_train = (statistics.fmean(fake_train_accuracy(loss, "author", noise, s, EPOCHS)
+                                                for s in (0, 1)) for loss in ("ce", "nce"))
+        heading = "clean" if noise == 0.0 else f"η={noise:.1f}"
+        assert (f"| {heading} | {ce:.2f} | {nce:.2f} | {nce - ce:+.2f} | {ce_train:.2f} | {nce_train:.2f} |"
+                in readme), noise
+    rows = nce_ce_pair(_cells("author", ("ce", "nce"), noise=0.4))
+    assert [r["noise"] for r in rows] == [0.4]
+    assert rows[0]["nce_test"] == fake_accuracy("nce", "author", 0.4, 0, EPOCHS)
+
+
+def test_without_author_runs_the_pair_is_said_to_be_missing(tmp_path):
+    run = tmp_path / "g" / "runs"
+    for loss in ("ce", "nce"):
+        rec = _record(loss, "paper", 0.6, 0)
+        (run / rec["run_name"]).mkdir(parents=True)
+        (run / rec["run_name"] / "result.json").write_text(json.dumps(rec))
+    make_report(tmp_path / "g", tmp_path / "o", figures=False)
+    readme = (tmp_path / "o" / "README.md").read_text()
+    assert "No author-form CE and NCE runs" in readme and not (tmp_path / "o" / "table1_author.md").exists()
+
+
+def test_records_of_an_earlier_version_are_left_out_and_named(tmp_path):
+    """A record whose name is not the one this version gives its config (e.g. the earlier paper
+    protocol: implicit gamma 0.5, batch 128, no init/normalize fields) is never reported as a run."""
+    write_runs(tmp_path / "g", seeds=(0,), noise=(0.6,), losses=("nfl",))
+    old = _record("nfl", "paper", 0.6, 1)
+    old["config"] = {k: v for k, v in old["config"].items() if k not in ("init", "normalize")}
+    old["config"].update(batch_size=128, loss_params={})
+    old["run_name"] = "nfl_paper_sym0.6_s1"
+    (tmp_path / "g" / "runs" / old["run_name"]).mkdir()
+    (tmp_path / "g" / "runs" / old["run_name"] / "result.json").write_text(json.dumps(old))
+    make_report(tmp_path / "g", tmp_path / "o", figures=False)
+    md = (tmp_path / "o" / "table1_paper.md").read_text()
+    assert "single run per cell (seed 0)" in md  # seed 1 is the old run: not in the table
+    assert "Left out: 1 run record(s) written by an earlier version" in (tmp_path / "o" / "README.md").read_text()
+    only_old = tmp_path / "old"
+    (only_old / "runs" / "x").mkdir(parents=True)
+    (only_old / "runs" / "x" / "result.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="written by an earlier version"):
+        make_report(only_old, tmp_path / "o2")

@@ -122,6 +122,19 @@ def test_other_config_in_the_same_folder_is_refused(tmp_path, cifar_arrays):
         train(small(epochs=2, seed=2), tmp_path / "b", progress=False, data=cifar_arrays)
 
 
+def test_a_finished_run_of_the_earlier_version_is_never_taken_for_this_one(tmp_path, cifar_arrays):
+    """Same fields except what the earlier version did not write (init, normalize, the focal
+    exponent it left implicit at 0.5): refused, although this version would read it back equal."""
+    cfg = small(loss="nfl", epochs=1, normalize="cifar")  # the dataclass defaults: what the earlier version did
+    result = train(cfg, tmp_path, progress=False, data=cifar_arrays)
+    old = {k: v for k, v in result["config"].items() if k not in ("init", "normalize")}
+    old["loss_params"] = {}
+    assert TrainConfig.from_dict(old).identity() == cfg.identity()  # the trap: defaults fill it in
+    (tmp_path / RESULT_FILE).write_text(json.dumps({**result, "config": old}))
+    with pytest.raises(ValueError, match="different config .differs in init, loss_params, normalize"):
+        train(cfg, tmp_path, progress=False, data=cifar_arrays)
+
+
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path, cifar_arrays):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="cannot be read safely as a checkpoint.*resume=False"):

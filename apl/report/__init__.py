@@ -1,12 +1,15 @@
 """Table 1 and Figures 1-3 of the paper, rebuilt from a grid's run records alone.
 
 :func:`make_report` reads ``O/runs/*/result.json`` (and ``O/manifest.json`` when present,
-for the preset name and the machine; :mod:`apl.records`) and writes, for each loss variant:
-Table 1 as Markdown, CSV and LaTeX (:mod:`apl.report.tables`: final-epoch and best-epoch
-accuracy, each next to the published number and the difference), Figures 1-3 as PNG and PDF
-(:mod:`apl.report.figures`), and a ``README.md`` describing every file
+for the preset name, its forms and the machine; :mod:`apl.records`) and writes, for each form
+(a loss variant under its protocol; the author's code first): Table 1 as Markdown, CSV and
+LaTeX (:mod:`apl.report.tables`: final-epoch and best-epoch accuracy, each next to the
+published number and the difference), Figures 1-3 as PNG and PDF (:mod:`apl.report.figures`),
+and a ``README.md`` describing every file and where the paper's text and its code differ
 (:mod:`apl.report.readme`). No training happens here, so the report can be rebuilt at any
-time, also from a partly finished grid (missing cells print as an em dash).
+time, also from a partly finished grid (missing cells print as an em dash). Run records
+written under an earlier definition of the runs (:func:`apl.records.is_current`) are left out,
+and the README names them.
 
 Tables are deterministic: the same run records give byte-identical table files.
 """
@@ -16,11 +19,12 @@ from pathlib import Path
 
 from apl.paper import SOURCES
 from apl.presets import GRID_LOSSES
-from apl.records import load_manifest, load_run_records
-from apl.report.cells import all_seeds, group_runs, reported_variants
+from apl.records import is_current, load_manifest, load_run_records
+from apl.report.cells import group_runs, reported_variants
 from apl.report.figures import FIGURE1_LOSSES, FIGURE_NOISE, epoch_figure, noise_figure
 from apl.report.readme import render_readme
 from apl.report.stamp import Stamp
+from apl.report.sweep import split_sweep, sweep_figures
 from apl.report.tables import RENDERERS
 
 __all__ = ["make_report", "REFERENCES"]
@@ -37,10 +41,15 @@ def make_report(runs, out, *, reference: str = "auto", command: str | None = Non
     published numbers) or ``"auto"``: ``"ma2020"`` for the ma2020 preset, else ``"paper"``.
     Returns the written paths, sorted.
     """
-    records = load_run_records(runs)
+    found = load_run_records(runs)
+    records = [r for r in found if is_current(r)]
+    stale = sorted(r["_run"] for r in found if not is_current(r))
     if not records:
-        raise ValueError(f"no finished runs (result.json) under {runs}")
+        raise ValueError(f"no finished runs (result.json) under {runs}" + (
+            f"; the {len(stale)} there were written by an earlier version (their names do not "
+            f"match their configs): run the grid again" if stale else ""))
     manifest = load_manifest(runs)
+    records, sweep = split_sweep(records, manifest)  # a sweep: Table 1 shows one run per cell
     if reference == "auto":
         reference = "ma2020" if (manifest or {}).get("preset") == "ma2020" else "paper"
     if reference not in SOURCES:
@@ -53,36 +62,42 @@ def make_report(runs, out, *, reference: str = "auto", command: str | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    skipped: list[str] = []
+    notes: list[str] = []
+    if stale:
+        notes.append(f"Left out: {len(stale)} run record(s) written by an earlier version, whose names "
+                     f"do not match their configs under this one: {', '.join(stale)}.")
     written: list[Path] = []
-    for variant in reported_variants(groups):
+    forms = reported_variants(groups)
+    for variant in forms:
         cells = groups[variant]
         for ext, render in RENDERERS.items():
             path = out / f"table1_{variant}.{ext}"
             path.write_text(render(variant, cells, stamp), encoding="utf-8")
             written.append(path)
-            files[path.name] = (f"Table 1, variant {variant} ({ext}): final- and best-epoch "
+            files[path.name] = (f"Table 1, form {variant} ({ext}): final- and best-epoch "
                                 f"accuracy, published number, difference")
         if not figures:
             continue
-        figure_stamp = stamp.lines(variant, all_seeds(cells))[:2]
+        figure_stamp = stamp.lines(variant, cells)[:2]
         if any((loss, FIGURE_NOISE) in cells for loss in GRID_LOSSES):
             for number, losses, what in ((1, FIGURE1_LOSSES, "NCE, NFL, CE, FL"),
                                          (2, GRID_LOSSES, "all eight losses")):
                 for p in epoch_figure(number, losses, variant, cells, figure_stamp, out):
                     written.append(p)
-                    files[p.name] = (f"Figure {number}, variant {variant}: test accuracy vs "
-                                     f"epoch at η = {FIGURE_NOISE}, {what}")
+                    files[p.name] = (f"Figure {number}, form {variant}: training accuracy on the "
+                                     f"noisy labels (left, as the paper plots it) and clean test "
+                                     f"accuracy (right) vs epoch at η = {FIGURE_NOISE}, {what}")
         else:
-            skipped.append(f"Figures 1-2 of variant {variant} (no runs at η = {FIGURE_NOISE})")
+            notes.append(f"Not written: Figures 1-2 of form {variant} (no runs at η = {FIGURE_NOISE}).")
         for p in noise_figure(variant, cells, reference, figure_stamp, out):
             written.append(p)
-            files[p.name] = (f"Figure 3, variant {variant}: final test accuracy vs noise rate, "
+            files[p.name] = (f"Figure 3, form {variant}: final test accuracy vs noise rate, "
                              f"published Table 1 points as ×")
+    written += sweep_figures(sweep, stamp, out, files, notes, figures=figures)
     files["README.md"] = "this file"
     readme = out / "README.md"
     readme.write_text(render_readme(files, records, manifest, stamp,
                                     command or f"python -m apl report --runs {runs} --out {out}",
-                                    skipped), encoding="utf-8")
+                                    notes, groups, forms), encoding="utf-8")
     written.append(readme)
     return sorted(written)

@@ -1,12 +1,17 @@
 """The report's numbers: run records grouped into Table 1's cells, and the statistics of a cell.
 
-A cell is one (loss, noise rate) of one loss variant, holding the runs of every seed. A cell's
-number is the mean and sample standard deviation over seeds, next to the published number.
+A cell is one (loss, noise rate) of one form (a loss variant under its protocol,
+:data:`apl.presets.FORMS`; a grid runs each variant under one protocol, so the variant names
+the form), holding the runs of every seed. A cell's number is the mean and sample standard
+deviation over seeds, next to the published number.
 """
 from __future__ import annotations
 
+import json
 import statistics
 
+from apl.config import TrainConfig
+from apl.noise import SYMMETRIC_NOISE_TYPES
 from apl.paper import reference_accuracy
 from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, is_variant_free
 from apl.records import read_number
@@ -37,34 +42,46 @@ def _noise_key(noise) -> float:
 
 def _in_grid(record: dict) -> bool:
     noise = _noise_key(record["noise"])
-    symmetric = noise == 0.0 or record.get("noise_type") in ("symmetric", "ma2020_symmetric")
+    symmetric = noise == 0.0 or record.get("noise_type") in SYMMETRIC_NOISE_TYPES
     return record["loss"] in GRID_LOSSES and noise in GRID_NOISE and symmetric
+
+
+def _trained_as(record: dict) -> str:
+    """How the record's run trained, as a comparable key (:meth:`TrainConfig.training_identity`)."""
+    return json.dumps(TrainConfig.from_dict(record["config"]).training_identity(), sort_keys=True)
 
 
 def group_runs(records: list[dict]) -> dict[str, dict[tuple[str, float], list[dict]]]:
     """``{variant: {(loss, noise): [records sorted by seed]}}`` for the runs of the paper's grid.
 
-    A loss whose definition does not depend on the variant (CE) is listed under every
-    variant: the same runs serve both tables. Records outside the grid (other losses,
-    asymmetric noise) are left out. Two records for the same cell and seed are an error
-    (two different grids in one folder).
+    A loss whose definition does not depend on the variant (CE) is listed under every form
+    whose own runs trained exactly as it did (same protocol and overrides): one CE run serves
+    the forms of its protocol, never a form trained differently; with no such runs, under its
+    own variant. Records outside the grid (other losses, asymmetric noise) are left out. Two
+    records for the same form, cell and seed are an error (two different grids in one folder).
     """
-    seen: dict[tuple, str] = {}
-    groups: dict[str, dict[tuple[str, float], list[dict]]] = {v: {} for v in GRID_VARIANTS}
-    for record in records:
-        if not _in_grid(record):
+    grid = [r for r in records if _in_grid(r)]
+    forms_trained_as: dict[str, set] = {}  # training key -> forms whose own runs trained so
+    for record in grid:
+        if is_variant_free(record["loss"]):
             continue
-        loss, noise, seed = record["loss"], _noise_key(record["noise"]), int(record["seed"])
-        free = is_variant_free(loss)
-        if not free and record["variant"] not in GRID_VARIANTS:
+        if record["variant"] not in GRID_VARIANTS:
             raise ValueError(f"run {record['_run']} has unknown variant {record['variant']!r}")
-        key = (loss, None if free else record["variant"], noise, seed)
-        if key in seen:
-            raise ValueError(f"runs {seen[key]} and {record['_run']} are the same grid cell "
-                             f"(loss {loss}, noise {noise}, seed {seed}); keep one grid per folder")
-        seen[key] = record["_run"]
-        for variant in (GRID_VARIANTS if free else (record["variant"],)):
-            groups[variant].setdefault((loss, noise), []).append(record)
+        forms_trained_as.setdefault(_trained_as(record), set()).add(record["variant"])
+    groups: dict[str, dict[tuple[str, float], list[dict]]] = {v: {} for v in GRID_VARIANTS}
+    for record in grid:
+        loss, noise, seed = record["loss"], _noise_key(record["noise"]), int(record["seed"])
+        forms = {record["variant"]}
+        if is_variant_free(loss):
+            forms = forms_trained_as.get(_trained_as(record), forms)
+        for variant in forms:
+            cell = groups[variant].setdefault((loss, noise), [])
+            twin = next((r for r in cell if int(r["seed"]) == seed), None)
+            if twin is not None:
+                raise ValueError(f"runs {twin['_run']} and {record['_run']} are the same grid cell "
+                                 f"(form {variant}, loss {loss}, noise {noise}, seed {seed}); "
+                                 "keep one grid per folder")
+            cell.append(record)
     for cells in groups.values():
         for recs in cells.values():
             recs.sort(key=lambda r: int(r["seed"]))
@@ -110,11 +127,13 @@ def table_rows(cells: dict, metric: str, reference: str) -> list[dict]:
     return rows
 
 
-def curve(recs: list[dict]) -> tuple[list[int], list[float], list[float] | None]:
-    """Mean (and std when several seeds) of test accuracy per epoch, over the epochs all share."""
+def curve(recs: list[dict], key: str = "test_acc") -> tuple[list[int], list[float], list[float] | None]:
+    """Mean (and std when several seeds) of the history's ``key`` per epoch, over the epochs all
+    share (``test_acc``: clean test accuracy; ``train_acc_noisy``: the epoch's training accuracy
+    on the noisy labels it trained on, what the paper's Figures 1-2 plot)."""
     n = min(len(r["history"]) for r in recs)
     epochs = [int(recs[0]["history"][i]["epoch"]) for i in range(n)]
-    per_epoch = [[read_number(r["history"][i]["test_acc"]) for r in recs] for i in range(n)]
+    per_epoch = [[read_number(r["history"][i].get(key)) for r in recs] for i in range(n)]
     means = [statistics.fmean(v) for v in per_epoch]
     stds = [statistics.stdev(v) for v in per_epoch] if len(recs) > 1 else None
     return epochs, means, stds

@@ -1,9 +1,11 @@
-"""Figures 1-3 of one loss variant as PNG and PDF (no dates or versions in the files).
+"""Figures 1-3 of one form as PNG and PDF (no dates or versions in the files).
 
-Figure 1: test accuracy per epoch at the captions' noise rate for NCE, NFL, CE, FL; Figure 2:
-the same for all eight losses; Figure 3: final accuracy per noise rate, with the published
-numbers as crosses. Drawn on bare :class:`matplotlib.figure.Figure` objects: no pyplot
-state and no display are needed.
+Figure 1: accuracy per epoch at the captions' noise rate for NCE, NFL, CE, FL; Figure 2: the
+same for all eight losses. As the paper drew them, the left panel is the training accuracy on
+the noisy labels the run trained on (``train_acc_noisy``, the running accuracy of each epoch in
+train mode: what the author's code plotted); the right panel is clean test accuracy. Figure 3:
+final test accuracy per noise rate, with the published numbers as crosses. Drawn on bare
+:class:`matplotlib.figure.Figure` objects: no pyplot state and no display are needed.
 """
 from __future__ import annotations
 
@@ -19,12 +21,19 @@ from apl.presets import GRID_LOSSES, GRID_NOISE
 from apl.records import read_number
 from apl.report.cells import curve, loss_label, noise_heading
 
-__all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "CHANCE", "epoch_figure", "noise_figure"]
+__all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "EPOCH_PANELS", "CHANCE", "draw_epoch_figure", "epoch_figure",
+           "noise_figure"]
 
 #: The noise rate of Figures 1 and 2 (the paper's captions).
 FIGURE_NOISE = 0.6
 #: Figure 1's losses (paper Sec. 4.1).
 FIGURE1_LOSSES = ("nce", "nfl", "ce", "fl")
+#: The panels of Figures 1-2, left to right: history key, panel title, y-axis label.
+EPOCH_PANELS = (
+    ("train_acc_noisy", "training accuracy on the noisy labels (as the paper plots)",
+     "train accuracy on noisy labels (%)"),
+    ("test_acc", "clean test accuracy", "test accuracy (%)"),
+)
 #: Test accuracy (%) of a constant prediction on CIFAR-10's balanced test set.
 CHANCE = 10.0
 
@@ -38,22 +47,65 @@ def _chance_handle() -> Line2D:
     return Line2D([], [], color="0.45", linestyle=":", linewidth=1.0)
 
 
-def _new_figure(title: str, stamp: list[str]):
-    fig = Figure(figsize=(8.0, 5.6), dpi=150)
-    ax = fig.add_axes((0.09, 0.19, 0.66, 0.72))
+def _axes(fig, rect, title: str, ylabel: str):
+    """One accuracy panel at ``rect``, with the chance line."""
+    ax = fig.add_axes(rect)
     ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     # Ten balanced classes: 10% is what a collapsed model scores (the paper's 10.00 cells).
     ax.axhline(CHANCE, color="0.45", linestyle=":", linewidth=1.0)
+    return ax
+
+
+def _stamp(fig, stamp: list[str]) -> None:
     fig.text(0.01, 0.01, "\n".join(stamp), fontsize=6.2, va="bottom", ha="left", wrap=True)
+
+
+def _new_figure(title: str, stamp: list[str]):
+    fig = Figure(figsize=(8.0, 5.6), dpi=150)
+    ax = _axes(fig, (0.09, 0.19, 0.66, 0.72), title, "test accuracy (%)")
+    _stamp(fig, stamp)
     return fig, ax
 
 
 def _finish(fig, ax, handles, labels, stem: Path) -> list[Path]:
-    """Legend right of the axes, accuracy axis label, then the PNG and PDF of ``stem``."""
+    """Legend right of ``ax``, then the PNG and PDF of ``stem``."""
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
               frameon=False)
-    ax.set_ylabel("test accuracy (%)")
+    return _save(fig, stem)
+
+
+def draw_epoch_figure(number: int, losses, variant: str, cells, stamp: list[str]) -> Figure:
+    """Figure 1 or 2 of form ``variant``: accuracy vs epoch at :data:`FIGURE_NOISE` for
+    ``losses``, one panel per :data:`EPOCH_PANELS` entry (one line per loss, labelled as
+    the paper prints it; the chance line unlabelled)."""
+    fig = Figure(figsize=(12.0, 5.6), dpi=150)
+    fig.suptitle(f"Figure {number}: accuracy vs epoch, symmetric η = {FIGURE_NOISE}, form {variant}",
+                 fontsize=12)
+    panels = [_axes(fig, (0.06 + 0.42 * i, 0.19, 0.35, 0.68), title, ylabel)
+              for i, (_, title, ylabel) in enumerate(EPOCH_PANELS)]
+    for ax, (key, _, _) in zip(panels, EPOCH_PANELS):
+        for i, loss in enumerate(GRID_LOSSES):
+            recs = cells.get((loss, FIGURE_NOISE))
+            if loss not in losses or not recs:
+                continue
+            epochs, means, stds = curve(recs, key)
+            ax.plot(epochs, means, label=loss_label(loss), marker=".", **_style(loss, i))
+            if stds:
+                ax.fill_between(epochs, [m - s for m, s in zip(means, stds)],
+                                [m + s for m, s in zip(means, stds)], color=f"C{i}", alpha=0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+    _stamp(fig, stamp)
+    handles, labels = panels[-1].get_legend_handles_labels()
+    panels[-1].legend(handles + [_chance_handle()], labels + ["chance (10%)"], loc="upper left",
+                      bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    """The PNG and PDF of ``stem``."""
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     # No dates and no version strings in the files, so the same runs give the same bytes.
     fig.savefig(paths[0], dpi=150, metadata={"Software": None})
@@ -62,30 +114,14 @@ def _finish(fig, ax, handles, labels, stem: Path) -> list[Path]:
 
 
 def epoch_figure(number: int, losses, variant: str, cells, stamp: list[str], out: Path) -> list[Path]:
-    """Figure 1 or 2: test accuracy vs epoch at :data:`FIGURE_NOISE` for ``losses``."""
-    fig, ax = _new_figure(f"Figure {number}: test accuracy vs epoch, symmetric "
-                          f"η = {FIGURE_NOISE}, variant {variant}", stamp)
-    for i, loss in enumerate(GRID_LOSSES):
-        recs = cells.get((loss, FIGURE_NOISE))
-        if loss not in losses or not recs:
-            continue
-        epochs, means, stds = curve(recs)
-        ax.plot(epochs, means, label=loss_label(loss), marker=".", **_style(loss, i))
-        if stds:
-            ax.fill_between(epochs, [m - s for m, s in zip(means, stds)],
-                            [m + s for m, s in zip(means, stds)], color=f"C{i}", alpha=0.15)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    handles, labels = ax.get_legend_handles_labels()
-    handles.append(_chance_handle())
-    labels.append("chance (10%)")
-    return _finish(fig, ax, handles, labels, out / f"figure{number}_{variant}")
+    """:func:`draw_epoch_figure`, written to ``out/figure<number>_<variant>.png|.pdf``."""
+    return _save(draw_epoch_figure(number, losses, variant, cells, stamp), out / f"figure{number}_{variant}")
 
 
 def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Path) -> list[Path]:
     """Figure 3: final test accuracy vs noise rate, ``reference``'s published numbers as crosses."""
     fig, ax = _new_figure(f"Figure 3: test accuracy vs noise rate (final epoch), "
-                          f"variant {variant}", stamp)
+                          f"form {variant}", stamp)
     handles, labels = [], []
     for i, loss in enumerate(GRID_LOSSES):
         style = _style(loss, i)
