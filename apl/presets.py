@@ -169,7 +169,7 @@ PAPER = Preset(forms=PAPER_FORMS, overrides={}, seeds=1, cpu_workers=1)
 #: class-balanced subset of CIFAR-10, fewer epochs, a narrower PaperCNN, two CPU workers when
 #: no device is named. Batch size, initialisation, normalisation and noise rule stay each form's.
 QUICK = Preset(forms=PAPER_FORMS,
-               overrides={"train_subset": 3000, "test_subset": 1000, "epochs": 5, "width": 0.125},
+               overrides={"train_subset": 2000, "test_subset": 1000, "epochs": 5, "width": 0.125},
                seeds=1, cpu_workers=2)
 
 #: The author's code alone: the faithful reproduction of Table 1, one seed.
