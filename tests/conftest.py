@@ -8,10 +8,14 @@ synthetic CIFAR-10 (folder and loaded arrays) shared by the data, training and g
 Test modules import these names (``from conftest import ...``: pytest puts this directory on
 ``sys.path``).
 """
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 import apl.fused as fused
+from apl.config import TrainConfig
 from apl.data import load_cifar10, write_cifar10_folder
 
 #: The target value of ignored rows (as F.cross_entropy's default).
@@ -92,3 +96,40 @@ def cifar_dir(tmp_path_factory):
 def cifar_arrays(cifar_dir):
     """The arrays of ``cifar_dir``, loaded once per session (tests must not modify them)."""
     return load_cifar10(cifar_dir, download=False)
+
+
+#: What differs between two equal runs: when, how long and where they ran, whether they resumed.
+RUN_TIME_FIELDS = ("wall_time_s", "finished_at", "resumed_at_epochs", "device", "num_threads")
+EPOCH_TIME_FIELDS = ("epoch_time_s", "train_time_s")
+
+
+def comparable_record(result: dict) -> dict:
+    """A run's result.json without what differs between equal runs, its config as the run's identity."""
+    record = {k: v for k, v in result.items() if k not in RUN_TIME_FIELDS and k != "config"}
+    record["identity"] = TrainConfig.from_dict(result["config"]).identity()
+    record["history"] = [{k: v for k, v in h.items() if k not in EPOCH_TIME_FIELDS} for h in result["history"]]
+    return record
+
+
+def run_results(out) -> dict[str, dict]:
+    """Run name -> result.json of the grid written to ``out``."""
+    return {p.parent.name: json.loads(p.read_text()) for p in (Path(out) / "runs").glob("*/result.json")}
+
+
+def assert_same_records(out, reference) -> dict[str, dict]:
+    """The grid in ``out`` has the reference grid's runs, each with an equal record; returns them."""
+    got, want = run_results(out), run_results(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert comparable_record(got[name]) == comparable_record(want[name]), name
+    return got
+
+
+def value_and_grad(fn, z, y):
+    """``fn(z, y)`` and its gradient with respect to a fresh leaf copy of ``z``, for a fixed random
+    upstream gradient of the loss's shape (so reductions "none" compare every entry)."""
+    z = z.detach().clone().requires_grad_()
+    out = fn(z, y)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), z)
+    return out.detach(), grad

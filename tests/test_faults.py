@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records
 
 from apl.cli import main
 from apl.config import TrainConfig
@@ -38,9 +39,6 @@ TINY = {"epochs": 2, "train_subset": 40, "test_subset": 20, "width": 0.0625, "ba
 SUBSET = dict(losses=list(LOSSES), noise=[0.2], variants=["paper"])
 GRID_ARGS = ["--preset", "quick", "--losses", *LOSSES, "--noise", "0.2", "--variants", "paper", "--no-progress",
              *(arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}"))]
-#: What differs between two equal runs: when and how long they ran, whether they resumed, the threads asked for.
-RUN_TIMES = {"wall_time_s", "finished_at", "resumed_at_epochs"}
-EPOCH_TIMES = {"epoch_time_s", "train_time_s"}
 #: Seconds added to each training batch where a signal must land mid-epoch (2 batches an epoch).
 SLOW = {"APL_FAULT_BATCH_DELAY": "0.5"}
 
@@ -98,23 +96,9 @@ def _wait_for_checkpoint(proc: subprocess.Popen, out: Path) -> Path:
     raise AssertionError("no checkpoint within 120 s")
 
 
-def _comparable(result: dict) -> dict:
-    record = {k: v for k, v in result.items() if k not in RUN_TIMES}
-    record["config"] = {k: v for k, v in result["config"].items() if k != "num_threads"}
-    record["history"] = [{k: v for k, v in h.items() if k not in EPOCH_TIMES} for h in result["history"]]
-    return record
-
-
-def _results(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
-
-
 def _assert_same_records(out: Path, reference: Path) -> dict[str, dict]:
     """``out`` holds the reference grid's runs, each with records equal to the reference's; returns them."""
-    got, want = _results(out), _results(reference)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert _comparable(got[name]) == _comparable(want[name]), name
+    got = assert_same_records(out, reference)
     assert not list(out.rglob("*.tmp"))  # no half-written file left behind
     return got
 

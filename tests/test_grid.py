@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records, run_results
 
 from apl.config import TrainConfig
 from apl.grid import plan_grid, preset_config, run_grid
@@ -22,7 +23,6 @@ TINY_ARGS = ["--epochs", "3", "--set", "train_subset=200", "--set", "test_subset
 SUBSET = dict(losses=["nce", "ce"], noise=[0.2], variants=["paper"])
 SUBSET_ARGS = ["--losses", "nce", "ce", "--noise", "0.2", "--variants", "paper"]
 # Per-epoch timings and timestamps differ between two runs of the same config.
-TIMING_KEYS = {"epoch_time_s", "train_time_s"}
 
 
 def _env() -> dict:
@@ -32,29 +32,6 @@ def _env() -> dict:
 def _grid_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "apl", "grid", "--preset", "quick", "--data-dir", str(data),
             "--out", str(out), "--no-progress", *SUBSET_ARGS, *TINY_ARGS, *extra]
-
-
-def _comparable(result: dict) -> dict:
-    """A result without what legitimately differs between equal runs (times, placement)."""
-    keep = {k: v for k, v in result.items()
-            if k not in ("wall_time_s", "finished_at", "resumed_at_epochs", "config", "device",
-                         "num_threads")}
-    keep["history"] = [{k: v for k, v in h.items() if k not in TIMING_KEYS}
-                       for h in result["history"]]
-    return keep
-
-
-def _results(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
-
-
-def _assert_same_results(out: Path, reference: Path) -> dict[str, dict]:
-    """The grid in ``out`` has the reference grid's runs with equal results; returns them."""
-    got, want = _results(out), _results(reference)
-    assert set(got) == set(want)
-    for name in want:
-        assert _comparable(got[name]) == _comparable(want[name]), name
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +121,7 @@ def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, cifar_
     assert manifest["preset"] == "quick" and manifest["overrides"] == TINY
     assert manifest["torch_version"] and manifest["devices"][0]["device"] == "cpu"
     assert manifest["data_source"].startswith("synthetic") and manifest["finished_at"]
-    results = _results(reference)
+    results = run_results(reference)
     assert set(manifest["runs"]) == set(results) and len(results) == 2
     for name, entry in manifest["runs"].items():
         assert entry["status"] == "done" and entry["config"]["loss"] == results[name]["loss"]
@@ -214,7 +191,7 @@ def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, cifar_dir
     rerun = subprocess.run(_grid_cmd(cifar_dir, out, "--devices", "cpu"), env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    got = _assert_same_results(out, reference)
+    got = assert_same_records(out, reference)
     assert all([h["epoch"] for h in r["history"]] == [1, 2, 3] for r in got.values())  # no duplicate rows
     assert got[killed_in.name]["resumed_at_epochs"]  # it did resume, not restart
     manifest = json.loads((out / "manifest.json").read_text())
@@ -230,7 +207,7 @@ def test_two_cpu_workers_give_the_sequential_results(reference, cifar_dir, tmp_p
     # each of two CPU workers takes half the cores (apl.devices.parse_devices): compare with a
     # sequential grid at that thread count, since another one rounds its float sums differently
     threads = max(1, (os.cpu_count() or 1) // 2)
-    _assert_same_results(out, reference if threads == 1 else _reference_grid(cifar_dir, tmp_path / "ref", threads))
+    assert_same_records(out, reference if threads == 1 else _reference_grid(cifar_dir, tmp_path / "ref", threads))
     manifest = json.loads((out / "manifest.json").read_text())
     assert [d["device"] for d in manifest["devices"]] == ["cpu", "cpu"]
     assert "projected time" in proc.stderr

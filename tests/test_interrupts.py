@@ -11,10 +11,9 @@ import sys
 import time
 
 import pytest
+from conftest import comparable_record
 
 from apl.interrupts import Interrupted, graceful_stop
-
-TIMING_KEYS = {"epoch_time_s", "train_time_s"}
 
 
 def test_the_first_signal_asks_the_second_acts(monkeypatch):
@@ -53,7 +52,7 @@ def _train_cmd(data, out, epochs):
 
 def _history(out):
     result = json.loads((out / "result.json").read_text())
-    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in result["history"]]
+    return comparable_record(result)["history"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

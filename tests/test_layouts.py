@@ -9,6 +9,7 @@ statistics over every position of the batch).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import value_and_grad
 
 import apl.fused as fused
 from apl import functional as AF
@@ -30,14 +31,6 @@ def seg_batch(shape, seed, dtype=torch.float64, ignore_frac=0.2):
     y[torch.rand(target_shape, generator=g) < ignore_frac] = IGNORE
     y.view(-1)[0] = 0  # at least one position counts
     return z, y
-
-
-def value_and_grad(fn, z, y):
-    z = z.detach().clone().requires_grad_()
-    out = fn(z, y)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (grad,) = torch.autograd.grad((out * upstream).sum(), z)
-    return out.detach(), grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records, comparable_record, run_results
 
 from apl.cli import main
 from apl.config import TrainConfig
@@ -45,28 +46,11 @@ TINY = {"epochs": 2, "train_subset": 40, "test_subset": 20, "width": 0.0625, "ba
 SUBSET = dict(losses=list(LOSSES), noise=[0.2], variants=["paper"])
 GRID_ARGS = ["--preset", "quick", "--losses", *LOSSES, "--noise", "0.2", "--variants", "paper", "--no-progress",
              *(arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}"))]
-#: What differs between equal runs: when, how long, whether they resumed, where, with which paths.
-RUN_TIMES = {"wall_time_s", "finished_at", "resumed_at_epochs", "config"}
-EPOCH_TIMES = {"epoch_time_s", "train_time_s"}
-
-
-def _comparable(result: dict) -> dict:
-    record = {k: v for k, v in result.items() if k not in RUN_TIMES}
-    record["identity"] = TrainConfig.from_dict(result["config"]).identity()
-    record["history"] = [{k: v for k, v in h.items() if k not in EPOCH_TIMES} for h in result["history"]]
-    return record
-
-
-def _results(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
-
-
 def _assert_same_records(out: Path, reference: Path) -> dict[str, dict]:
-    got, want = _results(out), _results(reference)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert _comparable(got[name]) == _comparable(want[name]), name
-        assert [h["epoch"] for h in got[name]["history"]] == list(range(1, TINY["epochs"] + 1))  # no epoch twice
+    """As conftest's, and no run trained an epoch twice."""
+    got = assert_same_records(out, reference)
+    for name, result in got.items():
+        assert [h["epoch"] for h in result["history"]] == list(range(1, TINY["epochs"] + 1)), name
     return got
 
 
@@ -165,7 +149,7 @@ def test_ray_grid_gives_the_in_process_records_and_names_each_node(cluster, data
              ray_options={"address": cluster.address}, **SUBSET)
     _assert_same_records(tmp_path, reference)
     # Every epoch of every run reached the driver's bar through the cluster.
-    assert sorted(_Counted.reported) == sorted(name for name in _results(reference) for _ in range(TINY["epochs"]))
+    assert sorted(_Counted.reported) == sorted(name for name in run_results(reference) for _ in range(TINY["epochs"]))
     manifest = _manifest(tmp_path)
     node_ids = {n["NodeID"] for n in ray.nodes()}
     assert manifest["engine"] == "ray" and len(manifest["runs"]) == len(LOSSES)
@@ -215,7 +199,7 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(clus
     assert killed, "the run finished before a checkpoint was seen"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["resumed_at_epochs"] and result["resumed_at_epochs"][0] >= 1  # resumed, not restarted
-    assert _comparable(result) == _comparable(expected)
+    assert comparable_record(result) == comparable_record(expected)
     assert _manifest(tmp_path / "grid")["runs"][cfg.run_name()]["status"] == "done"
 
 
@@ -292,7 +276,7 @@ def test_a_lambda_sweep_under_ray_gives_its_runs_and_its_figure(cluster, data, t
     one = dict(losses=["ce", "nce+mae"], noise=[0.2], variants=["paper"])
     run_grid("quick", data, tmp_path / "grid", overrides=TINY, progress=False, sweep=sweep, engine="ray",
              ray_options={"address": cluster.address}, **one)
-    results = list(_results(tmp_path / "grid").values())
+    results = list(run_results(tmp_path / "grid").values())
     apl_runs = sorted((r["noise"], r["config"]["loss_params"]["lam"]) for r in results if r["loss"] == "nce+mae")
     assert apl_runs == [(0.2, 0.2), (0.2, 0.6)]
     assert [r["noise"] for r in results if r["loss"] == "ce"] == [0.2]  # CE has no λ: one run

@@ -5,6 +5,7 @@ LOSSES.md's "Soft targets" formulas; every undefined combination is a named Valu
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import value_and_grad
 
 import apl.fused as fused
 from apl import functional as AF
@@ -24,14 +25,6 @@ def batch(shape, seed, dtype=torch.float64):
     y[torch.rand(index_shape, generator=g) < 0.2] = IGNORE
     y.view(-1)[0] = 0
     return z, probs, y
-
-
-def value_and_grad(fn, z, y):
-    z = z.detach().clone().requires_grad_()
-    out = fn(z, y)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (grad,) = torch.autograd.grad((out * upstream).sum(), z)
-    return out.detach(), grad
 
 
 def assert_matches(got, want, dtype):
