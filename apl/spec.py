@@ -17,10 +17,8 @@ import torch
 __all__ = [
     "Kind", "LossSpec", "LOSS_NAMES", "VARIANTS", "REDUCTIONS", "RCE_A", "PROB_CLAMP",
     "spec_for", "canonical_name", "check_call", "positions_as_rows", "check_positions", "validate_inputs",
-    "check_num_classes",
-    "validate_weight",
-    "INDEX_DTYPES", "PAPER_LAMBDA", "AUTHOR_LAMBDA", "DEFAULT_GAMMA", "AUTHOR_SMOOTHING", "AUTHOR_TARGET_CLIP",
-    "author_affine", "SOFT_TARGET_KINDS", "LABEL_CLAMP", "FOCAL_KINDS",
+    "check_num_classes", "validate_weight", "INDEX_DTYPES", "PAPER_LAMBDA", "AUTHOR_LAMBDA", "DEFAULT_GAMMA",
+    "AUTHOR_SMOOTHING", "AUTHOR_TARGET_CLIP", "author_affine", "SOFT_TARGET_KINDS", "LABEL_CLAMP", "FOCAL_KINDS",
 ]
 
 #: RCE's constant: the official code clamps the one-hot label at 1e-4 before the log,
