@@ -382,8 +382,6 @@ struct RowBlock {
   }
   inline Vec col(int64_t k) const { return Vec::loadu(buf + k * W); }
   inline Vec is_target(int64_t k) const { return yv == Vec(static_cast<T>(k)); }
-  // all-ones lanes for ignored and missing rows
-  inline Vec invalid() const { return yv == Vec(T(-1)); }
 };
 
 template <typename T>
