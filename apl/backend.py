@@ -63,16 +63,9 @@ def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
     return "reference", reason
 
 
-def backend_for(backend: str, spec: LossSpec, device: torch.device, target=None) -> str:
+def backend_for(backend: str, spec: LossSpec, device: torch.device) -> str:
     """The backend a call uses: :func:`resolve_backend`, decided once per (backend, spec, device)
-    and warned about once (``"auto"`` falling back). Probability targets (a floating ``target``)
-    always use the reference, which alone computes them; ``"fused"`` then raises ``ValueError``."""
-    if isinstance(target, torch.Tensor) and target.is_floating_point():
-        check_backend(backend)
-        if backend == "fused":
-            raise ValueError("backend='fused' was requested but the fused operator takes class-index targets; "
-                             "probability targets need backend='auto' or 'reference'")
-        return "reference"
+    and warned about once (``"auto"`` falling back)."""
     if torch.compiler.is_compiling():  # traced once per graph; no global state to mutate
         return resolve_backend(backend, spec, device)[0]
     key = (backend, spec, device)
@@ -96,7 +89,7 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *,
     reference, warning once per process why.
     """
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
-    if backend_for(backend, spec, device, target) == "fused":
+    if backend_for(backend, spec, device) == "fused":
         return fused.fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
     return reference_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index, weight=weight)
 

@@ -16,8 +16,10 @@ are checked on the device (an assert), or on the host with a named ``ValueError`
 registered here.
 
 Supported: logits float16/bfloat16/float32/float64 (half types computed in float32), any C >= 2,
-any :class:`~apl.spec.LossSpec` whose passive term is NONE, CE, FL, FL_DETACHED, MAE, RCE or
-GCE (every loss of :func:`apl.spec.spec_for`). Works with ``torch.compile(fullgraph=True)``,
+any :class:`~apl.spec.LossSpec` whose passive term is NONE, CE, FL, FL_DETACHED, MAE, RCE,
+GCE, MAE_AUTHOR or RCE_AUTHOR (every loss of :func:`apl.spec.spec_for`), label smoothing, and
+probability targets for the losses LOSSES.md "Soft targets" extends (a second row path of the
+same operator: csrc/loss_row.h, "distribution targets"). Works with ``torch.compile(fullgraph=True)``,
 on meta tensors and with ``torch.library.opcheck``. Double backward is not supported: it raises.
 
 Importing this module never fails: :func:`is_available` tells whether the extension is built.
@@ -26,7 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from apl.spec import INDEX_DTYPES, Kind, LossSpec, check_call, check_positions, positions_as_rows, validate_weight
+from apl.spec import (
+    INDEX_DTYPES,
+    Kind,
+    LossSpec,
+    check_call,
+    check_positions,
+    check_probabilities_shape,
+    positions_as_rows,
+    validate_weight,
+)
 
 __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
            "unsupported_reason",
@@ -128,7 +139,7 @@ def _probe(device: str) -> None:
 
 def supports(spec: LossSpec) -> bool:
     """True when the operator computes ``spec``: any active kind, a passive kind of
-    :data:`SUPPORTED_PASSIVE` (every sum :func:`apl.spec.spec_for` builds), no label smoothing."""
+    :data:`SUPPORTED_PASSIVE` (every sum :func:`apl.spec.spec_for` builds)."""
     return not unsupported_reason(spec)
 
 
@@ -139,8 +150,6 @@ def unsupported_reason(spec: LossSpec) -> str:
     if spec.passive not in SUPPORTED_PASSIVE:
         return (f"the fused operator does not support {spec.passive.name} as the passive term (supported: "
                 f"{', '.join(k.name for k in SUPPORTED_PASSIVE)})")
-    if spec.smoothing:
-        return "the fused operator has no label smoothing (the reference computes it)"
     return ""
 
 
@@ -172,21 +181,24 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None):
-    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or the target's shape for 'none'),
-    stats [rows, NUM_STATS] (a row per position), batch [NUM_BATCH]."""
+def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None,
+                   label_smoothing=0.0):
+    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or the positions' shape (N, d1, ...,
+    dK) for 'none'), stats [rows, NUM_STATS] (a row per position), batch [NUM_BATCH]."""
     torch._check(logits.dim() >= 2, lambda: "apl_loss: logits must be (N, C) or (N, C, d1, ..., dK)")
-    torch._check(target.dim() == logits.dim() - 1, lambda: "apl_loss: target must be (N,) or (N, d1, ..., dK)")
+    torch._check(target.dim() == logits.dim() - (0 if target.is_floating_point() else 1),
+                 lambda: "apl_loss: target must be (N,) or (N, d1, ..., dK), or probabilities of the logits' shape")
     if weight is not None:  # as the C++ check, for meta and fake tensors
         validate_weight(weight.detach(), logits)
-    loss = logits.new_empty(target.shape if reduction == 0 else ())
-    stats = logits.new_empty((target.numel(), NUM_STATS), dtype=_stats_dtype(logits.dtype))
+    positions = (logits.shape[0], *logits.shape[2:])
+    loss = logits.new_empty(positions if reduction == 0 else ())
+    stats = logits.new_empty((logits.numel() // logits.shape[1], NUM_STATS), dtype=_stats_dtype(logits.dtype))
     batch = logits.new_empty((NUM_BATCH,), dtype=_stats_dtype(logits.dtype))
     return loss, stats, batch
 
 
 def _fake_apl_loss_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma,
-                            q, reduction, ignore_index, weight=None):
+                            q, reduction, ignore_index, weight=None, label_smoothing=0.0):
     """``apl_loss_backward`` returns a gradient shaped like the logits."""
     return torch.empty_like(logits)
 
@@ -217,10 +229,10 @@ def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -
     _require_built()
     _require(spec, reduction, ignore_index)
     return (int(spec.active), int(spec.passive), float(spec.alpha), float(spec.beta), float(spec.gamma),
-            float(spec.q), REDUCTION_CODES[reduction], ignore_index)
+            float(spec.q), REDUCTION_CODES[reduction], ignore_index, float(spec.smoothing))
 
 
-_REDUCTION_ARG = 6  # where op_args puts the reduction code
+_REDUCTION_ARG, _SMOOTHING_ARG = 6, 8  # where op_args puts them (the schema takes weight before smoothing)
 
 
 def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
@@ -228,10 +240,10 @@ def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
     """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
     modules and functions. The operator itself checks the tensors (``ValueError``).
     ``F.cross_entropy``'s (N, C, d1, ..., dK) layout goes to the operator as it is; an unbatched
-    (C,) is one row (:func:`apl.spec.positions_as_rows`)."""
-    if isinstance(target, torch.Tensor) and target.is_floating_point():
-        raise ValueError("the fused operator takes class-index targets; probability targets are computed by "
-                         "the reference (backend='auto' or 'reference', fused=False)")
+    (C,) is one row (:func:`apl.spec.positions_as_rows`). Probability targets (floating, the
+    logits' shape) are checked here for their shape, in the reference's words."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and isinstance(logits, torch.Tensor):
+        check_probabilities_shape(logits, target)
     if isinstance(logits, torch.Tensor) and logits.dim() != 2 and isinstance(target, torch.Tensor):
         if logits.dim() > 2:
             check_positions(logits, target)  # named in Python's shape notation, as the reference does
@@ -249,7 +261,7 @@ def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
         raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
     if target.dtype != torch.int64 and target.dtype in INDEX_DTYPES:
         target = target.long()
-    return _OP(logits.contiguous(), target.contiguous(), *args, weight)[0]
+    return _OP(logits.contiguous(), target.contiguous(), *args[:_SMOOTHING_ARG], weight, args[_SMOOTHING_ARG])[0]
 
 
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",
@@ -259,7 +271,9 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduc
     Same contract as :func:`apl.losses.reference_loss` (formulas and edge cases: ``LOSSES.md``):
     ``logits`` (N, C) floating, ``target`` (N,) integer class indices, rows whose target is
     ``ignore_index`` add 0 and are left out of the mean and of the paper forms' batch
-    statistic; ``weight`` (C,) are optional per-class weights, as there. Returns a tensor of the
+    statistic, or (N, C) probabilities for the losses LOSSES.md "Soft targets" extends;
+    ``weight`` (C,) are optional per-class weights, and ``spec.smoothing`` CE's label smoothing,
+    as there. Returns a tensor of the
     logits' dtype. Raises ``ValueError`` naming the problem for bad input (the operator checks
     the tensors, the target range and the weight) or when the operator is not built.
     """

@@ -92,13 +92,12 @@ class APLLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, C) against ``target`` (N,), or (N, C, d1, ..., dK) against
-        (N, d1, ..., dK) as ``F.cross_entropy``, reduced by ``self.reduction``."""
+        (N, d1, ..., dK), or against probabilities of the logits' shape, as ``F.cross_entropy``,
+        reduced by ``self.reduction``."""
         check_num_classes(logits, self.num_classes)  # the backend checks the rest
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         chosen = self._backends.get(device)
-        if isinstance(target, torch.Tensor) and target.is_floating_point():  # probabilities: the reference
-            chosen = backend_for(self.backend, self.spec, device, target)
-        elif chosen is None:
+        if chosen is None:
             chosen = backend_for(self.backend, self.spec, device)
             if not torch.compiler.is_compiling():  # a traced call must not mutate the module
                 self._backends[device] = chosen

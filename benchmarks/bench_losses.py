@@ -24,11 +24,16 @@ module/F.cross_entropy and reference/floor.
     python benchmarks/bench_losses.py --ns 128 --cs 10,100 --no-compile   # the shapes people train with
     python benchmarks/bench_losses.py --device cuda
     python benchmarks/bench_losses.py --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
+    python benchmarks/bench_losses.py --soft --ns 1000 --cs 10,1000   # probability targets, smoothing
 
 ``--shape`` times F.cross_entropy's K-dimensional layout instead ((N, C, d1, ..., dK) logits,
 (N, d1, ..., dK) targets), as users pass it to ``fused`` (the module), ``reference`` and
 ``F.cross_entropy``; ``fused on rows`` is the same module on the positions already laid out as
 (N*D, C) rows, for comparison with the layout the kernels were first written for.
+
+``--soft`` times the distribution targets instead (LOSSES.md "Soft targets"): probability
+targets for CE, MAE, RCE and SCE, and CE with ``label_smoothing=0.1`` on class indices, through
+the module on each backend, against ``F.cross_entropy`` for the CE rows.
 """
 from __future__ import annotations
 
@@ -43,7 +48,16 @@ import torch.nn.functional as F
 
 import apl.fused as fused
 from apl.losses import APLLoss, reference_loss
-from apl.spec import spec_for
+from apl.spec import Kind, LossSpec, spec_for
+
+#: the --soft table's losses: (spec, whether the target is probabilities)
+SOFT_LOSSES = {
+    "CE (probabilities)": (spec_for("ce"), True),
+    "CE (label_smoothing 0.1)": (LossSpec(Kind.CE, smoothing=0.1), False),
+    "MAE (probabilities)": (spec_for("mae"), True),
+    "RCE (probabilities)": (spec_for("rce"), True),
+    "SCE (probabilities)": (spec_for("sce"), True),
+}
 
 LOSSES = {
     "CE": spec_for("ce"),
@@ -133,6 +147,8 @@ def main(argv=None) -> int:
                         help="subset of: " + ", ".join(LOSSES))
     parser.add_argument("--ns", type=_int_list, default=None, help="batch sizes, e.g. 128,1000 (overrides the presets)")
     parser.add_argument("--cs", type=_int_list, default=None, help="class counts, e.g. 10,100 (overrides the presets)")
+    parser.add_argument("--soft", action="store_true",
+                        help="probability targets and label smoothing (the distribution path) instead")
     parser.add_argument("--shape", type=_int_list, default=None,
                         help="one K-dimensional logits shape N,C,d1,...,dK (e.g. 4,21,256,256) instead of N x C")
     args = parser.parse_args(argv)
@@ -157,6 +173,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
     if args.shape:
         return layout_table(args, max_repeats)
+    if args.soft:
+        return soft_table(args, ns, cs, max_repeats)
     header = ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
               "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
     print("| " + " | ".join(header) + " |")
@@ -187,6 +205,35 @@ def main(argv=None) -> int:
                 row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_mod), _fmt_ms(t_ref), _fmt_ms(t_comp),
                        _fmt_ms(t_ce), _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused),
                        _ratio(t_fused, t_ce), _ratio(t_mod, t_ce), _ratio(t_ref, t_floor)]
+                print("| " + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+def soft_table(args, ns: list[int], cs: list[int], max_repeats: int) -> int:
+    """The ``--soft`` table: distribution targets through the module on each backend."""
+    header = ["loss", "N", "C", "fused", "reference", "F.cross_entropy", "reference/fused", "fused/F.ce"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, (spec, probabilities) in SOFT_LOSSES.items():
+        for n in ns:
+            for c in cs:
+                if n * c > args.max_elements:
+                    continue
+                g = torch.Generator().manual_seed(0)
+                logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
+                if probabilities:
+                    target = torch.softmax(torch.randn(n, c, generator=g) * 3, dim=1).to(args.device)
+                else:
+                    target = torch.randint(0, c, (n,), generator=g).to(args.device)
+                contenders = {"fused": APLLoss(spec, backend="fused"), "reference": APLLoss(spec, backend="reference")}
+                if spec.active == Kind.CE and spec.passive == Kind.NONE:
+                    contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(
+                        x, y, label_smoothing=e)
+                t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
+                               max_repeats=max_repeats)
+                t_ce = t.get("F.cross_entropy")
+                row = [name, str(n), str(c), _fmt_ms(t["fused"]), _fmt_ms(t["reference"]), _fmt_ms(t_ce),
+                       _ratio(t["reference"], t["fused"]), _ratio(t["fused"], t_ce)]
                 print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

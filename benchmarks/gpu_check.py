@@ -10,7 +10,9 @@ H100-class GPU). The steps, each in its own time box:
   ``torch.compile``d reference (``dynamic=True``: one compile per loss and dtype) and, for CE,
   ``F.cross_entropy``, in float32 and bfloat16, median ms (``time_steps`` of
   benchmarks/bench_losses.py), achieved GB/s and the fraction of the GPU's peak memory
-  bandwidth; a contender that runs out of memory or takes too long is skipped with the reason;
+  bandwidth; then the (N, C, H, W) segmentation layout and distribution targets (probability
+  targets, CE label smoothing) in float32; a contender that runs out of memory or takes too
+  long is skipped with the reason;
 - ``launches``: CUDA kernels per forward and per backward call of the fused operator
   (``torch.profiler``), for every loss x variant x reduction, against
   ``apl.fused.launch_counts(spec, reduction)`` where that exists;
@@ -58,6 +60,8 @@ BENCH_DTYPES = ("float32", "bfloat16")
 #: through a transposed copy on CUDA, whose cost this measures.
 SEGMENTATION_SHAPE = (4, 21, 256, 256)
 SEGMENTATION_LOSSES = ("CE", "NCE+RCE (ma2020)")
+#: Shape of the distribution-target rows: the fused operator's distribution path, timed nowhere else on a GPU.
+SOFT_SHAPE = (4096, 1000)
 #: Shape of the kernel-launch count (C <= 1024: the warp-per-row kernel).
 LAUNCH_SHAPE = (512, 1000)
 #: Training modes timed one after another in one process: (name, amp, compile, channels_last).
@@ -301,6 +305,21 @@ def render_markdown(results: dict) -> str:
         lines += _table(["loss", "shape", "fused", "fused on rows", "F.cross_entropy", "fused/F.ce", "skipped"],
                         rows) + [""]
 
+    if bench and bench.get("soft"):
+        lines += ["## Distribution targets: forward + backward, median ms, float32", "",
+                  "Probability targets (a floating target of the logits' shape), and CE `label_smoothing` on "
+                  "class indices, through the module on each backend.", ""]
+        rows = []
+        for r in bench["soft"]:
+            ms = r.get("seconds", {})
+            f, ref, ce = ms.get("fused"), ms.get("reference"), ms.get("F.cross_entropy")
+            rows.append([r["loss"], "x".join(map(str, r["shape"])), _fmt_ms(f), _fmt_ms(ref), _fmt_ms(ce),
+                         "-" if f is None or ref is None else f"{ref / f:.2f}x",
+                         "-" if f is None or ce is None else f"{f / ce:.2f}x",
+                         "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items())])
+        lines += _table(["loss", "shape", "fused", "reference", "F.cross_entropy", "reference/fused", "fused/F.ce",
+                         "skipped"], rows) + [""]
+
     launches = steps.get("launches")
     if launches and launches.get("rows"):
         n, c = launches.get("shape", LAUNCH_SHAPE)
@@ -472,7 +491,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- workers (subprocesses)
 
 def _bench_losses():
-    """benchmarks/bench_losses.py as a module: its ``time_steps`` and ``LOSSES``."""
+    """benchmarks/bench_losses.py as a module: its ``time_steps``, ``LOSSES`` and ``SOFT_LOSSES``."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
     import bench_losses
@@ -567,6 +586,7 @@ def _worker_bench(p: dict, out: Path) -> None:
                     _write_json_atomic(out, result)
     result["rows"] = rows
     result["segmentation"] = _segmentation_rows(p, specs, time_steps, device, deadline)
+    result["soft"] = _soft_rows(p, time_steps, device, deadline)
     _write_json_atomic(out, result)
 
 
@@ -599,6 +619,39 @@ def _segmentation_rows(p, specs, time_steps, device, deadline) -> list:
         if "rows" in on_rows:
             row["seconds"]["fused on rows"] = on_rows["rows"]
         del logits, target, as_rows
+        _free(device)
+    return rows
+
+
+def _soft_rows(p, time_steps, device, deadline) -> list:
+    """Forward + backward of distribution targets (bench_losses.SOFT_LOSSES: probability targets,
+    and CE label smoothing on class indices) through the module on each backend, and of
+    F.cross_entropy (CE alone), in float32."""
+    import torch
+    import torch.nn.functional as F
+
+    from apl.losses import APLLoss
+    from apl.spec import Kind
+
+    n, c = p["soft_shape"]
+    rows = []
+    for loss_name, (spec, probabilities) in _bench_losses().SOFT_LOSSES.items():
+        row = {"loss": loss_name, "shape": list(p["soft_shape"]), "seconds": {}, "skipped": {}}
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row["skipped"]["all"] = "time box"
+            continue
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(n, c, device=device, generator=g) * 3
+        if probabilities:
+            target = torch.softmax(torch.randn(n, c, device=device, generator=g) * 3, dim=1)
+        else:
+            target = torch.randint(0, c, (n,), device=device, generator=g)
+        contenders = {"fused": APLLoss(spec, backend="fused"), "reference": APLLoss(spec, backend="reference")}
+        if spec.active == Kind.CE and spec.passive == Kind.NONE:
+            contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(x, y, label_smoothing=e)
+        row["seconds"] = _time_contenders(time_steps, contenders, logits, target, device, p, row)
+        del logits, target
         _free(device)
     return rows
 
@@ -935,6 +988,7 @@ def step_bench(args, out_dir: Path, peak) -> dict:
               "compile": not args.quick, "min_time": 0.05, "max_repeats": 100,
               "max_step_s": 1.0, "compile_reserve_s": 15.0, "peak_gbps": peak,
               "segmentation_shape": list(SEGMENTATION_SHAPE), "segmentation_losses": list(SEGMENTATION_LOSSES),
+              "soft_shape": list(SOFT_SHAPE),
               # The worker stops starting rows a little before the hard limit, to write its results.
               "budget_s": max(1.0, args.bench_timeout - 10)}
     st = _run_worker_step("bench", params, out_dir, args.bench_timeout)

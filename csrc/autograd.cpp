@@ -24,12 +24,12 @@ namespace apl {
 
 Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive, double alpha,
                       double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                      const std::optional<at::Tensor>& weight) {
+                      const std::optional<at::Tensor>& weight, double smoothing) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("apl::apl_loss", "")
                        .typed<Outputs(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double,
-                                      double, int64_t, int64_t, const std::optional<at::Tensor>&)>();
-  return op.call(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight);
+                                      double, int64_t, int64_t, const std::optional<at::Tensor>&, double)>();
+  return op.call(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight, smoothing);
 }
 
 namespace {
@@ -41,14 +41,14 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor call_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                          double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                         const OptTensor& weight) {
+                         const OptTensor& weight, double smoothing) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("apl::apl_loss_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, int64_t, int64_t, double, double, double, double, int64_t,
-                                         int64_t, const OptTensor&)>();
+                                         int64_t, const OptTensor&, double)>();
   return op.call(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                 ignore_index, weight);
+                 ignore_index, weight, smoothing);
 }
 
 // The gradient of apl_loss's loss output with respect to the logits.
@@ -58,9 +58,9 @@ struct AplLossBackward : public torch::autograd::TraceableFunction {
     variable_list out(1);
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
     const at::Tensor w = weight_.unpack();
-    out[0] =
-        call_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(), active, passive,
-                      alpha, beta, gamma, q, reduction, ignore_index, w.defined() ? OptTensor(w) : std::nullopt);
+    out[0] = call_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(), active,
+                           passive, alpha, beta, gamma, q, reduction, ignore_index,
+                           w.defined() ? OptTensor(w) : std::nullopt, smoothing);
     return out;
   }
   std::string name() const override { return "AplLossBackward"; }
@@ -71,12 +71,12 @@ struct AplLossBackward : public torch::autograd::TraceableFunction {
 
   SavedVariable logits_, target_, stats_, batch_, weight_;
   int64_t active = 0, passive = 0, reduction = 0, ignore_index = 0;
-  double alpha = 0, beta = 0, gamma = 0, q = 0;
+  double alpha = 0, beta = 0, gamma = 0, q = 0, smoothing = 0;
 };
 
 Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
                           double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                          const OptTensor& weight) {
+                          const OptTensor& weight, double smoothing) {
   TORCH_CHECK_VALUE(!weight.has_value() || !weight->defined() || !weight->requires_grad(),
                     "apl_loss: weight must not require grad (the fused operator has no gradient for it); pass "
                     "weight.detach()");
@@ -85,7 +85,8 @@ Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target, in
   Outputs out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = call_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight);
+    out = call_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight,
+                        smoothing);
   }
   if (torch::autograd::compute_requires_grad(logits)) {
     auto node = c10::make_intrusive<AplLossBackward>();
@@ -96,7 +97,7 @@ Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target, in
     node->batch_ = SavedVariable(std::get<2>(out), false);
     node->weight_ = SavedVariable(weight, false);
     node->active = active, node->passive = passive, node->reduction = reduction, node->ignore_index = ignore_index;
-    node->alpha = alpha, node->beta = beta, node->gamma = gamma, node->q = q;
+    node->alpha = alpha, node->beta = beta, node->gamma = gamma, node->q = q, node->smoothing = smoothing;
     torch::autograd::set_history(std::get<0>(out), node);
   }
   return out;
@@ -109,11 +110,11 @@ class AplLossBackwardFunction : public torch::autograd::Function<AplLossBackward
   static variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad_loss,
                                const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
                                const at::Tensor& batch, int64_t active, int64_t passive, double alpha, double beta,
-                               double gamma, double q, int64_t reduction, int64_t ignore_index,
-                               const OptTensor& weight) {
+                               double gamma, double q, int64_t reduction, int64_t ignore_index, const OptTensor& weight,
+                               double smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return {call_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                          ignore_index, weight)};
+                          ignore_index, weight, smoothing)};
   }
 
   static variable_list backward(torch::autograd::AutogradContext*, variable_list) {
@@ -127,9 +128,9 @@ class AplLossBackwardFunction : public torch::autograd::Function<AplLossBackward
 at::Tensor apl_loss_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                                       double alpha, double beta, double gamma, double q, int64_t reduction,
-                                      int64_t ignore_index, const OptTensor& weight) {
+                                      int64_t ignore_index, const OptTensor& weight, double smoothing) {
   return AplLossBackwardFunction::apply(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q,
-                                        reduction, ignore_index, weight)[0];
+                                        reduction, ignore_index, weight, smoothing)[0];
 }
 
 }  // namespace

@@ -68,6 +68,7 @@ enum Stat : int {
 // -ln(1e-4): RCE's constant A (apl.spec.RCE_A); 1e-7: the probability clamp (PROB_CLAMP).
 constexpr double kRceA = 9.210340371976182736;
 constexpr double kProbClamp = 1e-7;
+constexpr double kLabelClamp = 1e-4;  // RCE's clamp of the target before the log (apl.spec.LABEL_CLAMP)
 constexpr double kLogProbClamp = -16.11809565095831978;  // log(1e-7)
 constexpr double kLn2 = 0.693147180559945309;
 // The author's RCE target: 1 - s on the label, s / (C - 1) elsewhere, clamped to [clip, 1 - clip]
@@ -686,6 +687,181 @@ APL_HD typename M::V grad_not_target(const RowGrad<B>& g, typename M::S gamma, t
     out = out + V(g.W) * focal_weight_from_one_minus_p<M>(one_minus_p<M>(q * V(g.one_minus_py), lp), gamma);
   }
   return out;
+}
+
+// ---------------------------------------------------------------- distribution targets
+// Probability targets (floating, the logits' shape) and F.cross_entropy's label smoothing take
+// a second row path (LOSSES.md "Soft targets"). The target of a row is a distribution
+// t_k = (1 - e) b_k + e / C, with b the given probabilities or the one-hot of the class index
+// and e the smoothing, and each term is a sum over every class:
+//   CE   sum_k w_k t_k (-log p_k)                        dL/dz_j = p_j sum_k w_k t_k - w_j t_j
+//   MAE  c sum_k |p_k - t_k|   (c = 1/2, MAE_AUTHOR 1/C)  dL/dz_j = c p_j (s_j - sum_k s_k p_k)
+//   RCE  sum_k clamp(p_k, 1e-7, 1) a_k                    dL/dz_j = p_j (a_j [j in M] - sum_{k in M} a_k p_k)
+// with w the class weights (1 without), s_k = sign(p_k - t_k), a_k = -log clamp(t_k, 1e-4, 1)
+// and M the classes with 1e-7 < p_k < 1 (where the clamp passes a gradient). So a row's
+// gradient is g (p_j (X + c_mae s_j + c_rce a_j [j in M]) - c_ce w_j t_j) with one constant X
+// per row: one pass, one exp per element (two with RCE: its log).
+
+// Columns of `stats` for distribution targets (the same tensor, fewer columns used).
+enum DistStat : int {
+  DS_LOSS = 0,      // the row's loss: the terms' weighted sum, class weights included (0: ignored)
+  DS_DENOM = 1,     // its share of the 'mean' denominator: 1, or w_y for weighted class indices
+  DS_VALID = 2,     // 1, or 0 for a class index equal to ignore_index
+  DS_MAX = 3,       // m = max_k z_k
+  DS_LOGSUM = 4,    // log sum_k exp(z_k - m)
+  DS_CE_MASS = 5,   // sum_k w_k t_k
+  DS_MAE_SIGN = 6,  // sum_k s_k p_k
+  DS_RCE_MASS = 7,  // sum_{k in M} a_k p_k
+  NUM_DIST_STATS = 8,
+};
+static_assert(int(NUM_DIST_STATS) <= int(NUM_STATS), "distribution stats share the stats tensor");
+
+// The kinds defined for distribution targets, and where label smoothing applies.
+APL_HD bool takes_distribution(int kind) {
+  return kind == NONE || kind == CE || kind == MAE || kind == MAE_AUTHOR || kind == RCE;
+}
+APL_HD bool takes_smoothing(int active, int passive) { return active == CE && passive == NONE; }
+
+// Each term's weight in the row's loss (alpha or beta, times MAE's scale c).
+template <typename S>
+struct DistCoefs {
+  S ce, mae, rce;
+  S keep, spread;  // t = keep b + spread: 1 - e and e / C
+};
+
+template <typename S>
+APL_HD DistCoefs<S> dist_coefs(const LossParams<S>& p, S smoothing, S c_classes) {
+  DistCoefs<S> c{S(0), S(0), S(0), S(1) - smoothing, smoothing / c_classes};
+  for (int term = 0; term < 2; ++term) {
+    const int kind = term == 0 ? p.active : p.passive;
+    const S weight = term == 0 ? p.alpha : p.beta;
+    if (kind == CE) c.ce += weight;
+    if (kind == MAE) c.mae += weight * S(0.5);
+    if (kind == MAE_AUTHOR) c.mae += weight / c_classes;
+    if (kind == RCE) c.rce += weight;
+  }
+  return c;
+}
+
+// One element's (or one vector's) contributions to the row sums. `B` as for rce_terms.
+template <typename V>
+struct DistSums {
+  V ce;         // w t (-log p)
+  V ce_mass;    // w t
+  V mae_abs;    // |p - t|
+  V mae_sign;   // s p
+  V rce_value;  // clamp(p, 1e-7, 1) a
+  V rce_mass;   // a p [in M]
+};
+
+// -log clamp(t, 1e-4, 1): RCE's a_k
+template <class M>
+APL_HD typename M::V rce_label_weight(typename M::V t) {
+  using V = typename M::V;
+  using S = typename M::S;
+  return V(S(0)) - M::log(M::clamp(t, S(kLabelClamp), S(1)));
+}
+
+// t_k from b_k (the probability, or 1 for the class index and 0 elsewhere)
+template <class M>
+APL_HD typename M::V dist_target(typename M::V b, const DistCoefs<typename M::S>& c) {
+  using V = typename M::V;
+  return b * V(c.keep) + V(c.spread);
+}
+
+// z: logits, t: target, w: class weights; m and lsum: the row's max and log sum exp(z - m).
+template <class M, typename B>
+APL_HD DistSums<typename M::V> dist_terms(typename M::V z, typename M::V t, typename M::V w, B m, B lsum,
+                                          const DistCoefs<typename M::S>& c) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V zero(S(0));
+  DistSums<V> r{zero, zero, zero, zero, zero, zero};
+  const V d = z - V(m);
+  if (c.ce != S(0)) {
+    r.ce_mass = w * t;
+    r.ce = r.ce_mass * (V(lsum) - d);  // -log p = lsum - (z - m)
+  }
+  if (c.mae == S(0) && c.rce == S(0)) return r;  // CE alone needs no p
+  const V p = M::exp(d - V(lsum));
+  if (c.mae != S(0)) {
+    const V diff = p - t;
+    r.mae_abs = M::select_lt(diff, S(0), zero - diff, diff);
+    r.mae_sign = M::select_gt(diff, S(0), p, M::select_lt(diff, S(0), zero - p, zero));
+  }
+  if (c.rce != S(0)) {
+    const V a = rce_label_weight<M>(t);
+    r.rce_value = M::clamp(p, S(kProbClamp), S(1)) * a;
+    r.rce_mass = M::select_inside(p, S(kProbClamp), S(1), a * p, zero);
+  }
+  return r;
+}
+
+// A valid row's stats (st[0 .. NUM_DIST_STATS)) from its sums; `denom` its 'mean' share.
+template <typename V, typename S>
+APL_HD void dist_row_stats(V* st, V m, V lsum, const DistSums<V>& s, const DistCoefs<S>& c, V denom) {
+  st[DS_LOSS] = V(c.ce) * s.ce + V(c.mae) * s.mae_abs + V(c.rce) * s.rce_value;
+  st[DS_DENOM] = denom;
+  st[DS_VALID] = V(S(1));
+  st[DS_MAX] = m;
+  st[DS_LOGSUM] = lsum;
+  st[DS_CE_MASS] = s.ce_mass;
+  st[DS_MAE_SIGN] = s.mae_sign;
+  st[DS_RCE_MASS] = s.rce_mass;
+}
+
+// What the backward's pass over a row needs: the row's m and lsum, X, and the coefficients
+// times the row's upstream gradient g.
+template <typename V>
+struct DistGrad {
+  V m, lsum, x, ce, mae, rce;
+};
+
+template <typename V, typename S>
+APL_HD DistGrad<V> dist_row_grad(const V* st, const DistCoefs<S>& c, V g_row) {
+  DistGrad<V> r;
+  r.m = st[DS_MAX];
+  r.lsum = st[DS_LOGSUM];
+  r.ce = g_row * V(c.ce);
+  r.mae = g_row * V(c.mae);
+  r.rce = g_row * V(c.rce);
+  r.x = r.ce * st[DS_CE_MASS] - r.mae * st[DS_MAE_SIGN] - r.rce * st[DS_RCE_MASS];
+  return r;
+}
+
+// dL/dz_j of a valid row.
+template <class M, typename B>
+APL_HD typename M::V dist_grad(const DistGrad<B>& g, typename M::V z, typename M::V t, typename M::V w,
+                               const DistCoefs<typename M::S>& c) {
+  using V = typename M::V;
+  using S = typename M::S;
+  const V zero(S(0));
+  const V p = M::exp((z - V(g.m)) - V(g.lsum));
+  V coef = V(g.x);
+  if (c.mae != S(0)) {
+    const V diff = p - t;
+    coef = coef + M::select_gt(diff, S(0), V(g.mae), M::select_lt(diff, S(0), zero - V(g.mae), zero));
+  }
+  if (c.rce != S(0)) coef = coef + M::select_inside(p, S(kProbClamp), S(1), V(g.rce) * rce_label_weight<M>(t), zero);
+  V out = p * coef;
+  if (c.ce != S(0)) out = out - V(g.ce) * w * t;
+  return out;
+}
+
+// The batch terms of distribution targets: scale 1, the valid rows, the 'mean' denominator
+// and the sum of the rows' losses; the reduced loss is that sum, or it over the denominator.
+template <typename T>
+APL_HD void dist_batch_terms(T n_valid, T denom, T total, T* batch) {
+  batch[BT_SCALE] = T(1);
+  batch[BT_MEAN_W] = T(0);
+  batch[BT_N_VALID] = n_valid;
+  batch[BT_DENOM] = denom;
+  batch[BT_SUM_WACT] = total;
+}
+
+template <typename T>
+APL_HD T dist_reduced_loss(int reduction, const T* batch) {
+  return reduction == RED_MEAN ? batch[BT_SUM_WACT] / batch[BT_DENOM] : batch[BT_SUM_WACT];
 }
 
 }  // namespace row

@@ -41,9 +41,53 @@ static void check_weight(const std::optional<at::Tensor>& weight, const at::Tens
                     logits.device());
 }
 
+std::vector<int64_t> positions_shape(const at::Tensor& logits) {
+  std::vector<int64_t> shape{logits.size(0)};
+  for (int64_t d = 2; d < logits.dim(); ++d) shape.push_back(logits.size(d));
+  return shape;
+}
+
+bool is_distribution(const at::Tensor& target, double smoothing) {
+  return at::isFloatingType(target.scalar_type()) || smoothing != 0;
+}
+
+// The terms of a sum by name, NONE left out: "NCE_MA2020+RCE" (as apl.reference names them).
+static std::string kinds_text(int64_t active, int64_t passive) {
+  std::string text = kind_name(active);
+  if (passive != row::NONE) text += std::string("+") + kind_name(passive);
+  return text;
+}
+
+// Probability targets (the logits' shape) or label smoothing: the kinds and options
+// loss_row.h's distribution path defines, in the reference's words (LOSSES.md "Soft targets").
+static void check_distribution_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
+                                    int64_t ignore_index, const std::optional<at::Tensor>& weight, double smoothing) {
+  TORCH_CHECK_VALUE(std::isfinite(smoothing) && smoothing >= 0 && smoothing <= 1,
+                    "apl_loss: label_smoothing must be in [0, 1], got ", smoothing);
+  const int a = static_cast<int>(active), p = static_cast<int>(passive);
+  TORCH_CHECK_VALUE(smoothing == 0 || row::takes_smoothing(a, p),
+                    "apl_loss: label_smoothing is defined for ce alone (F.cross_entropy's semantics), got ",
+                    kinds_text(active, passive));
+  if (!at::isFloatingType(target.scalar_type())) return;
+  TORCH_CHECK_VALUE(
+      row::takes_distribution(a) && row::takes_distribution(p),
+      "apl_loss: probability targets are defined for CE, MAE and RCE terms (LOSSES.md \"Soft targets\"); ",
+      kinds_text(active, passive), " has no principled extension to them: pass class indices");
+  TORCH_CHECK_VALUE(ignore_index == kDefaultIgnoreIndex, "apl_loss: ignore_index=", ignore_index,
+                    " applies to class-index targets; probability targets have no ignored rows");
+  TORCH_CHECK_VALUE(!weight.has_value() || !weight->defined() || (a == row::CE && p == row::NONE),
+                    "apl_loss: per-class weights with probability targets are defined for ce alone "
+                    "(F.cross_entropy's)");
+  TORCH_CHECK_VALUE(target.dim() != logits.dim() - 1,  // the shape of class indices: float labels, a common slip
+                    "apl_loss: target must be an int64 tensor of class indices (got dtype ", target.scalar_type(),
+                    "), or probabilities of the logits' shape ", logits.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == logits.sizes(), "apl_loss: probability targets must have the logits' shape ",
+                    logits.sizes(), ", got ", target.sizes());
+}
+
 void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                        double alpha, double beta, double gamma, double q, int64_t reduction,
-                        const std::optional<at::Tensor>& weight) {
+                        double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
+                        const std::optional<at::Tensor>& weight, double smoothing) {
   TORCH_CHECK_VALUE(logits.dim() >= 2, "apl_loss: logits must be 2-D (N, C) or (N, C, d1, ..., dK), got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "apl_loss: logits must be a floating tensor, got dtype ",
@@ -52,29 +96,32 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                     "apl_loss: logits dtype ", dt, " is not supported (float16, bfloat16, float32, float64)");
   TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=", logits.size(1));
-  if (logits.dim() == 2) {
-    TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
-  } else {
-    std::vector<int64_t> expected{logits.size(0)};
-    for (int64_t d = 2; d < logits.dim(); ++d) expected.push_back(logits.size(d));
-    TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), "apl_loss: target of shape ", target.sizes(),
-                      " does not match logits of shape ", logits.sizes(), " (expected ", at::IntArrayRef(expected),
-                      ")");
-  }
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "apl_loss: target must be an int64 tensor of class indices, got dtype ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "apl_loss: logits have N=", logits.size(0),
-                    " rows but target has ", target.size(0), " entries");
-  TORCH_CHECK_VALUE(target.device() == logits.device(), "apl_loss: target is on ", target.device(),
-                    " but logits are on ", logits.device());
-  TORCH_CHECK_VALUE(logits.is_contiguous(), "apl_loss: logits must be contiguous (call .contiguous())");
-  TORCH_CHECK_VALUE(target.is_contiguous(), "apl_loss: target must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "apl_loss: active kind ", active,
                     " is not a loss kind (1..", row::NUM_KINDS - 1, ")");
   TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive, " (",
                     kind_name(passive),
                     ") is not supported by the fused operator; the passive "
                     "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE, GCE, MAE_AUTHOR or RCE_AUTHOR");
+  check_distribution_args(logits, target, active, passive, ignore_index, weight, smoothing);
+  if (!at::isFloatingType(target.scalar_type())) {
+    if (logits.dim() == 2) {
+      TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
+      TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "apl_loss: logits have N=", logits.size(0),
+                        " rows but target has ", target.size(0), " entries");
+    }
+    const std::vector<int64_t> expected = positions_shape(logits);
+    TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), "apl_loss: target of shape ", target.sizes(),
+                      " does not match logits of shape ", logits.sizes(), " (expected ", at::IntArrayRef(expected),
+                      ")");
+    TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
+                      "apl_loss: target must be an int64 tensor of class indices (or floating probabilities), got "
+                      "dtype ",
+                      target.scalar_type());
+  }
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "apl_loss: target is on ", target.device(),
+                    " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "apl_loss: logits must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(target.is_contiguous(), "apl_loss: target must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta), "apl_loss: alpha and beta must be finite, got ", alpha,
                     ", ", beta);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
@@ -128,11 +175,14 @@ int64_t positions_per_sample(const at::Tensor& logits) {
   return d;
 }
 
-at::Tensor logits_as_rows(const at::Tensor& logits) { return logits.movedim(1, -1).reshape({-1, logits.size(1)}); }
+at::Tensor as_rows(const at::Tensor& logits) { return logits.movedim(1, -1).reshape({-1, logits.size(1)}); }
+
+at::Tensor target_as_rows(const at::Tensor& target) {
+  return at::isFloatingType(target.scalar_type()) ? as_rows(target) : target.reshape({-1});
+}
 
 at::Tensor grad_from_rows(const at::Tensor& grad_rows, const at::Tensor& logits) {
-  std::vector<int64_t> moved{logits.size(0)};
-  for (int64_t d = 2; d < logits.dim(); ++d) moved.push_back(logits.size(d));
+  std::vector<int64_t> moved = positions_shape(logits);
   moved.push_back(logits.size(1));
   return grad_rows.view(moved).movedim(-1, 1).contiguous();
 }
@@ -153,10 +203,11 @@ at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor&
 
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
-                         double alpha, double beta, double gamma, double q, int64_t reduction,
-                         const std::optional<at::Tensor>& weight) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight);
-  const int64_t n = target.numel();  // rows: one per position
+                         double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
+                         const std::optional<at::Tensor>& weight, double smoothing) {
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight,
+                     smoothing);
+  const int64_t n = logits.numel() / logits.size(1);  // rows: one per position
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
                     "apl_loss_backward: stats must have shape (", n, ", ", kNumStats, "), got ", stats.sizes());
@@ -175,8 +226,9 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
   TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()), "apl_loss_backward: grad_loss must be floating, got ",
                     grad_loss.scalar_type());
   if (reduction == row::RED_NONE) {
-    TORCH_CHECK_VALUE(grad_loss.sizes() == target.sizes(), "apl_loss_backward: grad_loss must have the target's shape ",
-                      target.sizes(), " for reduction='none', got ", grad_loss.sizes());
+    const std::vector<int64_t> shape = positions_shape(logits);
+    TORCH_CHECK_VALUE(grad_loss.sizes() == at::IntArrayRef(shape), "apl_loss_backward: grad_loss must have shape ",
+                      at::IntArrayRef(shape), " for reduction='none', got ", grad_loss.sizes());
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1,
                       "apl_loss_backward: grad_loss must be a scalar for a reduced loss, got shape ",
@@ -201,12 +253,12 @@ static std::vector<int64_t> layout() { return {kNumStats, kNumBatch}; }
 TORCH_LIBRARY(apl, m) {
   m.def(
       "apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
-      "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None) "
+      "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None, float label_smoothing=0.0) "
       "-> (Tensor loss, Tensor stats, Tensor batch)");
   m.def(
       "apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch, "
       "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
-      "int ignore_index, Tensor? weight=None) -> Tensor");
+      "int ignore_index, Tensor? weight=None, float label_smoothing=0.0) -> Tensor");
   // Host-side helpers (no tensors): the step plan, the step counter, the debug switch.
   m.def("_launch_counts(int active, int reduction) -> int[]", &launch_counts);
   // The ABI Python mirrors: the loss kinds' names by code, and (NUM_STATS, NUM_BATCH).

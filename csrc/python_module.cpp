@@ -18,7 +18,7 @@
 namespace apl {
 namespace {
 
-constexpr Py_ssize_t kNumScalarArgs = 8;  // apl.fused.op_args: active .. ignore_index
+constexpr Py_ssize_t kNumScalarArgs = 9;  // apl.fused.op_args: active .. ignore_index, label_smoothing
 
 // A torch.Tensor or nn.Parameter, not a subclass with a __torch_function__ of its own.
 bool is_plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
@@ -36,12 +36,10 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
   TORCH_CHECK_TYPE(PyTuple_Check(py_args) && PyTuple_GET_SIZE(py_args) == kNumScalarArgs,
                    "apl._C.loss: args must be the tuple of apl.fused.op_args");
   int64_t ints[4];
-  double reals[4];
-  const int int_at[4] = {0, 1, 6, 7}, real_at[4] = {2, 3, 4, 5};
-  for (int i = 0; i < 4; ++i) {
-    ints[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(py_args, int_at[i]));
-    reals[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(py_args, real_at[i]));
-  }
+  double reals[5];
+  const int int_at[4] = {0, 1, 6, 7}, real_at[5] = {2, 3, 4, 5, 8};
+  for (int i = 0; i < 4; ++i) ints[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(py_args, int_at[i]));
+  for (int i = 0; i < 5; ++i) reals[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(py_args, real_at[i]));
   if (PyErr_Occurred()) return nullptr;
   const at::Tensor& logits = THPVariable_Unpack(py_logits);
   at::Tensor target = THPVariable_Unpack(py_target);
@@ -54,7 +52,7 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
     if (at::isIntegralType(target.scalar_type(), /*includeBool=*/false) && target.scalar_type() != at::kLong)
       target = target.to(at::kLong);
     result = std::get<0>(call_apl_loss(logits.contiguous(), target.contiguous(), ints[0], ints[1], reals[0], reals[1],
-                                       reals[2], reals[3], ints[2], ints[3], weight));
+                                       reals[2], reals[3], ints[2], ints[3], weight, reals[4]));
   }
   return THPVariable_Wrap(std::move(result));
   END_HANDLE_TH_ERRORS

@@ -130,6 +130,6 @@ def value_and_grad(fn, z, y):
     upstream gradient of the loss's shape (so reductions "none" compare every entry)."""
     z = z.detach().clone().requires_grad_()
     out = fn(z, y)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     (grad,) = torch.autograd.grad((out * upstream).sum(), z)
     return out.detach(), grad

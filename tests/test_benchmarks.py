@@ -103,3 +103,16 @@ def test_bench_losses_times_the_segmentation_layout(capsys):
     assert [(r[0], r[1]) for r in rows] == [("CE", "2x5x4x4"), ("NCE (paper)", "2x5x4x4")]
     assert rows[0][5] != "-" and rows[1][5] == "-"  # F.cross_entropy only on the CE row
     assert bench.main(["--shape", "2,5", "--min-time", "0"]) == 2
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_bench_losses_times_the_distribution_targets(capsys):
+    bench = load_bench()
+    assert bench.main(["--soft", "--ns", "8", "--cs", "3,40", "--min-time", "0"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["loss", "N", "C", "fused", "reference", "F.cross_entropy", "reference/fused", "fused/F.ce"]
+    rows = [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[1:]]
+    assert [(r[0], r[2]) for r in rows] == [(name, c) for name in bench.SOFT_LOSSES for c in ("3", "40")]
+    ce_rows = [r for r in rows if r[0].startswith("CE")]
+    assert all(r[5] != "-" for r in ce_rows) and all(r[5] == "-" for r in rows if r not in ce_rows)

@@ -562,7 +562,7 @@ def test_backward_op_rejects_bad_input():
         backward(loss, Z, T, stats, batch.double(), *tail)
     with pytest.raises(ValueError, match="grad_loss must be a scalar"):
         backward(torch.ones(4), Z, T, stats, batch, *tail)
-    with pytest.raises(ValueError, match=r"grad_loss must have the target's shape \[4\]"):
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \[4\]"):
         backward(torch.ones(()), Z, T, stats, batch, 1, 0, 1.0, 0.0, 0.5, 0.7, 0, IGNORE)
     with pytest.raises(ValueError, match="out of range"):
         backward(loss, Z, torch.tensor([0, 1, 5, 0]), stats, batch, *tail)
@@ -575,7 +575,7 @@ def test_wrapper_rejects_bad_input():
         fused.fused_loss(Z, torch.tensor([0, 1, 7, 0]), spec)
     with pytest.raises(ValueError, match="unbatched logits of shape .* need a 0-D target"):
         fused.fused_loss(Z[0], T, spec)
-    with pytest.raises(ValueError, match="the fused operator takes class-index targets"):
+    with pytest.raises(ValueError, match="NCE_MA2020\\+RCE has no principled extension to them"):
         fused.fused_loss(Z, torch.softmax(Z, 1), spec)
     with pytest.raises(ValueError, match="reduction"):
         fused.fused_loss(Z, T, spec, "avg")

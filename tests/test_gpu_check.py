@@ -189,6 +189,11 @@ def fabricated_results():
                     {"loss": "CE", "shape": [4, 21, 256, 256],
                      "seconds": {"fused": 2e-3, "fused on rows": 1e-3, "F.cross_entropy": 4e-3}, "skipped": {}},
                     {"loss": "NCE+RCE (ma2020)", "shape": [4, 21, 256, 256], "seconds": {},
+                     "skipped": {"all": "time box"}}],
+                "soft": [
+                    {"loss": "CE (label_smoothing 0.1)", "shape": [4096, 1000],
+                     "seconds": {"fused": 1e-3, "reference": 3e-3, "F.cross_entropy": 2e-3}, "skipped": {}},
+                    {"loss": "RCE (probabilities)", "shape": [4096, 1000], "seconds": {},
                      "skipped": {"all": "time box"}}]},
             "launches": {"status": "ok", "seconds": 10.0, "shape": [512, 1000], "rows": [
                 {"loss": "nce+rce (ma2020)", "reduction": "mean", "forward": 2, "backward": 1, "copies": 1,
@@ -220,6 +225,9 @@ def test_report_writer(gc, tmp_path):
                  "reference: out of memory",
                  "| CE | 4x21x256x256 | 2.00 | 1.00 | 4.00 | 0.50x |  |",
                  "| NCE+RCE (ma2020) | 4x21x256x256 | - | - | - | - | all: time box |",
+                 "## Distribution targets: forward + backward, median ms, float32",
+                 "| CE (label_smoothing 0.1) | 4096x1000 | 1.00 | 3.00 | 2.00 | 3.00x | 0.50x |  |",
+                 "| RCE (probabilities) | 4096x1000 | - | - | - | - | - | all: time box |",
                  "| nce+rce (ma2020) | mean | 2 | 1 | 2 / 1 | yes | 1 | 31 | 40 |",
                  "| ce | none | 3 | 1 | n/a | n/a |",
                  "| fp32 | 25000 | 2.25 | 1.5 |  |",
@@ -257,6 +265,22 @@ def test_segmentation_rows_time_each_contender(gc):
     assert all(v > 0 for r in rows for v in r["seconds"].values())
     assert gc._segmentation_rows(p, gc._bench_specs(), gc._bench_losses().time_steps, "cpu", 0.0)[0]["skipped"] \
         == {"all": "time box"}
+
+
+@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+def test_soft_rows_time_each_contender(gc):
+    """The distribution-target timing of the bench step, run on the CPU at a tiny shape (on a GPU
+    it runs at gc.SOFT_SHAPE)."""
+    p = {"soft_shape": [8, 5], "min_time": 0.0, "max_repeats": 5}
+    soft = gc._bench_losses().SOFT_LOSSES
+    rows = gc._soft_rows(p, gc._bench_losses().time_steps, "cpu", float("inf"))
+    assert [(r["loss"], r["shape"], r["skipped"]) for r in rows] == [(name, [8, 5], {}) for name in soft]
+    for r in rows:
+        expected = {"fused", "reference"} | ({"F.cross_entropy"} if r["loss"].startswith("CE ") else set())
+        assert set(r["seconds"]) == expected, r["loss"]
+    assert all(v > 0 for r in rows for v in r["seconds"].values())
+    skipped = gc._soft_rows(p, gc._bench_losses().time_steps, "cpu", 0.0)
+    assert [r["skipped"] for r in skipped] == [{"all": "time box"}] * len(soft)
 
 
 # --------------------------------------------------------------------------- launch counts

@@ -1,7 +1,11 @@
 """Probability targets and label smoothing through the public entry points, as F.cross_entropy
-takes them: CE against F.cross_entropy itself; MAE, RCE and SCE against their one-hot values and
-LOSSES.md's "Soft targets" formulas; every undefined combination is a named ValueError.
+takes them, on both backends: CE against F.cross_entropy itself; MAE, RCE and SCE against their
+one-hot values and LOSSES.md's "Soft targets" formulas; the fused operator's distribution path
+against the reference over shapes, dtypes and devices, opcheck and the step plan; every undefined
+combination is a named ValueError.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +14,14 @@ from conftest import value_and_grad
 import apl.fused as fused
 from apl import functional as AF
 from apl.losses import get_loss
-from apl.spec import LABEL_CLAMP, PROB_CLAMP
+from apl.reference import reference_loss
+from apl.spec import LABEL_CLAMP, PROB_CLAMP, SOFT_TARGET_KINDS, Kind, LossSpec
 
 IGNORE = -100
 SHAPES = [(6, 5), (3, 4, 2, 3)]  # (N, C) and a segmentation layout
+requires_fused = pytest.mark.skipif(not fused.is_available(),
+                                    reason=f"fused operator not built: {fused.unavailable_reason()}")
+BACKENDS = ["reference", pytest.param("fused", marks=requires_fused)]
 
 
 def batch(shape, seed, dtype=torch.float64):
@@ -63,59 +71,175 @@ def test_unbatched_probabilities_match_f_cross_entropy():
     torch.testing.assert_close(got, F.cross_entropy(z[0], probs[0], reduction="none", label_smoothing=0.1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, variant", [("mae", "ma2020"), ("mae", "author"), ("rce", "ma2020"),
                                            ("sce", "ma2020")])
-def test_one_hot_probabilities_give_the_class_index_loss(name, variant):
+def test_one_hot_probabilities_give_the_class_index_loss(name, variant, backend):
     """The extension to probabilities reduces to the loss's definition on one-hot targets."""
     z, _, y = batch((8, 5), seed=4)
     y = y.clamp(min=0)
     one_hot = F.one_hot(y, 5).double()
-    fn = getattr(AF, name)
     kwargs = {} if name == "sce" else {"variant": variant}
-    by_index = value_and_grad(lambda a, b: fn(a, b, reduction="none", **kwargs), z, y)
-    by_probs = value_and_grad(lambda a, b: fn(a, b, reduction="none", **kwargs), z, one_hot)
-    torch.testing.assert_close(by_probs, by_index)
+    module = get_loss(name, num_classes=5, reduction="none", backend=backend, **kwargs)
+    torch.testing.assert_close(value_and_grad(module, z, one_hot), value_and_grad(module, z, y))
 
 
-def test_soft_mae_and_rce_follow_their_formulas():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_mae_and_rce_follow_their_formulas(backend):
     z, probs, _ = batch((7, 4), seed=5)
     p = torch.softmax(z, dim=1)
-    torch.testing.assert_close(AF.mae(z, probs, reduction="none"), 0.5 * (p - probs).abs().sum(1))
-    torch.testing.assert_close(AF.mae(z, probs, variant="author", reduction="none"), (p - probs).abs().mean(1))
-    torch.testing.assert_close(AF.rce(z, probs, reduction="none"),
-                               -(p.clamp(PROB_CLAMP, 1) * probs.clamp(LABEL_CLAMP, 1).log()).sum(1))
+
+    def loss(name, **kwargs):
+        return get_loss(name, num_classes=4, reduction="none", backend=backend, **kwargs)(z, probs)
+    torch.testing.assert_close(loss("mae"), 0.5 * (p - probs).abs().sum(1))
+    torch.testing.assert_close(loss("mae", variant="author"), (p - probs).abs().mean(1))
+    torch.testing.assert_close(loss("rce"), -(p.clamp(PROB_CLAMP, 1) * probs.clamp(LABEL_CLAMP, 1).log()).sum(1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, variant", [("nce", "ma2020"), ("nce", "paper"), ("nfl", "ma2020"),
                                            ("fl", "author"), ("gce", "ma2020"), ("rce", "author"),
                                            ("nce+rce", "ma2020"), ("nfl+mae", "author")])
-def test_losses_without_a_soft_definition_reject_probabilities(name, variant):
+def test_losses_without_a_soft_definition_reject_probabilities(name, variant, backend):
     z, probs, _ = batch((4, 5), seed=6)
     with pytest.raises(ValueError, match="no principled extension to them: pass class indices"):
-        get_loss(name, num_classes=5, variant=variant)(z, probs)
+        get_loss(name, num_classes=5, variant=variant, backend=backend)(z, probs)
 
 
-def test_bad_combinations_are_named():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_combinations_are_named(backend):
     z, probs, y = batch((4, 5), seed=7)
+
+    def ce(**kwargs):
+        return get_loss("ce", num_classes=None, backend=backend, **kwargs)
     with pytest.raises(ValueError, match="ignore_index=3 applies to class-index targets"):
-        AF.ce(z, probs, ignore_index=3)
+        ce(ignore_index=3)(z, probs)
     with pytest.raises(ValueError, match=r"probability targets must have the logits' shape \(4, 5\), got \(4, 4\)"):
-        AF.ce(z, probs[:, :4])
+        ce()(z, probs[:, :4])
     with pytest.raises(ValueError, match=r"probability targets must have the logits' shape \(2, 5, 3\)"):
-        AF.ce(torch.randn(2, 5, 3), torch.rand(2, 3, 5))
+        ce()(torch.randn(2, 5, 3), torch.rand(2, 3, 5))
     with pytest.raises(ValueError, match="label_smoothing is defined for ce alone"):
-        get_loss("nce+rce", label_smoothing=0.1)
+        get_loss("nce+rce", label_smoothing=0.1, backend=backend)
     with pytest.raises(ValueError, match="label_smoothing is defined for ce alone"):
-        get_loss("sce", label_smoothing=0.1)
+        get_loss("sce", label_smoothing=0.1, backend=backend)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
-        AF.ce(z, y, label_smoothing=1.5)
+        ce(label_smoothing=1.5)
     with pytest.raises(ValueError, match="per-class weights with probability targets are defined for ce alone"):
-        AF.mae(z, probs, weight=torch.ones(5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="backend='fused' was requested but the fused operator takes class-index"):
-        get_loss("ce", num_classes=5, backend="fused")(z, probs)
-    if fused.is_available():
-        with pytest.raises(ValueError, match="the fused operator has no label smoothing"):
-            get_loss("ce", num_classes=5, backend="fused", label_smoothing=0.1)(z, y)
+        get_loss("mae", num_classes=5, backend=backend, weight=torch.ones(5, dtype=torch.float64))(z, probs)
+
+
+# ---------------------------------------------------------------- the fused operator's distribution path
+
+SOFT_SPECS = {  # every sum of soft-target kinds the library builds, and CE with smoothing
+    "ce": LossSpec(Kind.CE), "mae": LossSpec(Kind.MAE), "mae-author": LossSpec(Kind.MAE_AUTHOR),
+    "rce": LossSpec(Kind.RCE), "sce": LossSpec(Kind.CE, Kind.RCE, 0.1, 1.0),
+    "ce+mae": LossSpec(Kind.CE, Kind.MAE, 0.7, 0.3), "mae+rce": LossSpec(Kind.MAE, Kind.RCE, 0.4, 0.6),
+}
+SMOOTHED = LossSpec(Kind.CE, smoothing=0.15)
+
+
+def soft_batch(n, c, seed, dtype, device, *, regimes=False):
+    """Logits, probabilities (some exactly 0, a one-hot row), class indices with an ignored row."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([1.0, 5.0, 30.0, 300.0])[torch.randint(0, 4, (n, 1), generator=g)] if regimes else 1.0
+    z = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
+    probs = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, dim=1)
+    probs[:, 0] = 0.0
+    probs = probs / probs.sum(1, keepdim=True)
+    probs[-1] = F.one_hot(torch.tensor(c - 1), c).double()
+    y = torch.randint(0, c, (n,), generator=g)
+    y[min(1, n - 1)] = IGNORE
+    return z.to(dtype).to(device), probs.to(dtype).to(device), y.to(device)
+
+
+TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-6),
+              torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("c", [2, 10, 37, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_distribution_path_matches_the_reference(c, reduction, dtype, device):
+    """Every soft-target loss, and CE with smoothing on class indices (weighted and not), on the
+    fused operator against the reference: values and gradients, row lengths below, at and above a
+    vector, half types computed in float32, confident rows included."""
+    z, probs, y = soft_batch(9, c, seed=c, dtype=dtype, device=device, regimes=True)
+    weight = torch.linspace(0.5, 2.0, c, dtype=dtype, device=device)
+    cases = [(spec, probs, None) for spec in SOFT_SPECS.values()]
+    cases += [(ce, probs, weight) for ce in (LossSpec(Kind.CE), SMOOTHED)]
+    cases += [(SMOOTHED, y, None), (SMOOTHED, y, weight)]
+    for spec, target, w in cases:
+        got = value_and_grad(lambda a, b: fused.fused_loss(a, b, spec, reduction, weight=w), z, target)
+        def want_fn(a, b, spec=spec, w=w):  # in float64, then rounded to the dtype under test
+            b = b.double() if b.is_floating_point() else b
+            return reference_loss(a.double(), b, spec, reduction, weight=None if w is None else w.double()).to(a.dtype)
+        want = value_and_grad(want_fn, z, target)
+        assert got[0].dtype == dtype and got[1].dtype == dtype
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype], msg=lambda m: f"{spec} {target.dtype}: {m}")
+
+
+@requires_fused
+def test_every_kind_pair_takes_probabilities_in_the_operator_as_in_the_spec():
+    """The operator's rule (csrc/loss_row.h takes_distribution) is apl.spec's SOFT_TARGET_KINDS."""
+    z, probs, _ = soft_batch(3, 4, seed=1, dtype=torch.float64, device="cpu")
+    for active, passive in itertools.product(list(Kind)[1:], fused.SUPPORTED_PASSIVE):
+        spec = LossSpec(active, passive, 1.0, 0.0 if passive == Kind.NONE else 1.0)
+        defined = spec.soft_target_kinds
+        assert defined == (active in SOFT_TARGET_KINDS and passive in SOFT_TARGET_KINDS + (Kind.NONE,))
+        try:
+            fused.fused_loss(z, probs, spec)
+        except ValueError as exc:
+            assert not defined and "no principled extension" in str(exc), (spec, exc)
+        else:
+            assert defined, spec
+
+
+@requires_fused
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_operator_opcheck_on_distribution_targets(reduction, device):
+    """Schema, autograd, fake kernel and AOT dispatch of both operators with probability targets
+    (also in the segmentation layout) and with label smoothing."""
+    z, probs, y = soft_batch(5, 6, seed=2, dtype=torch.float32, device=device)
+    seg = torch.randn(2, 6, 3, 2, device=device)
+    seg_probs = torch.softmax(torch.randn(2, 6, 3, 2, device=device), dim=1)
+    cases = [(z, probs, int(Kind.CE), int(Kind.RCE), 0.0), (z, y, int(Kind.CE), int(Kind.NONE), 0.1),
+             (seg, seg_probs, int(Kind.MAE), int(Kind.NONE), 0.0)]
+    for logits, target, active, passive, smoothing in cases:
+        args = (logits.clone().requires_grad_(), target, active, passive, 1.0, 0.5, 0.0, 0.7, reduction, IGNORE, None,
+                smoothing)
+        torch.library.opcheck(torch.ops.apl.apl_loss.default, args)
+        loss, stats, batch_terms = torch.ops.apl.apl_loss(*args)
+        grad_loss = torch.randn(loss.shape, dtype=loss.dtype, device=device)
+        torch.library.opcheck(torch.ops.apl.apl_loss_backward.default,
+                              (grad_loss, args[0].detach(), target, stats.detach(), batch_terms.detach()) + args[2:],
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@requires_fused
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_distribution_path_runs_the_step_plan(reduction):
+    """Probability targets and smoothing run the same steps (CUDA launches) as class indices."""
+    z, probs, y = soft_batch(6, 5, seed=3, dtype=torch.float32, device="cpu")
+    for name, target, kwargs in (("sce", probs, {}), ("ce", y, {"label_smoothing": 0.1})):
+        module = get_loss(name, num_classes=5, reduction=reduction, backend="fused", **kwargs)
+        x = z.clone().requires_grad_()
+        before = torch.ops.apl._steps_run()
+        loss = module(x, target)
+        forward = torch.ops.apl._steps_run() - before
+        before = torch.ops.apl._steps_run()
+        loss.sum().backward()
+        assert (forward, torch.ops.apl._steps_run() - before) == fused.launch_counts(module.spec, reduction)
+
+
+@requires_fused
+def test_empty_batches_follow_f_cross_entropy():
+    z = torch.zeros(0, 4, requires_grad=True)
+    for target, kwargs in ((torch.zeros(0, 4), {}), (torch.zeros(0, dtype=torch.long), {"label_smoothing": 0.1})):
+        for reduction in ("mean", "sum", "none"):
+            got = get_loss("ce", num_classes=4, reduction=reduction, backend="fused", **kwargs)(z, target)
+            want = F.cross_entropy(z, target, reduction=reduction, **kwargs)
+            torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_soft_targets_and_smoothing_compile_without_graph_breaks():

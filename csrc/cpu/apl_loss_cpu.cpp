@@ -5,7 +5,8 @@
 // rows at a time (the gradient is written back in the input dtype). The batch step of
 // loss_row.h (the paper forms' statistic, the per-class weights, the reduction) is a serial
 // loop over the N rows' stats after the row pass, as CUDA runs it in one block: no ATen
-// calls, so small batches pay no per-op overhead. The row kernels never see the weights.
+// calls, so small batches pay no per-op overhead. The class-index row kernels never see the
+// weights; those of distribution targets (probabilities, label smoothing) weigh each class.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -43,6 +45,14 @@ void run_forward(const ForwardBlock<float>& b) { kernels().forward_f32(b); }
 void run_forward(const ForwardBlock<double>& b) { kernels().forward_f64(b); }
 void run_backward(const BackwardBlock<float>& b) { kernels().backward_f32(b); }
 void run_backward(const BackwardBlock<double>& b) { kernels().backward_f64(b); }
+void run_dist_forward(const DistRows<float>& r, float* st) { kernels().dist_forward_f32(r, st); }
+void run_dist_forward(const DistRows<double>& r, double* st) { kernels().dist_forward_f64(r, st); }
+void run_dist_backward(const DistRows<float>& r, const float* st, const float* g, int64_t gs, float* out) {
+  kernels().dist_backward_f32(r, st, g, gs, out);
+}
+void run_dist_backward(const DistRows<double>& r, const double* st, const double* g, int64_t gs, double* out) {
+  kernels().dist_backward_f64(r, st, g, gs, out);
+}
 
 // Whether the row kernels read F.cross_entropy's (N, C, d1, ..., dK) layout in place: the
 // rows-in-lanes kernels do (C <= kRowsMaxC) for float32/float64; half types convert rows.
@@ -136,17 +146,146 @@ void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::Lo
   }
 }
 
+// ------------------------------------------------------------ distribution targets
+// Probability targets or label smoothing (loss_row.h, "distribution targets"): (N, C) rows in
+// float32/float64 (half types converted once, the result converted back), the row kernels,
+// then the batch step over the rows' stats.
+
+template <typename T>
+DistRows<T> dist_rows(const at::Tensor& z, const at::Tensor& t, int64_t active, int64_t passive, double alpha,
+                      double beta, double gamma, double q, int64_t ignore_index, const at::Tensor& weight,
+                      double smoothing) {
+  const bool probs = at::isFloatingType(t.scalar_type());
+  const int64_t C = z.size(1);
+  return DistRows<T>{z.const_data_ptr<T>(),
+                     probs ? t.const_data_ptr<T>() : nullptr,
+                     probs ? nullptr : t.const_data_ptr<int64_t>(),
+                     z.size(0),
+                     C,
+                     ignore_index,
+                     row::dist_coefs<T>(make_params<T>(active, passive, alpha, beta, gamma, q),
+                                        static_cast<T>(smoothing), static_cast<T>(C)),
+                     weight.defined() ? weight.const_data_ptr<T>() : nullptr};
+}
+
+// Rows b .. e of `rows`.
+template <typename T>
+DistRows<T> dist_slice(DistRows<T> rows, int64_t b, int64_t e) {
+  rows.logits += b * rows.C;
+  if (rows.probs != nullptr)
+    rows.probs += b * rows.C;
+  else
+    rows.target += b;
+  rows.rows = e - b;
+  return rows;
+}
+
+// The logits and a probability target in the accumulation dtype (no copy for float32/float64 logits).
+std::pair<at::Tensor, at::Tensor> dist_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  const at::ScalarType acc = acc_type_of(logits.scalar_type());
+  const at::Tensor t = at::isFloatingType(target.scalar_type()) ? target.to(acc).contiguous() : target;
+  return {logits.to(acc).contiguous(), t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                             int64_t active, int64_t passive, double alpha, double beta,
+                                                             double gamma, double q, int64_t reduction,
+                                                             int64_t ignore_index,
+                                                             const std::optional<at::Tensor>& weight_arg,
+                                                             double smoothing) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (!at::isFloatingType(target.scalar_type())) check_target_range(target, C, ignore_index);
+  const std::pair<at::Tensor, at::Tensor> inputs = dist_inputs(logits, target);
+  const at::Tensor &z = inputs.first, &t = inputs.second;
+  const at::Tensor weight = weight_for(weight_arg, logits);
+  at::Tensor stats = at::empty({N, kNumStats}, z.options());
+  at::Tensor batch = at::empty({kNumBatch}, z.options());
+  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, z.options()) : at::empty({}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "apl_dist_loss_cpu", [&] {
+    const DistRows<scalar_t> rows =
+        dist_rows<scalar_t>(z, t, active, passive, alpha, beta, gamma, q, ignore_index, weight, smoothing);
+    scalar_t* st = stats.mutable_data_ptr<scalar_t>();
+    if (N > 0) {
+      count_step();
+      at::parallel_for(0, N, grain_rows(C), [&](int64_t b, int64_t e) {
+        run_dist_forward(dist_slice(rows, b, e), st + b * row::NUM_STATS);
+      });
+    }
+    scalar_t* bt = batch.mutable_data_ptr<scalar_t>();
+    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
+    if (row::needs_batch_step(static_cast<int>(active), static_cast<int>(reduction))) {
+      count_step();
+      double n_valid = 0, denom = 0, total = 0;  // double: sums of N rows lose nothing for any N
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* r = st + i * row::NUM_STATS;
+        n_valid += r[row::DS_VALID], denom += r[row::DS_DENOM], total += r[row::DS_LOSS];
+      }
+      double terms[row::NUM_BATCH];
+      row::dist_batch_terms<double>(n_valid, denom, total, terms);
+      for (int j = 0; j < row::NUM_BATCH; ++j) bt[j] = static_cast<scalar_t>(terms[j]);
+      if (reduction != row::RED_NONE)
+        *out = static_cast<scalar_t>(row::dist_reduced_loss<double>(static_cast<int>(reduction), terms));
+    } else {
+      row::dist_batch_terms<scalar_t>(0, 0, 0, bt);
+      for (int64_t i = 0; i < N; ++i) out[i] = st[i * row::NUM_STATS + row::DS_LOSS];
+    }
+  });
+  return {loss.to(logits.scalar_type()), stats, batch};
+}
+
+at::Tensor dist_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                                  double alpha, double beta, double gamma, double q, int64_t reduction,
+                                  int64_t ignore_index, const std::optional<at::Tensor>& weight_arg, double smoothing) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (!at::isFloatingType(target.scalar_type())) check_target_range(target, C, ignore_index);
+  const std::pair<at::Tensor, at::Tensor> inputs = dist_inputs(logits, target);
+  const at::Tensor &z = inputs.first, &t = inputs.second;
+  const at::Tensor weight = weight_for(weight_arg, logits);
+  at::Tensor grad = at::empty({N, C}, z.options());
+  if (N == 0) return grad.to(logits.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "apl_dist_loss_backward_cpu", [&] {
+    const DistRows<scalar_t> rows =
+        dist_rows<scalar_t>(z, t, active, passive, alpha, beta, gamma, q, ignore_index, weight, smoothing);
+    const scalar_t* st = stats.const_data_ptr<scalar_t>();
+    at::Tensor g_tensor;
+    scalar_t g_unit = 0;
+    const scalar_t* g_rows = &g_unit;
+    int64_t g_stride = 0;
+    if (reduction == row::RED_NONE) {
+      g_tensor = grad_loss.to(z.scalar_type()).contiguous();
+      g_rows = g_tensor.const_data_ptr<scalar_t>();
+      g_stride = 1;
+    } else {
+      g_unit = row::reduced_grad<scalar_t>(static_cast<int>(reduction), grad_loss.item<scalar_t>(),
+                                           batch.const_data_ptr<scalar_t>());
+    }
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    count_step();
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t b, int64_t e) {
+      run_dist_backward(dist_slice(rows, b, e), st + b * row::NUM_STATS, g_rows + b * g_stride, g_stride, out + b * C);
+    });
+  });
+  return grad.to(logits.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                             int64_t active, int64_t passive, double alpha, double beta,
                                                             double gamma, double q, int64_t reduction,
                                                             int64_t ignore_index,
-                                                            const std::optional<at::Tensor>& weight_arg) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
-  if (logits.dim() > 2 && !reads_layout(logits)) {  // as rows of a transposed copy
-    auto [loss, stats, batch] = apl_loss_cpu(logits_as_rows(logits), target.reshape({-1}), active, passive, alpha, beta,
-                                             gamma, q, reduction, ignore_index, weight_arg);
-    return {reduction == row::RED_NONE ? loss.view(target.sizes()) : loss, stats, batch};
+                                                            const std::optional<at::Tensor>& weight_arg,
+                                                            double smoothing) {
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
+                     smoothing);
+  const bool dist = is_distribution(target, smoothing);
+  if (logits.dim() > 2 && (dist || !reads_layout(logits))) {
+    return forward_on_rows(logits, target, reduction, [&](const at::Tensor& l, const at::Tensor& t) {
+      return apl_loss_cpu(l, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg, smoothing);
+    });
   }
+  if (dist)
+    return dist_loss_cpu(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
+                         smoothing);
   const int64_t N = target.numel(), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
@@ -244,15 +383,20 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& logits, const 
 at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                  const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                                  double alpha, double beta, double gamma, double q, int64_t reduction,
-                                 int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
+                                 int64_t ignore_index, const std::optional<at::Tensor>& weight_arg, double smoothing) {
   check_backward_args(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                      weight_arg);
-  if (logits.dim() > 2 && !reads_layout(logits)) {  // as the forward: rows of a copy, the gradient copied back
-    const at::Tensor g = reduction == row::RED_NONE ? grad_loss.reshape({-1}) : grad_loss;
-    return grad_from_rows(apl_loss_backward_cpu(g, logits_as_rows(logits), target.reshape({-1}), stats, batch, active,
-                                                passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg),
-                          logits);
+                      ignore_index, weight_arg, smoothing);
+  const bool dist = is_distribution(target, smoothing);
+  if (logits.dim() > 2 && (dist || !reads_layout(logits))) {
+    return backward_on_rows(grad_loss, logits, target, reduction,
+                            [&](const at::Tensor& g, const at::Tensor& l, const at::Tensor& t) {
+                              return apl_loss_backward_cpu(g, l, t, stats, batch, active, passive, alpha, beta, gamma,
+                                                           q, reduction, ignore_index, weight_arg, smoothing);
+                            });
   }
+  if (dist)
+    return dist_loss_backward_cpu(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q,
+                                  reduction, ignore_index, weight_arg, smoothing);
   // Cheap on the CPU, and it keeps a direct call with bad targets from reading out of bounds.
   check_target_range(target, logits.size(1), ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);

@@ -46,11 +46,29 @@ struct BackwardBlock {
   int64_t D = 1, row0 = 0;  // as ForwardBlock
 };
 
+// Rows with distribution targets (loss_row.h, "distribution targets"), (N, C) contiguous:
+// `probs` (rows x C) for probability targets, else nullptr and `target` (class indices, the
+// one-hot, ignore_index rows skipped); `weight` (C) or nullptr.
+template <typename T>
+struct DistRows {
+  const T* logits;
+  const T* probs;
+  const int64_t* target;
+  int64_t rows, C, ignore_index;
+  row::DistCoefs<T> coefs;
+  const T* weight;
+};
+
 struct RowKernels {
   void (*forward_f32)(const ForwardBlock<float>&);
   void (*forward_f64)(const ForwardBlock<double>&);
   void (*backward_f32)(const BackwardBlock<float>&);
   void (*backward_f64)(const BackwardBlock<double>&);
+  // distribution targets: forward(rows, stats out), backward(rows, stats, grad_rows, grad_stride, grad out)
+  void (*dist_forward_f32)(const DistRows<float>&, float*);
+  void (*dist_forward_f64)(const DistRows<double>&, double*);
+  void (*dist_backward_f32)(const DistRows<float>&, const float*, const float*, int64_t, float*);
+  void (*dist_backward_f64)(const DistRows<double>&, const double*, const double*, int64_t, double*);
   const char* isa;
 };
 

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
@@ -553,9 +554,122 @@ void backward_block(const BackwardBlock<T>& a) {
     backward_positions_in_lanes<false, false>(a);
 }
 
+// ------------------------------------------------------------ distribution targets
+// One row at a time, classes in the lanes: pass 1 the max, pass 2 sum_k exp(z_k - m), pass 3
+// loss_row.h's dist_terms with the target built per vector (the probabilities, or the one-hot
+// of the class index, smoothed); the backward is one pass of dist_grad.
+
+// sum over a row's C classes of f(k, n), the vector at k with n valid lanes (n < W only for
+// the last, whose other lanes are cleared), in chunks as RowView::sum.
+template <int NA, typename T, class F>
+inline Acc<NA, T> class_sum(int64_t C, const F& f) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size(), kChunk = 32 * W;
+  const int64_t full = C / W * W;
+  Acc<NA, T> total = Acc<NA, T>::zero();
+  int64_t k = 0;
+  while (k < full) {
+    const int64_t stop = std::min<int64_t>(full, k + kChunk);
+    Acc<NA, T> a0 = Acc<NA, T>::zero();
+    for (; k < stop; k += W) a0.add(f(k, W));
+    total.add(a0);
+  }
+  if (k < C) {
+    Acc<NA, T> r = f(k, C - k);
+    const Vec keep = Vec::arange(T(0), T(1)) < Vec(static_cast<T>(C - k));
+    for (int j = 0; j < NA; ++j) r.v[j] = r.v[j] & keep;
+    total.add(r);
+  }
+  return total;
+}
+
+// The vectors of one row: logits, target distribution and class weights at k (n lanes).
+template <typename T>
+struct DistRowVectors {
+  using Vec = Vectorized<T>;
+  static constexpr int64_t W = Vec::size();
+  const DistRows<T>& a;
+  const T* z;
+  const T* probs;  // this row's, or nullptr
+  int64_t y;       // the class index (probabilities: -1)
+
+  static inline Vec load(const T* p, int64_t n) { return n == W ? Vec::loadu(p) : Vec::loadu(p, n); }
+  inline Vec logits(int64_t k, int64_t n) const { return load(z + k, n); }
+  inline Vec target(int64_t k, int64_t n) const {
+    Vec b;
+    if (probs != nullptr) {
+      b = load(probs + k, n);
+    } else {  // the one-hot: lane y - k of the vector holding y (lane indices are exact in any T)
+      const T lane_of_y = static_cast<T>(y >= k && y < k + W ? y - k : -1);
+      b = Vec::blendv(Vec(T(0)), Vec(T(1)), Vec::arange(T(0), T(1)) == Vec(lane_of_y));
+    }
+    return row::dist_target<VecMath<T>>(b, a.coefs);
+  }
+  inline Vec weight(int64_t k, int64_t n) const { return a.weight != nullptr ? load(a.weight + k, n) : Vec(T(1)); }
+};
+
+template <typename T>
+inline bool dist_row_ignored(const DistRows<T>& a, int64_t i) {
+  return a.probs == nullptr && a.target[i] == a.ignore_index;
+}
+
+template <typename T>
+void dist_forward(const DistRows<T>& a, T* stats) {
+  using Vec = Vectorized<T>;
+  using M = VecMath<T>;
+  const int64_t C = a.C;
+  for (int64_t i = 0; i < a.rows; ++i) {
+    T* st = stats + i * row::NUM_STATS;
+    std::fill(st, st + row::NUM_STATS, T(0));
+    if (dist_row_ignored(a, i)) continue;
+    const DistRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
+                                        a.probs != nullptr ? int64_t(-1) : a.target[i]};
+    const RowView<T> view(row_vectors.z, C, -1);  // no class left out
+    const T m = view.max();
+    const Vec vm(m);
+    const T lsum = std::log(hsum(view.template sum<1>([&](Vec v) { return Acc<1, T>{{M::exp(v - vm)}}; }).v[0]));
+    const auto acc = class_sum<6, T>(C, [&](int64_t k, int64_t n) {
+      const auto d = row::dist_terms<M>(row_vectors.logits(k, n), row_vectors.target(k, n), row_vectors.weight(k, n), m,
+                                        lsum, a.coefs);
+      return Acc<6, T>{{d.ce, d.ce_mass, d.mae_abs, d.mae_sign, d.rce_value, d.rce_mass}};
+    });
+    const row::DistSums<T> sums{hsum(acc.v[0]), hsum(acc.v[1]), hsum(acc.v[2]),
+                                hsum(acc.v[3]), hsum(acc.v[4]), hsum(acc.v[5])};
+    const T denom = a.probs == nullptr && a.weight != nullptr ? a.weight[a.target[i]] : T(1);
+    row::dist_row_stats(st, m, lsum, sums, a.coefs, denom);
+  }
+}
+
+template <typename T>
+void dist_backward(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = a.C;
+  for (int64_t i = 0; i < a.rows; ++i) {
+    T* out = grad + i * C;
+    if (dist_row_ignored(a, i)) {
+      std::fill(out, out + C, T(0));
+      continue;
+    }
+    const DistRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
+                                        a.probs != nullptr ? int64_t(-1) : a.target[i]};
+    const row::DistGrad<T> g = row::dist_row_grad(stats + i * row::NUM_STATS, a.coefs, grad_rows[i * grad_stride]);
+    for (int64_t k = 0; k < C; k += W) {
+      const int64_t n = std::min<int64_t>(W, C - k);
+      const Vec v = row::dist_grad<VecMath<T>>(g, row_vectors.logits(k, n), row_vectors.target(k, n),
+                                               row_vectors.weight(k, n), a.coefs);
+      if (n == W)
+        v.store(out + k);
+      else
+        v.store(out + k, n);
+    }
+  }
+}
+
 inline RowKernels table(const char* isa) {
-  return RowKernels{&forward_block<float>, &forward_block<double>, &backward_block<float>, &backward_block<double>,
-                    isa};
+  return RowKernels{&forward_block<float>,   &forward_block<double>, &backward_block<float>,
+                    &backward_block<double>, &dist_forward<float>,   &dist_forward<double>,
+                    &dist_backward<float>,   &dist_backward<double>, isa};
 }
 
 }  // namespace APL_ISA_NS

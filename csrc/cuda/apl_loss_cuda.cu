@@ -8,6 +8,9 @@
 // (no atomics). Logits of any floating dtype are read and computed in float32 (float64 for
 // float64 inputs). All row math: ../loss_row.h.
 //
+// Probability targets and label smoothing take loss_row.h's distribution path: the same row
+// schedule, three passes forward (max, sum of exp, dist_terms) and one backward.
+//
 // No host sync and no data-dependent allocation (a step can be captured in a CUDA graph):
 // targets are checked on the device (an assert, as F.cross_entropy; the debug switch of ops.h
 // restores the host check), and loss_row.h's batch step — the paper forms' statistic, the
@@ -334,6 +337,138 @@ __global__ void __launch_bounds__(kBatchThreads)
   if (threadIdx.x == 0) coef[0] = nfl_paper_batch_coef(alpha, sum, batch[BT_N_VALID], batch[BT_MEAN_W]);
 }
 
+// ---------------------------------------------------------------- distribution targets
+// Probability targets or label smoothing (loss_row.h, "distribution targets"): the same row
+// schedule, three passes forward (max, sum of exp, dist_terms) and one backward; the batch
+// step sums the rows' losses and 'mean' shares.
+template <typename scalar_t, typename acc_t>
+struct DistInputs {
+  const scalar_t* logits;
+  const scalar_t* probs;  // [N, C] in the logits' dtype, or nullptr for class indices
+  const int64_t* target;  // [N] class indices, or nullptr for probabilities
+  int64_t N, C, ignore_index;
+  DistCoefs<acc_t> coefs;
+  const acc_t* weight;  // [C] or nullptr
+};
+
+// t_k of row r (y: its class index, or -1 for probabilities)
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dist_target_at(const DistInputs<scalar_t, acc_t>& in, int64_t r, int64_t y,
+                                                int64_t k) {
+  const acc_t b = in.probs != nullptr ? static_cast<acc_t>(in.probs[r * in.C + k]) : acc_t(k == y ? 1 : 0);
+  return dist_target<ScalarMath<acc_t>>(b, in.coefs);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dist_weight_at(const DistInputs<scalar_t, acc_t>& in, int64_t k) {
+  return in.weight != nullptr ? in.weight[k] : acc_t(1);
+}
+
+// Row r's class index (-1 for probabilities), asserted on the device as the index path's.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ int64_t dist_row_target(const DistInputs<scalar_t, acc_t>& in, int64_t r) {
+  return in.probs != nullptr ? int64_t(-1) : checked_target(in.target, r, in.C, in.ignore_index);
+}
+
+template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    dist_forward_kernel(DistInputs<scalar_t, acc_t> in, acc_t* __restrict__ stats, scalar_t* __restrict__ loss,
+                        acc_t* __restrict__ batch) {
+  using S = RowSchedule<kWarpPerRow, kThreads>;
+  using M = ScalarMath<acc_t>;
+  const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
+  constexpr int kSize = GroupOf<kWarpPerRow, kThreads>::kSize;
+  if (loss != nullptr && blockIdx.x == 0 && threadIdx.x < NUM_BATCH)
+    batch[threadIdx.x] = threadIdx.x == BT_SCALE ? acc_t(1) : acc_t(0);
+  for (int64_t r = S::first(); r < in.N; r += S::stride()) {
+    acc_t* st = stats + r * NUM_STATS;
+    const int64_t y = dist_row_target(in, r);
+    if (in.probs == nullptr && y == in.ignore_index) {
+      for (int i = g.lane; i < NUM_STATS; i += kSize) st[i] = acc_t(0);
+      if (loss != nullptr && g.lane == 0) loss[r] = scalar_t(0);
+      continue;
+    }
+    const scalar_t* z = in.logits + r * in.C;
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t k = g.lane; k < in.C; k += kSize) m = nanmax(m, static_cast<acc_t>(z[k]));
+    m = g.all_reduce(m, NanMaxOp<acc_t>());
+    acc_t s = 0;
+    for (int64_t k = g.lane; k < in.C; k += kSize) s += apl_exp(static_cast<acc_t>(z[k]) - m);
+    const acc_t lsum = apl_log(g.all_reduce(s, SumOp<acc_t>()));
+    DistSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t k = g.lane; k < in.C; k += kSize) {
+      const DistSums<acc_t> d = dist_terms<M>(static_cast<acc_t>(z[k]), dist_target_at(in, r, y, k),
+                                              dist_weight_at(in, k), m, lsum, in.coefs);
+      sums.ce += d.ce, sums.ce_mass += d.ce_mass, sums.mae_abs += d.mae_abs;
+      sums.mae_sign += d.mae_sign, sums.rce_value += d.rce_value, sums.rce_mass += d.rce_mass;
+    }
+    if (in.coefs.ce != acc_t(0)) {
+      sums.ce = g.all_reduce(sums.ce, SumOp<acc_t>());
+      sums.ce_mass = g.all_reduce(sums.ce_mass, SumOp<acc_t>());
+    }
+    if (in.coefs.mae != acc_t(0)) {
+      sums.mae_abs = g.all_reduce(sums.mae_abs, SumOp<acc_t>());
+      sums.mae_sign = g.all_reduce(sums.mae_sign, SumOp<acc_t>());
+    }
+    if (in.coefs.rce != acc_t(0)) {
+      sums.rce_value = g.all_reduce(sums.rce_value, SumOp<acc_t>());
+      sums.rce_mass = g.all_reduce(sums.rce_mass, SumOp<acc_t>());
+    }
+    if (g.lane == 0) {
+      const acc_t denom = in.probs == nullptr && in.weight != nullptr ? in.weight[y] : acc_t(1);
+      dist_row_stats(st, m, lsum, sums, in.coefs, denom);
+      for (int i = NUM_DIST_STATS; i < NUM_STATS; ++i) st[i] = acc_t(0);
+      if (loss != nullptr) loss[r] = static_cast<scalar_t>(st[DS_LOSS]);
+    }
+  }
+}
+
+// The sums of the rows' stats and the reduced loss ('mean' or 'sum').
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBatchThreads)
+    dist_batch_kernel(const acc_t* __restrict__ stats, int64_t N, int reduction, acc_t* __restrict__ batch,
+                      scalar_t* __restrict__ loss) {
+  long long n_valid = 0;  // counted in 64-bit integers: exact for any N
+  acc_t denom = 0, total = 0;
+  for (int64_t i = threadIdx.x; i < N; i += kBatchThreads) {
+    const acc_t* st = stats + i * NUM_STATS;
+    n_valid += st[DS_VALID] != acc_t(0), denom += st[DS_DENOM], total += st[DS_LOSS];
+  }
+  const acc_t valid_rows = static_cast<acc_t>(block_sum(n_valid));
+  denom = block_sum(denom);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    dist_batch_terms<acc_t>(valid_rows, denom, total, batch);
+    loss[0] = static_cast<scalar_t>(dist_reduced_loss<acc_t>(reduction, batch));
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kWarpPerRow, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    dist_backward_kernel(DistInputs<scalar_t, acc_t> in, const acc_t* __restrict__ stats,
+                         const acc_t* __restrict__ batch, Upstream<scalar_t, acc_t> up, scalar_t* __restrict__ grad) {
+  using S = RowSchedule<kWarpPerRow, kThreads>;
+  const GroupOf<kWarpPerRow, kThreads> g{S::lane()};
+  constexpr int kSize = GroupOf<kWarpPerRow, kThreads>::kSize;
+  const acc_t g_unit =
+      up.reduction == RED_NONE ? acc_t(0) : reduced_grad<acc_t>(up.reduction, static_cast<acc_t>(up.grad[0]), batch);
+  for (int64_t r = S::first(); r < in.N; r += S::stride()) {
+    scalar_t* out = grad + r * in.C;
+    const int64_t y = dist_row_target(in, r);
+    if (in.probs == nullptr && y == in.ignore_index) {
+      for (int64_t k = g.lane; k < in.C; k += kSize) out[k] = scalar_t(0);
+      continue;
+    }
+    const acc_t g_row = up.reduction == RED_NONE ? static_cast<acc_t>(up.grad[r * up.stride]) : g_unit;
+    const DistGrad<acc_t> rg = dist_row_grad(stats + r * NUM_STATS, in.coefs, g_row);
+    const scalar_t* z = in.logits + r * in.C;
+    for (int64_t k = g.lane; k < in.C; k += kSize) {
+      out[k] = static_cast<scalar_t>(dist_grad<ScalarMath<acc_t>>(
+          rg, static_cast<acc_t>(z[k]), dist_target_at(in, r, y, k), dist_weight_at(in, k), in.coefs));
+    }
+  }
+}
+
 // Blocks for N rows at rows_per_block rows each (grid-stride beyond kMaxBlocks).
 int64_t blocks_for(int64_t N, int64_t rows_per_block) {
   return std::min<int64_t>(kMaxBlocks, (N + rows_per_block - 1) / rows_per_block);
@@ -355,17 +490,123 @@ const acc_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
+// The distribution path's inputs: probabilities read in the logits' dtype (a copy, one launch
+// more, only when they come in another dtype), the class weights.
+template <typename scalar_t, typename acc_t>
+DistInputs<scalar_t, acc_t> dist_inputs(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& target,
+                                        int64_t active, int64_t passive, double alpha, double beta, double gamma,
+                                        double q, int64_t ignore_index, const at::Tensor& weight, double smoothing) {
+  const int64_t C = logits.size(1);
+  return DistInputs<scalar_t, acc_t>{logits.const_data_ptr<scalar_t>(),
+                                     probs.defined() ? probs.const_data_ptr<scalar_t>() : nullptr,
+                                     probs.defined() ? nullptr : target.const_data_ptr<int64_t>(),
+                                     logits.size(0),
+                                     C,
+                                     ignore_index,
+                                     dist_coefs<acc_t>(make_params<acc_t>(active, passive, alpha, beta, gamma, q),
+                                                       static_cast<acc_t>(smoothing), static_cast<acc_t>(C)),
+                                     data_or_null<acc_t>(weight)};
+}
+
+at::Tensor dist_probs(const at::Tensor& logits, const at::Tensor& target) {
+  return at::isFloatingType(target.scalar_type()) ? target.to(logits.scalar_type()).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                              int64_t active, int64_t passive, double alpha,
+                                                              double beta, double gamma, double q, int64_t reduction,
+                                                              int64_t ignore_index,
+                                                              const std::optional<at::Tensor>& weight_arg,
+                                                              double smoothing) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor probs = dist_probs(logits, target);
+  if (!probs.defined() && sync_target_check()) check_target_range(target, C, ignore_index);
+  const at::Tensor weight = weight_for(weight_arg, logits);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
+  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
+  at::Tensor batch = at::empty({kNumBatch}, acc_options);
+  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
+  const bool rows_write_loss = row_pass_writes_loss(static_cast<int>(active), static_cast<int>(reduction));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_dist_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = dist_inputs<scalar_t, acc_t>(logits, probs, target, active, passive, alpha, beta, gamma, q,
+                                                 ignore_index, weight, smoothing);
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    acc_t* bt = batch.mutable_data_ptr<acc_t>();
+    if (N > 0) {
+      count_step();
+      scalar_t* row_loss_out = rows_write_loss ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+      launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
+        constexpr bool kWarp = decltype(warp_per_row)::value;
+        constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
+        dist_forward_kernel<scalar_t, acc_t, kWarp, kThreads>
+            <<<blocks, kThreads, 0, stream>>>(in, st, row_loss_out, bt);
+      });
+    } else if (rows_write_loss) {
+      batch.zero_();
+    }
+    if (!rows_write_loss) {
+      count_step();
+      dist_batch_kernel<scalar_t, acc_t>
+          <<<1, kBatchThreads, 0, stream>>>(st, N, static_cast<int>(reduction), bt, loss.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {loss, stats, batch};
+}
+
+at::Tensor dist_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
+                                   double alpha, double beta, double gamma, double q, int64_t reduction,
+                                   int64_t ignore_index, const std::optional<at::Tensor>& weight_arg,
+                                   double smoothing) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor probs = dist_probs(logits, target);
+  const at::Tensor weight = weight_for(weight_arg, logits);
+  const at::Tensor grad_loss = grad_loss_arg.to(logits.scalar_type());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor grad = at::empty_like(logits);
+  if (N == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_dist_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = dist_inputs<scalar_t, acc_t>(logits, probs, target, active, passive, alpha, beta, gamma, q,
+                                                 ignore_index, weight, smoothing);
+    const Upstream<scalar_t, acc_t> up{grad_loss.const_data_ptr<scalar_t>(),
+                                       reduction == row::RED_NONE ? grad_loss.stride(0) : 0,
+                                       static_cast<int>(reduction), nullptr, nullptr};
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    const acc_t* bt = batch.const_data_ptr<acc_t>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    count_step();
+    launch_rows(N, C, [&](auto warp_per_row, int64_t blocks) {
+      constexpr bool kWarp = decltype(warp_per_row)::value;
+      constexpr int kThreads = kWarp ? kWarpBlockThreads : kRowBlockThreads;
+      dist_backward_kernel<scalar_t, acc_t, kWarp, kThreads><<<blocks, kThreads, 0, stream>>>(in, st, bt, up, out);
+    });
+  });
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                              int64_t active, int64_t passive, double alpha, double beta,
                                                              double gamma, double q, int64_t reduction,
                                                              int64_t ignore_index,
-                                                             const std::optional<at::Tensor>& weight_arg) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, weight_arg);
+                                                             const std::optional<at::Tensor>& weight_arg,
+                                                             double smoothing) {
+  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
+                     smoothing);
   if (logits.dim() > 2) {  // F.cross_entropy's (N, C, d1, ..., dK) layout, computed as rows of a copy
-    auto [loss, stats, batch] = apl_loss_cuda(logits_as_rows(logits), target.reshape({-1}), active, passive, alpha,
-                                              beta, gamma, q, reduction, ignore_index, weight_arg);
-    return {reduction == row::RED_NONE ? loss.view(target.sizes()) : loss, stats, batch};
+    return forward_on_rows(logits, target, reduction, [&](const at::Tensor& l, const at::Tensor& t) {
+      return apl_loss_cuda(l, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
+                           smoothing);
+    });
   }
+  if (is_distribution(target, smoothing))
+    return dist_loss_cuda(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
+                          smoothing);
   const int64_t N = logits.size(0), C = logits.size(1);
   if (sync_target_check()) check_target_range(target, C, ignore_index);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
@@ -414,15 +655,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& l
 at::Tensor apl_loss_backward_cuda(const at::Tensor& grad_loss_arg, const at::Tensor& logits, const at::Tensor& target,
                                   const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                                   double alpha, double beta, double gamma, double q, int64_t reduction,
-                                  int64_t ignore_index, const std::optional<at::Tensor>& weight_arg) {
+                                  int64_t ignore_index, const std::optional<at::Tensor>& weight_arg, double smoothing) {
   check_backward_args(grad_loss_arg, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                      weight_arg);
+                      ignore_index, weight_arg, smoothing);
   if (logits.dim() > 2) {  // as the forward: rows of a copy, the gradient copied back
-    const at::Tensor g = reduction == row::RED_NONE ? grad_loss_arg.reshape({-1}) : grad_loss_arg;
-    return grad_from_rows(apl_loss_backward_cuda(g, logits_as_rows(logits), target.reshape({-1}), stats, batch, active,
-                                                 passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg),
-                          logits);
+    return backward_on_rows(grad_loss_arg, logits, target, reduction,
+                            [&](const at::Tensor& g, const at::Tensor& l, const at::Tensor& t) {
+                              return apl_loss_backward_cuda(g, l, t, stats, batch, active, passive, alpha, beta, gamma,
+                                                            q, reduction, ignore_index, weight_arg, smoothing);
+                            });
   }
+  if (is_distribution(target, smoothing))
+    return dist_loss_backward_cuda(grad_loss_arg, logits, target, stats, batch, active, passive, alpha, beta, gamma, q,
+                                   reduction, ignore_index, weight_arg, smoothing);
   const int64_t N = logits.size(0), C = logits.size(1);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor weight = weight_for(weight_arg, logits);
