@@ -109,6 +109,17 @@ def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, devic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def random_batch(n: int, c: int, device: str, *, probabilities: bool = False):
+    """Logits (n, c) and class indices (n,), or probabilities (n, c), the same on every device."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, c, generator=g) * 3
+    if probabilities:
+        target = torch.softmax(torch.randn(n, c, generator=g) * 3, dim=1)
+    else:
+        target = torch.randint(0, c, (n,), generator=g)
+    return logits.to(device), target.to(device)
+
+
 def _fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -185,9 +196,7 @@ def main(argv=None) -> int:
             for c in cs:
                 if n * c > args.max_elements:
                     continue
-                g = torch.Generator().manual_seed(0)
-                logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
-                target = torch.randint(0, c, (n,), generator=g).to(args.device)
+                logits, target = random_batch(n, c, args.device)
                 module = APLLoss(spec, backend="fused")
                 contenders = {"fused": lambda x, y: fused.fused_loss(x, y, spec),
                               "module": module,
@@ -219,12 +228,7 @@ def soft_table(args, ns: list[int], cs: list[int], max_repeats: int) -> int:
             for c in cs:
                 if n * c > args.max_elements:
                     continue
-                g = torch.Generator().manual_seed(0)
-                logits = (torch.randn(n, c, generator=g) * 3).to(args.device)
-                if probabilities:
-                    target = torch.softmax(torch.randn(n, c, generator=g) * 3, dim=1).to(args.device)
-                else:
-                    target = torch.randint(0, c, (n,), generator=g).to(args.device)
+                logits, target = random_batch(n, c, args.device, probabilities=probabilities)
                 contenders = {"fused": APLLoss(spec, backend="fused"), "reference": APLLoss(spec, backend="reference")}
                 if spec.active == Kind.CE and spec.passive == Kind.NONE:
                     contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(

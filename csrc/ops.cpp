@@ -196,6 +196,14 @@ static std::atomic<int64_t> steps_run{0};
 
 void count_step() { steps_run.fetch_add(1, std::memory_order_relaxed); }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits, int64_t reduction) {
+  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
+  const int64_t rows = logits.numel() / logits.size(1);
+  at::Tensor loss = reduction == row::RED_NONE ? at::empty(positions_shape(logits), logits.options())
+                                               : at::empty({}, logits.options());
+  return {loss, at::empty({rows, kNumStats}, acc_options), at::empty({kNumBatch}, acc_options)};
+}
+
 at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   return weight->to(acc_type_of(logits.scalar_type())).contiguous();

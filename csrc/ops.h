@@ -40,6 +40,10 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
 // ValueError) instead of with a device-side assert. Initially on when APL_SYNC_TARGET_CHECK=1.
 bool sync_target_check();
 
+// The forward's outputs, uninitialised: the loss in the logits' dtype (positions_shape for
+// 'none', else []), stats (rows, NUM_STATS) and batch (NUM_BATCH) in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits, int64_t reduction);
+
 // The (checked) weight as a contiguous tensor of the accumulation dtype (undefined when not given).
 at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits);
 

@@ -198,9 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(const at::Tensor& l
   const std::pair<at::Tensor, at::Tensor> inputs = dist_inputs(logits, target);
   const at::Tensor &z = inputs.first, &t = inputs.second;
   const at::Tensor weight = weight_for(weight_arg, logits);
-  at::Tensor stats = at::empty({N, kNumStats}, z.options());
-  at::Tensor batch = at::empty({kNumBatch}, z.options());
-  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, z.options()) : at::empty({}, z.options());
+  at::Tensor loss, stats, batch;
+  std::tie(loss, stats, batch) = empty_outputs(z, reduction);  // the loss in z's dtype, converted at the end
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "apl_dist_loss_cpu", [&] {
     const DistRows<scalar_t> rows =
         dist_rows<scalar_t>(z, t, active, passive, alpha, beta, gamma, q, ignore_index, weight, smoothing);
@@ -289,11 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& lo
   const int64_t N = target.numel(), C = logits.size(1);
   check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
-  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
-  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
-  at::Tensor batch = at::empty({kNumBatch}, acc_options);
-  at::Tensor loss =
-      reduction == row::RED_NONE ? at::empty(target.sizes(), logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss, stats, batch;
+  std::tie(loss, stats, batch) = empty_outputs(logits, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_params<acc_t>(active, passive, alpha, beta, gamma, q);

@@ -524,10 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cuda(const at::Tensor& 
   if (!probs.defined() && sync_target_check()) check_target_range(target, C, ignore_index);
   const at::Tensor weight = weight_for(weight_arg, logits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
-  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
-  at::Tensor batch = at::empty({kNumBatch}, acc_options);
-  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss, stats, batch;
+  std::tie(loss, stats, batch) = empty_outputs(logits, reduction);
   const bool rows_write_loss = row_pass_writes_loss(static_cast<int>(active), static_cast<int>(reduction));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_dist_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -612,10 +610,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cuda(const at::Tensor& l
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor weight = weight_for(weight_arg, logits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
-  at::Tensor stats = at::empty({N, kNumStats}, acc_options);
-  at::Tensor batch = at::empty({kNumBatch}, acc_options);
-  at::Tensor loss = reduction == row::RED_NONE ? at::empty({N}, logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss, stats, batch;
+  std::tie(loss, stats, batch) = empty_outputs(logits, reduction);
   const bool rows_write_loss = row_pass_writes_loss(static_cast<int>(active), static_cast<int>(reduction));
   // Only NCE_PAPER's histogram needs scratch; its size depends on C alone.
   at::Tensor counts = active == NCE_PAPER ? at::empty({C}, logits.options().dtype(at::kInt)) : at::Tensor();
