@@ -25,6 +25,7 @@ module/F.cross_entropy and reference/floor.
     python benchmarks/bench_losses.py --device cuda
     python benchmarks/bench_losses.py --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
     python benchmarks/bench_losses.py --soft --ns 1000 --cs 10,1000   # probability targets, smoothing
+    python benchmarks/bench_losses.py --soft --shape 4,21,256,256
 
 ``--shape`` times F.cross_entropy's K-dimensional layout instead ((N, C, d1, ..., dK) logits,
 (N, d1, ..., dK) targets), as users pass it to ``fused`` (the module), ``reference`` and
@@ -33,7 +34,8 @@ module/F.cross_entropy and reference/floor.
 
 ``--soft`` times the distribution targets instead (LOSSES.md "Soft targets"): probability
 targets for CE, MAE, RCE and SCE, and CE with ``label_smoothing=0.1`` on class indices, through
-the module on each backend, against ``F.cross_entropy`` for the CE rows.
+the module on each backend, against ``F.cross_entropy`` for the CE rows; with ``--shape``, in
+that layout (probabilities of the logits' shape).
 """
 from __future__ import annotations
 
@@ -254,17 +256,19 @@ def layout_table(args, max_repeats: int) -> int:
     print("|" + "---|" * len(header))
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(args.shape, generator=g) * 3).to(args.device)
-    target = torch.randint(0, c, (n, *rest), generator=g).to(args.device)
-    rows, rows_target = logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
-    for name in args.losses:
-        spec = LOSSES[name]
+    indices = torch.randint(0, c, (n, *rest), generator=g).to(args.device)
+    probs = torch.softmax(torch.randn(args.shape, generator=g) * 3, dim=1).to(args.device) if args.soft else None
+    entries = SOFT_LOSSES.items() if args.soft else ((name, (LOSSES[name], False)) for name in args.losses)
+    for name, (spec, probabilities) in entries:
+        target = probs if probabilities else indices
+        rows_target = target.movedim(1, -1).reshape(-1, c) if probabilities else target.reshape(-1)
         module = APLLoss(spec, backend="fused")
-        contenders = {"fused": module, "reference": lambda x, y: reference_loss(x, y, spec)}
-        if name == "CE":
-            contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
+        contenders = {"fused": module, "reference": lambda x, y, s=spec: reference_loss(x, y, s)}
+        if spec.active == Kind.CE and spec.passive == Kind.NONE:
+            contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(x, y, label_smoothing=e)
         t = time_steps(contenders, logits, target, args.device, min_time=args.min_time, max_repeats=max_repeats)
-        t_rows = time_steps({"rows": module}, rows, rows_target, args.device, min_time=args.min_time,
-                            max_repeats=max_repeats)["rows"]
+        t_rows = time_steps({"rows": module}, logits.movedim(1, -1).reshape(-1, c), rows_target, args.device,
+                            min_time=args.min_time, max_repeats=max_repeats)["rows"]
         t_ce = t.get("F.cross_entropy")
         row = [name, "x".join(map(str, args.shape)), _fmt_ms(t["fused"]), _fmt_ms(t_rows), _fmt_ms(t["reference"]),
                _fmt_ms(t_ce), _ratio(t["reference"], t["fused"]), _ratio(t["fused"], t_ce)]

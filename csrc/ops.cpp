@@ -175,7 +175,10 @@ int64_t positions_per_sample(const at::Tensor& logits) {
   return d;
 }
 
-at::Tensor as_rows(const at::Tensor& logits) { return logits.movedim(1, -1).reshape({-1, logits.size(1)}); }
+// contiguous: for one sample (N = 1) the reshape alone is a strided view
+at::Tensor as_rows(const at::Tensor& logits) {
+  return logits.movedim(1, -1).reshape({-1, logits.size(1)}).contiguous();
+}
 
 at::Tensor target_as_rows(const at::Tensor& target) {
   return at::isFloatingType(target.scalar_type()) ? as_rows(target) : target.reshape({-1});

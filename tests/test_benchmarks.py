@@ -116,3 +116,8 @@ def test_bench_losses_times_the_distribution_targets(capsys):
     assert [(r[0], r[2]) for r in rows] == [(name, c) for name in bench.SOFT_LOSSES for c in ("3", "40")]
     ce_rows = [r for r in rows if r[0].startswith("CE")]
     assert all(r[5] != "-" for r in ce_rows) and all(r[5] == "-" for r in rows if r not in ce_rows)
+    assert bench.main(["--soft", "--shape", "2,5,3,2", "--min-time", "0"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    rows = [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[1:]]
+    assert [(r[0], r[1]) for r in rows] == [(name, "2x5x3x2") for name in bench.SOFT_LOSSES]
+    assert all((r[5] != "-") == r[0].startswith("CE") for r in rows)

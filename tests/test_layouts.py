@@ -114,13 +114,15 @@ def test_segmentation_layout_compiles_without_graph_breaks(backend):
 @pytest.mark.skipif(not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [5, 130], ids=["read-in-place", "copied-to-rows"])
-@pytest.mark.parametrize("hw", [(5, 3), (9, 8)], ids=["blocks-straddle-samples", "whole-groups-of-blocks"])
-def test_operator_layout_paths_agree_with_rows(c, dtype, hw):
+@pytest.mark.parametrize("n, hw", [(3, (5, 3)), (3, (9, 8)), (1, (4,))],
+                         ids=["blocks-straddle-samples", "whole-groups-of-blocks", "one-sample"])
+def test_operator_layout_paths_agree_with_rows(c, dtype, n, hw):
     """The CPU kernels read the (N, C, D) layout in place for float32/float64 up to C = 112 and
     compute on a transposed copy otherwise; both give what the same positions give as rows.
     D = 15 makes vector blocks straddle two samples; D = 72 lets the backward take groups of
-    four blocks of one sample (and a remainder) as well."""
-    shape = (3, c, *hw)
+    four blocks of one sample (and a remainder) as well; one sample's copy is a strided view
+    before it is made contiguous."""
+    shape = (n, c, *hw)
     z, y = seg_batch(shape, seed=c, dtype=dtype)
     rows = z.movedim(1, -1).reshape(-1, c)
     for name, variant in (("nfl+rce", "ma2020"), ("nce+mae", "paper"), ("ce", "ma2020")):
@@ -129,7 +131,7 @@ def test_operator_layout_paths_agree_with_rows(c, dtype, hw):
             got_value, got_grad = value_and_grad(module, z, y)
             want_value, want_grad = value_and_grad(module, rows, y.reshape(-1))
             torch.testing.assert_close(got_value.reshape(-1), want_value.reshape(-1))
-            torch.testing.assert_close(got_grad, want_grad.reshape(3, *hw, c).movedim(-1, 1))
+            torch.testing.assert_close(got_grad, want_grad.reshape(n, *hw, c).movedim(-1, 1))
 
 
 @pytest.mark.skipif(not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}")

@@ -180,6 +180,34 @@ def test_fused_distribution_path_matches_the_reference(c, reduction, dtype, devi
 
 
 @requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 150, 16), (1, 6, 4)], ids=str)
+def test_fused_distribution_path_reads_the_segmentation_layout(shape, dtype, device):
+    """The (N, C, d1, ..., dK) layout (read in place on the CPU for float32/float64, any C; a
+    transposed copy otherwise) gives what the same positions give as rows: D = 35 makes vector
+    blocks straddle two samples, D = 16 fills whole blocks, D = 4 is one partial block."""
+    g = torch.Generator().manual_seed(shape[1])
+    z = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+    probs = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 2, dim=1).to(dtype).to(device)
+    y = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    y.view(-1)[::3] = IGNORE
+    y = y.to(device)
+    weight = torch.linspace(0.5, 2.0, shape[1], dtype=dtype, device=device)
+    c = shape[1]
+    for name, target, kwargs in (("sce", probs, {}), ("mae", probs, {"variant": "author"}),
+                                 ("ce", probs, {"weight": weight, "label_smoothing": 0.1}),
+                                 ("ce", y, {"weight": weight, "label_smoothing": 0.2}), ("rce", probs, {})):
+        for reduction in ("none", "mean"):
+            module = get_loss(name, num_classes=c, reduction=reduction, backend="fused", **kwargs)
+            rows_target = target.movedim(1, -1).reshape(-1, c) if target.is_floating_point() else target.reshape(-1)
+            got = value_and_grad(module, z, target)
+            want = value_and_grad(module, z.movedim(1, -1).reshape(-1, c), rows_target)
+            torch.testing.assert_close(got[0].reshape(-1), want[0].reshape(-1), **TOLERANCES[dtype])
+            torch.testing.assert_close(got[1], want[1].reshape(shape[0], *shape[2:], c).movedim(-1, 1),
+                                       **TOLERANCES[dtype])
+
+
+@requires_fused
 def test_every_kind_pair_takes_probabilities_in_the_operator_as_in_the_spec():
     """The operator's rule (csrc/loss_row.h takes_distribution) is apl.spec's SOFT_TARGET_KINDS."""
     z, probs, _ = soft_batch(3, 4, seed=1, dtype=torch.float64, device="cpu")

@@ -54,11 +54,12 @@ void run_dist_backward(const DistRows<double>& r, const double* st, const double
   kernels().dist_backward_f64(r, st, g, gs, out);
 }
 
-// Whether the row kernels read F.cross_entropy's (N, C, d1, ..., dK) layout in place: the
-// rows-in-lanes kernels do (C <= kRowsMaxC) for float32/float64; half types convert rows.
-bool reads_layout(const at::Tensor& logits) {
+// Whether the row kernels read F.cross_entropy's (N, C, d1, ..., dK) layout in place, for
+// float32/float64: the class-index rows-in-lanes kernels do (C <= kRowsMaxC), those of
+// distribution targets for any C. Half types convert rows.
+bool reads_layout(const at::Tensor& logits, bool dist) {
   const auto dt = logits.scalar_type();
-  return logits.size(1) <= kRowsMaxC && (dt == at::kFloat || dt == at::kDouble);
+  return (dist || logits.size(1) <= kRowsMaxC) && (dt == at::kFloat || dt == at::kDouble);
 }
 
 // Rows per task: enough elements (~32K) that threading pays off.
@@ -147,9 +148,9 @@ void batch_step(const at::Tensor& stats, const at::Tensor& target, const row::Lo
 }
 
 // ------------------------------------------------------------ distribution targets
-// Probability targets or label smoothing (loss_row.h, "distribution targets"): (N, C) rows in
-// float32/float64 (half types converted once, the result converted back), the row kernels,
-// then the batch step over the rows' stats.
+// Probability targets or label smoothing (loss_row.h, "distribution targets"): (N, C) rows or
+// the (N, C, d1, ..., dK) layout in place, in float32/float64 (half types converted once, the
+// result converted back), the row kernels, then the batch step over the rows' stats.
 
 template <typename T>
 DistRows<T> dist_rows(const at::Tensor& z, const at::Tensor& t, int64_t active, int64_t passive, double alpha,
@@ -160,22 +161,25 @@ DistRows<T> dist_rows(const at::Tensor& z, const at::Tensor& t, int64_t active, 
   return DistRows<T>{z.const_data_ptr<T>(),
                      probs ? t.const_data_ptr<T>() : nullptr,
                      probs ? nullptr : t.const_data_ptr<int64_t>(),
-                     z.size(0),
+                     z.numel() / C,
                      C,
                      ignore_index,
                      row::dist_coefs<T>(make_params<T>(active, passive, alpha, beta, gamma, q),
                                         static_cast<T>(smoothing), static_cast<T>(C)),
-                     weight.defined() ? weight.const_data_ptr<T>() : nullptr};
+                     weight.defined() ? weight.const_data_ptr<T>() : nullptr,
+                     positions_per_sample(z)};
 }
 
-// Rows b .. e of `rows`.
+// Rows b .. e of `rows` (DistRows' layouts).
 template <typename T>
 DistRows<T> dist_slice(DistRows<T> rows, int64_t b, int64_t e) {
-  rows.logits += b * rows.C;
-  if (rows.probs != nullptr)
-    rows.probs += b * rows.C;
-  else
-    rows.target += b;
+  if (rows.D > 1) {
+    rows.row0 = b;
+  } else {
+    rows.logits += b * rows.C;
+    if (rows.probs != nullptr) rows.probs += b * rows.C;
+  }
+  if (rows.probs == nullptr) rows.target += b;
   rows.rows = e - b;
   return rows;
 }
@@ -193,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(const at::Tensor& l
                                                              int64_t ignore_index,
                                                              const std::optional<at::Tensor>& weight_arg,
                                                              double smoothing) {
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t C = logits.size(1), N = logits.numel() / C;
   if (!at::isFloatingType(target.scalar_type())) check_target_range(target, C, ignore_index);
   const std::pair<at::Tensor, at::Tensor> inputs = dist_inputs(logits, target);
   const at::Tensor &z = inputs.first, &t = inputs.second;
@@ -236,12 +240,12 @@ at::Tensor dist_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
                                   double alpha, double beta, double gamma, double q, int64_t reduction,
                                   int64_t ignore_index, const std::optional<at::Tensor>& weight_arg, double smoothing) {
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t C = logits.size(1), N = logits.numel() / C;
   if (!at::isFloatingType(target.scalar_type())) check_target_range(target, C, ignore_index);
   const std::pair<at::Tensor, at::Tensor> inputs = dist_inputs(logits, target);
   const at::Tensor &z = inputs.first, &t = inputs.second;
   const at::Tensor weight = weight_for(weight_arg, logits);
-  at::Tensor grad = at::empty({N, C}, z.options());
+  at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   if (N == 0) return grad.to(logits.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "apl_dist_loss_backward_cpu", [&] {
     const DistRows<scalar_t> rows =
@@ -262,7 +266,9 @@ at::Tensor dist_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     count_step();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t b, int64_t e) {
-      run_dist_backward(dist_slice(rows, b, e), st + b * row::NUM_STATS, g_rows + b * g_stride, g_stride, out + b * C);
+      // the (N, C, D) layout's kernels write at the positions' own offsets from the tensor's start
+      run_dist_backward(dist_slice(rows, b, e), st + b * row::NUM_STATS, g_rows + b * g_stride, g_stride,
+                        rows.D > 1 ? out : out + b * C);
     });
   });
   return grad.to(logits.scalar_type());
@@ -277,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apl_loss_cpu(const at::Tensor& lo
   check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg,
                      smoothing);
   const bool dist = is_distribution(target, smoothing);
-  if (logits.dim() > 2 && (dist || !reads_layout(logits))) {
+  if (logits.dim() > 2 && !reads_layout(logits, dist)) {
     return forward_on_rows(logits, target, reduction, [&](const at::Tensor& l, const at::Tensor& t) {
       return apl_loss_cpu(l, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight_arg, smoothing);
     });
@@ -383,7 +389,7 @@ at::Tensor apl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   check_backward_args(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
                       ignore_index, weight_arg, smoothing);
   const bool dist = is_distribution(target, smoothing);
-  if (logits.dim() > 2 && (dist || !reads_layout(logits))) {
+  if (logits.dim() > 2 && !reads_layout(logits, dist)) {
     return backward_on_rows(grad_loss, logits, target, reduction,
                             [&](const at::Tensor& g, const at::Tensor& l, const at::Tensor& t) {
                               return apl_loss_backward_cpu(g, l, t, stats, batch, active, passive, alpha, beta, gamma,

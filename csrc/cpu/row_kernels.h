@@ -46,9 +46,11 @@ struct BackwardBlock {
   int64_t D = 1, row0 = 0;  // as ForwardBlock
 };
 
-// Rows with distribution targets (loss_row.h, "distribution targets"), (N, C) contiguous:
-// `probs` (rows x C) for probability targets, else nullptr and `target` (class indices, the
-// one-hot, ignore_index rows skipped); `weight` (C) or nullptr.
+// Rows with distribution targets (loss_row.h, "distribution targets"): `probs` laid out as the
+// logits for probability targets, else nullptr and `target` (class indices, the one-hot,
+// ignore_index rows skipped); `weight` (C) or nullptr. D = 1: the block's rows x C. D > 1: the
+// (N, C, D) layout as ForwardBlock's, `logits` and `probs` the tensors' starts, `target` the
+// block's first row's.
 template <typename T>
 struct DistRows {
   const T* logits;
@@ -57,6 +59,7 @@ struct DistRows {
   int64_t rows, C, ignore_index;
   row::DistCoefs<T> coefs;
   const T* weight;
+  int64_t D = 1, row0 = 0;
 };
 
 struct RowKernels {

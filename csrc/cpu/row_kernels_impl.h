@@ -614,7 +614,7 @@ inline bool dist_row_ignored(const DistRows<T>& a, int64_t i) {
 }
 
 template <typename T>
-void dist_forward(const DistRows<T>& a, T* stats) {
+void dist_forward_rows(const DistRows<T>& a, T* stats) {
   using Vec = Vectorized<T>;
   using M = VecMath<T>;
   const int64_t C = a.C;
@@ -641,7 +641,7 @@ void dist_forward(const DistRows<T>& a, T* stats) {
 }
 
 template <typename T>
-void dist_backward(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+void dist_backward_rows(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t C = a.C;
@@ -664,6 +664,138 @@ void dist_backward(const DistRows<T>& a, const T* stats, const T* grad_rows, int
         v.store(out + k, n);
     }
   }
+}
+
+// F.cross_entropy's (N, C, D) layout in place: the lanes hold W consecutive positions, and a
+// class of them is one vector (gathered where a block straddles two samples or is the last,
+// partial one). Every pass is across classes within a lane: no reduction across lanes.
+template <typename T>
+struct PositionBlock {
+  using Vec = Vectorized<T>;
+  static constexpr int64_t W = Vec::size();
+  int64_t C, D, first, rows;
+  bool direct;   // one sample, W positions: plain loads and stores
+  int64_t base;  // offset of class 0 of the first position (direct)
+
+  PositionBlock(const DistRows<T>& a, int64_t i0)
+      : C(a.C), D(a.D), first(a.row0 + i0), rows(std::min<int64_t>(W, a.rows - i0)) {
+    direct = rows == W && first % D + W <= D;
+    base = (first / D) * C * D + first % D;
+  }
+  inline int64_t offset(int64_t r, int64_t k) const { return ((first + r) / D) * C * D + k * D + (first + r) % D; }
+  inline Vec load(const T* p, int64_t k) const {
+    if (direct) return Vec::loadu(p + base + k * D);
+    alignas(64) T v[W] = {};
+    for (int64_t r = 0; r < rows; ++r) v[r] = p[offset(r, k)];
+    return Vec::loadu(v);
+  }
+  inline void store(T* p, int64_t k, const Vec& x) const {
+    if (direct) return x.store(p + base + k * D);
+    alignas(64) T v[W];
+    x.store(v);
+    for (int64_t r = 0; r < rows; ++r) p[offset(r, k)] = v[r];
+  }
+};
+
+// The lanes' class index (-1 where probabilities, ignored or missing) and validity.
+template <typename T>
+inline Vectorized<T> position_targets(const DistRows<T>& a, int64_t i0, int64_t rows, bool* valid) {
+  alignas(64) T y[Vectorized<T>::size()];
+  for (int64_t r = 0; r < Vectorized<T>::size(); ++r) {
+    const int64_t t = a.probs == nullptr && r < rows ? a.target[i0 + r] : -1;
+    valid[r] = r < rows && (a.probs != nullptr || t != a.ignore_index);
+    y[r] = valid[r] ? static_cast<T>(t) : T(-1);
+  }
+  return Vectorized<T>::loadu(y);
+}
+
+template <typename T>
+inline Vectorized<T> position_target(const DistRows<T>& a, const PositionBlock<T>& blk, const Vectorized<T>& y,
+                                     int64_t k) {
+  using Vec = Vectorized<T>;
+  const Vec b =
+      a.probs != nullptr ? blk.load(a.probs, k) : Vec::blendv(Vec(T(0)), Vec(T(1)), y == Vec(static_cast<T>(k)));
+  return row::dist_target<VecMath<T>>(b, a.coefs);
+}
+
+template <typename T>
+void dist_forward_positions(const DistRows<T>& a, T* stats) {
+  using Vec = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(T(0)), one(T(1));
+  for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
+    const PositionBlock<T> blk(a, i0);
+    bool valid[W];
+    const Vec y = position_targets(a, i0, blk.rows, valid);
+    Vec m(-std::numeric_limits<T>::infinity());
+    for (int64_t k = 0; k < a.C; ++k) m = at::vec::maximum(m, blk.load(a.logits, k));
+    Vec s = zero;
+    for (int64_t k = 0; k < a.C; ++k) s = s + M::exp(blk.load(a.logits, k) - m);
+    const Vec lsum = M::log(s);
+    row::DistSums<Vec> sums{zero, zero, zero, zero, zero, zero};
+    for (int64_t k = 0; k < a.C; ++k) {
+      const Vec w = a.weight != nullptr ? Vec(a.weight[k]) : one;
+      const auto d = row::dist_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs);
+      sums.ce = sums.ce + d.ce, sums.ce_mass = sums.ce_mass + d.ce_mass, sums.mae_abs = sums.mae_abs + d.mae_abs;
+      sums.mae_sign = sums.mae_sign + d.mae_sign, sums.rce_value = sums.rce_value + d.rce_value;
+      sums.rce_mass = sums.rce_mass + d.rce_mass;
+    }
+    alignas(64) T denom[W];
+    for (int64_t r = 0; r < W; ++r)
+      denom[r] = valid[r] && a.probs == nullptr && a.weight != nullptr ? a.weight[a.target[i0 + r]] : T(1);
+    Vec st[row::NUM_STATS];
+    for (auto& v : st) v = zero;
+    row::dist_row_stats(st, m, lsum, sums, a.coefs, Vec::loadu(denom));
+    alignas(64) T columns[row::NUM_STATS][W];
+    for (int j = 0; j < row::NUM_STATS; ++j) st[j].store(columns[j]);
+    for (int64_t r = 0; r < blk.rows; ++r)
+      for (int j = 0; j < row::NUM_STATS; ++j) stats[(i0 + r) * row::NUM_STATS + j] = valid[r] ? columns[j][r] : T(0);
+  }
+}
+
+template <typename T>
+void dist_backward_positions(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(T(0)), one(T(1));
+  for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
+    const PositionBlock<T> blk(a, i0);
+    bool valid[W];
+    const Vec y = position_targets(a, i0, blk.rows, valid);
+    Lanes<T> columns[row::NUM_DIST_STATS], g_row, invalid;
+    for (int64_t r = 0; r < W; ++r) {
+      for (int j = 0; j < row::NUM_DIST_STATS; ++j)
+        columns[j].v[r] = valid[r] ? stats[(i0 + r) * row::NUM_STATS + j] : T(0);
+      g_row.v[r] = valid[r] ? grad_rows[(i0 + r) * grad_stride] : T(0);
+      invalid.v[r] = valid[r] ? T(0) : T(1);
+    }
+    Vec st[row::NUM_DIST_STATS];
+    for (int j = 0; j < row::NUM_DIST_STATS; ++j) st[j] = columns[j].load();
+    const row::DistGrad<Vec> g = row::dist_row_grad(st, a.coefs, g_row.load());
+    const Vec skip = invalid.load() == one;
+    for (int64_t k = 0; k < a.C; ++k) {
+      const Vec w = a.weight != nullptr ? Vec(a.weight[k]) : one;
+      const Vec v = row::dist_grad<VecMath<T>>(g, blk.load(a.logits, k), position_target(a, blk, y, k), w, a.coefs);
+      blk.store(grad, k, Vec::blendv(v, zero, skip));
+    }
+  }
+}
+
+template <typename T>
+void dist_forward(const DistRows<T>& a, T* stats) {
+  if (a.D > 1)
+    dist_forward_positions(a, stats);
+  else
+    dist_forward_rows(a, stats);
+}
+
+template <typename T>
+void dist_backward(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+  if (a.D > 1)
+    dist_backward_positions(a, stats, grad_rows, grad_stride, grad);
+  else
+    dist_backward_rows(a, stats, grad_rows, grad_stride, grad);
 }
 
 inline RowKernels table(const char* isa) {
