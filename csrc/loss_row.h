@@ -22,8 +22,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define APL_HD static inline __host__ __device__
+#define APL_HD_MEMBER inline __host__ __device__
 #else
 #define APL_HD static inline
+#define APL_HD_MEMBER inline
 #endif
 
 namespace apl {
@@ -752,6 +754,10 @@ struct DistSums {
   V mae_sign;   // s p
   V rce_value;  // clamp(p, 1e-7, 1) a
   V rce_mass;   // a p [in M]
+  APL_HD_MEMBER void add(const DistSums& o) {
+    ce = ce + o.ce, ce_mass = ce_mass + o.ce_mass, mae_abs = mae_abs + o.mae_abs;
+    mae_sign = mae_sign + o.mae_sign, rce_value = rce_value + o.rce_value, rce_mass = rce_mass + o.rce_mass;
+  }
 };
 
 // -log clamp(t, 1e-4, 1): RCE's a_k

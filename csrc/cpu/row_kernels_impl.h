@@ -736,10 +736,7 @@ void dist_forward_positions(const DistRows<T>& a, T* stats) {
     row::DistSums<Vec> sums{zero, zero, zero, zero, zero, zero};
     for (int64_t k = 0; k < a.C; ++k) {
       const Vec w = a.weight != nullptr ? Vec(a.weight[k]) : one;
-      const auto d = row::dist_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs);
-      sums.ce = sums.ce + d.ce, sums.ce_mass = sums.ce_mass + d.ce_mass, sums.mae_abs = sums.mae_abs + d.mae_abs;
-      sums.mae_sign = sums.mae_sign + d.mae_sign, sums.rce_value = sums.rce_value + d.rce_value;
-      sums.rce_mass = sums.rce_mass + d.rce_mass;
+      sums.add(row::dist_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs));
     }
     alignas(64) T denom[W];
     for (int64_t r = 0; r < W; ++r)

@@ -397,10 +397,8 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t lsum = apl_log(g.all_reduce(s, SumOp<acc_t>()));
     DistSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t k = g.lane; k < in.C; k += kSize) {
-      const DistSums<acc_t> d = dist_terms<M>(static_cast<acc_t>(z[k]), dist_target_at(in, r, y, k),
-                                              dist_weight_at(in, k), m, lsum, in.coefs);
-      sums.ce += d.ce, sums.ce_mass += d.ce_mass, sums.mae_abs += d.mae_abs;
-      sums.mae_sign += d.mae_sign, sums.rce_value += d.rce_value, sums.rce_mass += d.rce_mass;
+      sums.add(dist_terms<M>(static_cast<acc_t>(z[k]), dist_target_at(in, r, y, k), dist_weight_at(in, k), m, lsum,
+                             in.coefs));
     }
     if (in.coefs.ce != acc_t(0)) {
       sums.ce = g.all_reduce(sums.ce, SumOp<acc_t>());
