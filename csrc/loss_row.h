@@ -803,6 +803,13 @@ APL_HD DistSums<typename M::V> dist_terms(typename M::V z, typename M::V t, type
   return r;
 }
 
+// Valid row i's share of the 'mean' denominator: w_y for weighted class indices, else 1
+// (`target` null for probabilities: F.cross_entropy divides by N).
+template <typename T>
+APL_HD T dist_mean_share(const T* weight, const int64_t* target, int64_t i) {
+  return target != nullptr && weight != nullptr ? weight[target[i]] : T(1);
+}
+
 // A valid row's stats (st[0 .. NUM_DIST_STATS)) from its sums; `denom` its 'mean' share.
 template <typename V, typename S>
 APL_HD void dist_row_stats(V* st, V m, V lsum, const DistSums<V>& s, const DistCoefs<S>& c, V denom) {

@@ -635,7 +635,7 @@ void dist_forward_rows(const DistRows<T>& a, T* stats) {
     });
     const row::DistSums<T> sums{hsum(acc.v[0]), hsum(acc.v[1]), hsum(acc.v[2]),
                                 hsum(acc.v[3]), hsum(acc.v[4]), hsum(acc.v[5])};
-    const T denom = a.probs == nullptr && a.weight != nullptr ? a.weight[a.target[i]] : T(1);
+    const T denom = row::dist_mean_share(a.weight, a.target, i);
     row::dist_row_stats(st, m, lsum, sums, a.coefs, denom);
   }
 }
@@ -739,15 +739,11 @@ void dist_forward_positions(const DistRows<T>& a, T* stats) {
       sums.add(row::dist_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs));
     }
     alignas(64) T denom[W];
-    for (int64_t r = 0; r < W; ++r)
-      denom[r] = valid[r] && a.probs == nullptr && a.weight != nullptr ? a.weight[a.target[i0 + r]] : T(1);
+    for (int64_t r = 0; r < W; ++r) denom[r] = valid[r] ? row::dist_mean_share(a.weight, a.target, i0 + r) : T(1);
     Vec st[row::NUM_STATS];
     for (auto& v : st) v = zero;
     row::dist_row_stats(st, m, lsum, sums, a.coefs, Vec::loadu(denom));
-    alignas(64) T columns[row::NUM_STATS][W];
-    for (int j = 0; j < row::NUM_STATS; ++j) st[j].store(columns[j]);
-    for (int64_t r = 0; r < blk.rows; ++r)
-      for (int j = 0; j < row::NUM_STATS; ++j) stats[(i0 + r) * row::NUM_STATS + j] = valid[r] ? columns[j][r] : T(0);
+    store_lane_stats(st, valid, blk.rows, stats + i0 * row::NUM_STATS);
   }
 }
 

@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kThreads)
       sums.rce_mass = g.all_reduce(sums.rce_mass, SumOp<acc_t>());
     }
     if (g.lane == 0) {
-      const acc_t denom = in.probs == nullptr && in.weight != nullptr ? in.weight[y] : acc_t(1);
+      const acc_t denom = dist_mean_share(in.weight, in.target, r);
       dist_row_stats(st, m, lsum, sums, in.coefs, denom);
       for (int i = NUM_DIST_STATS; i < NUM_STATS; ++i) st[i] = acc_t(0);
       if (loss != nullptr) loss[r] = static_cast<scalar_t>(st[DS_LOSS]);
