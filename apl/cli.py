@@ -20,12 +20,12 @@ from apl.data import NORMALIZATIONS
 from apl.grid import ENGINES, plan_grid, run_grid
 from apl.interrupts import Interrupted
 from apl.losses import BACKENDS
+from apl.losses.spec import LOSS_NAMES, VARIANTS
 from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
 from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS
 from apl.records import RESULT_FILE, number_text
 from apl.report import REFERENCES, make_report
-from apl.spec import LOSS_NAMES, VARIANTS
 from apl.sweeps import make_sweep, parse_numbers, parse_set
 from apl.train import train
 

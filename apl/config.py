@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 from apl.data import NORMALIZATIONS
 from apl.losses import BACKENDS
+from apl.losses.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
 from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
 from apl.presets import PROTOCOLS, WEIGHT_PARAMS
-from apl.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
 
 __all__ = ["TrainConfig", "LOSS_PARAM_NAMES", "OPTIMIZERS", "SCHEDULERS", "AMP_MODES"]
 
-#: Keys allowed in ``TrainConfig.loss_params`` (the parameters of :func:`apl.spec.spec_for`).
+#: Keys allowed in ``TrainConfig.loss_params`` (the parameters of :func:`apl.losses.spec.spec_for`).
 LOSS_PARAM_NAMES = ("gamma", "q", "lam", "alpha", "beta")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine")
@@ -51,7 +51,7 @@ class TrainConfig:
 
     ``loss``/``variant``/``loss_params`` select the loss (:func:`apl.losses.get_loss`;
     formulas in LOSSES.md); a loss with a focal term always records its ``gamma`` in
-    ``loss_params`` (the variant's default, :data:`apl.spec.DEFAULT_GAMMA`, when none is given),
+    ``loss_params`` (the variant's default, :data:`apl.losses.spec.DEFAULT_GAMMA`, when none is given),
     so a run's record says it and a changed default can never relabel an earlier run.
     ``noise``/``noise_type`` the training-label noise (:mod:`apl.noise`);
     ``model``/``width``/``init`` the network and its initialisation (:mod:`apl.models`);

@@ -23,7 +23,7 @@ def _load() -> dict:
 def paper_numbers(source: str) -> dict:
     """The stored record of one source: ``source``, ``metric`` and per-noise-type tables.
 
-    Each table maps a loss name (as in :data:`apl.spec.LOSS_NAMES`) to ``{noise rate as
+    Each table maps a loss name (as in :data:`apl.losses.spec.LOSS_NAMES`) to ``{noise rate as
     "0.2": accuracy in percent}``. Returns a fresh copy, so callers may modify it.
     """
     if source not in SOURCES:

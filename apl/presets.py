@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
-from apl.spec import AUTHOR_LAMBDA, LOSS_NAMES, PAPER_LAMBDA, VARIANTS, spec_for
+from apl.losses.spec import AUTHOR_LAMBDA, LOSS_NAMES, PAPER_LAMBDA, VARIANTS, spec_for
 
 __all__ = [
     "GRID_LOSSES", "GRID_NOISE", "GRID_VARIANTS", "WEIGHT_PARAMS", "Protocol", "PROTOCOLS",
@@ -63,7 +63,7 @@ def _apl_weights(lam: float) -> dict:
 #: PyTorch's default initialisation and conv biases, Adam lr 1e-3 (default betas, no weight decay,
 #: no scheduler), 30 epochs, batch 64 shuffled with the last partial batch kept,
 #: ToTensor + Normalize(0.5, 0.5), no augmentation, exactly int(eta * N) labels flipped (numpy
-#: seed 42), the author's losses (gamma 2, apl.spec's default for the variant) with
+#: seed 42), the author's losses (gamma 2, apl.losses.spec's default for the variant) with
 #: 0.4 active + 0.6 passive.
 AUTHOR_PROTOCOL = Protocol(
     fields=dict(variant="author", noise_type="author_symmetric", model="paper", width=1.0,

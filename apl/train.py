@@ -42,10 +42,10 @@ from apl.data import NORMALIZATIONS, CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
 from apl.interrupts import StopRequest, graceful_stop
 from apl.losses import get_loss, resolve_backend
+from apl.losses.spec import spec_for
 from apl.models import build_model, param_count
 from apl.records import RESULT_FILE, jsonable, number_text, save_json, utc_now
 from apl.runlock import run_lock
-from apl.spec import spec_for
 
 __all__ = ["train", "RESULT_FILE", "CHECKPOINT_FILE", "MODEL_FILE"]
 

@@ -48,9 +48,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import apl.fused as fused
+import apl.losses.fused as fused
 from apl.losses import APLLoss, reference_loss
-from apl.spec import Kind, LossSpec, spec_for
+from apl.losses.spec import Kind, LossSpec, spec_for
 
 #: the --soft table's losses: (spec, whether the target is probabilities)
 SOFT_LOSSES = {

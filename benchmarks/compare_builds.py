@@ -22,8 +22,8 @@ import time
 
 import torch
 
-import apl.fused as fused
-from apl.spec import spec_for
+import apl.losses.fused as fused
+from apl.losses.spec import spec_for
 
 LOSSES = {"CE": ("ce", "ma2020"), "NCE (ma2020)": ("nce", "ma2020"), "NFL (ma2020)": ("nfl", "ma2020"),
           "NCE+RCE (ma2020)": ("nce+rce", "ma2020"), "NFL+RCE (ma2020)": ("nfl+rce", "ma2020"),

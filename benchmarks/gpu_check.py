@@ -481,7 +481,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.train_subset = 5120 if args.quick else 10240
     if args.shared_runs is None:
         args.shared_runs = 2 if args.quick else 4
-    from apl.spec import LOSS_NAMES
+    from apl.losses.spec import LOSS_NAMES
 
     if args.epoch_loss not in LOSS_NAMES:
         build_parser().error(f"--epoch-loss must be one of {', '.join(LOSS_NAMES)}, got {args.epoch_loss!r}")
@@ -500,7 +500,7 @@ def _bench_losses():
 
 
 def _bench_specs() -> dict:
-    from apl.spec import spec_for
+    from apl.losses.spec import spec_for
 
     specs = dict(_bench_losses().LOSSES)
     specs["NFL (paper)"] = spec_for("nfl", variant="paper")
@@ -525,7 +525,7 @@ def _worker_bench(p: dict, out: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    import apl.fused as fused
+    import apl.losses.fused as fused
     from apl.losses import reference_loss
 
     time_steps = _bench_losses().time_steps
@@ -631,7 +631,7 @@ def _soft_rows(p, time_steps, device, deadline) -> list:
     import torch.nn.functional as F
 
     from apl.losses import APLLoss
-    from apl.spec import Kind
+    from apl.losses.spec import Kind
 
     n, c = p["soft_shape"]
     rows = []
@@ -731,7 +731,7 @@ def _count_kernels(fn) -> tuple[int, int]:
 
 def _loss_variants() -> list:
     """(label, spec) for every loss name x variant, each distinct spec once."""
-    from apl.spec import LOSS_NAMES, VARIANTS, spec_for
+    from apl.losses.spec import LOSS_NAMES, VARIANTS, spec_for
 
     out = []
     for name in LOSS_NAMES:
@@ -746,7 +746,7 @@ def _loss_variants() -> list:
 def _worker_launches(p: dict, out: Path) -> None:
     import torch
 
-    import apl.fused as fused
+    import apl.losses.fused as fused
     from apl.losses import reference_loss
 
     launch_counts = getattr(fused, "launch_counts", None)
@@ -1104,7 +1104,7 @@ def _git_state():
 def environment(args, now: _dt.datetime) -> dict:
     import torch
 
-    import apl.fused as fused
+    import apl.losses.fused as fused
 
     props = torch.cuda.get_device_properties(0)
     name = torch.cuda.get_device_name(0)

@@ -31,8 +31,8 @@
 namespace apl {
 namespace row {
 
-// Every kind of per-row loss term, once: its name and code (the operator's ABI). apl.spec.Kind
-// mirrors it and apl/fused.py checks the two agree when it loads the extension.
+// Every kind of per-row loss term, once: its name and code (the operator's ABI). apl.losses.spec.Kind
+// mirrors it and apl/losses/fused.py checks the two agree when it loads the extension.
 // clang-format off
 #define APL_LOSS_KINDS(X)                                                                        \
   X(NONE, 0) X(CE, 1) X(FL, 2) X(FL_DETACHED, 3) X(NCE_MA2020, 4) X(NFL_MA2020, 5) X(NCE_PAPER, 6) \
@@ -67,14 +67,14 @@ enum Stat : int {
   NUM_STATS = 13,
 };
 
-// -ln(1e-4): RCE's constant A (apl.spec.RCE_A); 1e-7: the probability clamp (PROB_CLAMP).
+// -ln(1e-4): RCE's constant A (apl.losses.spec.RCE_A); 1e-7: the probability clamp (PROB_CLAMP).
 constexpr double kRceA = 9.210340371976182736;
 constexpr double kProbClamp = 1e-7;
-constexpr double kLabelClamp = 1e-4;  // RCE's clamp of the target before the log (apl.spec.LABEL_CLAMP)
+constexpr double kLabelClamp = 1e-4;  // RCE's clamp of the target before the log (apl.losses.spec.LABEL_CLAMP)
 constexpr double kLogProbClamp = -16.11809565095831978;  // log(1e-7)
 constexpr double kLn2 = 0.693147180559945309;
 // The author's RCE target: 1 - s on the label, s / (C - 1) elsewhere, clamped to [clip, 1 - clip]
-// (apl.spec.AUTHOR_SMOOTHING, AUTHOR_TARGET_CLIP).
+// (apl.losses.spec.AUTHOR_SMOOTHING, AUTHOR_TARGET_CLIP).
 constexpr double kAuthorSmoothing = 0.1;
 constexpr double kAuthorTargetClip = 1e-7;
 
@@ -162,7 +162,7 @@ APL_HD typename M::V focal_weight_from_log_one_minus_p(typename M::V log_one_min
   return gamma == S(0) ? V(S(1)) : M::exp(V(gamma) * log_one_minus_py);
 }
 
-// MAE_AUTHOR and RCE_AUTHOR are offset + slope (1 - p_y) (apl.spec.author_affine): MAE's
+// MAE_AUTHOR and RCE_AUTHOR are offset + slope (1 - p_y) (apl.losses.spec.author_affine): MAE's
 // gradient times the slope.
 template <typename S>
 APL_HD void author_affine(int kind, S c_classes, S& offset, S& slope) {

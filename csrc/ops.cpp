@@ -51,7 +51,7 @@ bool is_distribution(const at::Tensor& target, double smoothing) {
   return at::isFloatingType(target.scalar_type()) || smoothing != 0;
 }
 
-// The terms of a sum by name, NONE left out: "NCE_MA2020+RCE" (as apl.reference names them).
+// The terms of a sum by name, NONE left out: "NCE_MA2020+RCE" (as apl.losses.reference names them).
 static std::string kinds_text(int64_t active, int64_t passive) {
   std::string text = kind_name(active);
   if (passive != row::NONE) text += std::string("+") + kind_name(passive);

@@ -124,7 +124,7 @@ echo "[setup] building apl (extension: CPU$( [ "$want_cuda" = 1 ] && echo " + CU
    --no-build-isolation --no-deps -e .)
 if [ "$want_cuda" = 1 ]; then
   # Nothing here may run the kernels, so at least prove they were compiled in.
-  "$py" -c "import apl.fused as f, sys; sys.exit(0 if f.cuda_available() else 'CUDA kernels missing from the build')"
+  "$py" -c "import apl.losses.fused as f, sys; sys.exit(0 if f.cuda_available() else 'CUDA kernels missing from the build')"
 fi
 echo "$inputs_hash" > "$stamp"
 echo "[setup] done ($py)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import apl.fused as fused
+import apl.losses.fused as fused
 from apl.config import TrainConfig
 from apl.data import load_cifar10, write_cifar10_folder
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import apl.fused as fused
-from apl import functional as AF
+import apl.functional as AF
+import apl.losses.fused as fused
 from apl.losses import get_loss
-from apl.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, Kind, spec_for
+from apl.losses.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, Kind, spec_for
 
 EPS = 1e-8  # the author's epsilon
 GAMMA = 2.0

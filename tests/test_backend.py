@@ -1,4 +1,4 @@
-"""The backend choice (apl.backend): the fused operator where it can run, else the reference,
+"""The backend choice (apl.losses.backend): the fused operator where it can run, else the reference,
 decided once per (backend, spec, device) and warned about once; a fake fused module stands in
 for the extension, so every branch runs on any machine."""
 import types
@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import random_batch
 
-import apl.backend as B
-import apl.functional as AF
-import apl.fused as fused_module
-import apl.modules as M
+import apl.losses.backend as B
+import apl.losses.functional as AF
+import apl.losses.fused as fused_module
+import apl.losses.modules as M
 from apl.losses import get_loss, reference_loss
-from apl.spec import Kind, LossSpec, spec_for
+from apl.losses.spec import Kind, LossSpec, spec_for
 
 
 def ref(name, logits, target):

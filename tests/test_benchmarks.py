@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import apl.fused as fused
+import apl.losses.fused as fused
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_losses.py"
 

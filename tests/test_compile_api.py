@@ -7,10 +7,10 @@ import inspect
 import pytest
 import torch
 
-import apl.functional as AF
-import apl.fused as fused
+import apl.losses.functional as AF
+import apl.losses.fused as fused
 from apl.losses import available_losses, get_loss
-from apl.spec import VARIANTS
+from apl.losses.spec import VARIANTS
 
 BACKENDS = [pytest.param("fused", marks=pytest.mark.skipif(not fused.is_available(),
                                                            reason="the fused operator is not built")),

@@ -26,9 +26,9 @@ from conftest import IGNORE_INDEX as IGNORE
 from conftest import random_batch, requires_cuda, requires_two_gpus
 from torch.autograd import DeviceType
 
-import apl.fused as fused
+import apl.losses.fused as fused
 from apl.losses import get_loss, reference_loss
-from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
+from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
 
 pytestmark = pytest.mark.skipif(not fused.is_available(),
                                 reason=f"fused operator not built: {fused.unavailable_reason()}")
@@ -473,7 +473,7 @@ def test_threads_do_not_change_results():
 _ISA_SCRIPT = r"""
 import torch, apl.fused as fused
 from apl.losses import reference_loss
-from apl.spec import spec_for
+from apl.losses.spec import spec_for
 print(torch.ops.apl._cpu_kernel_isa())
 g = torch.Generator().manual_seed(0)
 for spec in (spec_for("nce+rce"), spec_for("nfl+rce"), spec_for("nfl+mae", variant="paper")):
@@ -887,7 +887,7 @@ def test_cuda_launch_counts(name, variant, reduction, target_check_off):
 
 _SYNC_CHECK_SCRIPT = r"""
 import os, re, torch, apl.fused as fused
-from apl.spec import spec_for
+from apl.losses.spec import spec_for
 spec = spec_for("nce+rce")
 z = torch.randn(4, 3, device="cuda")
 assert fused.set_sync_target_check(True) is False, "the switch is not off by default"
@@ -993,7 +993,7 @@ def test_autograd_node_saves_safely():
 
 
 def test_python_and_cpp_agree_on_the_abi(monkeypatch):
-    """apl.spec.Kind is the C++ kind table (names by code), and the stats/batch sizes come from
+    """apl.losses.spec.Kind is the C++ kind table (names by code), and the stats/batch sizes come from
     C++; a Kind that differs makes the extension unusable with a reason, not wrong numbers."""
     assert list(torch.ops.apl._kind_names()) == [k.name for k in Kind]
     assert (fused.NUM_STATS, fused.NUM_BATCH) == tuple(torch.ops.apl._layout())

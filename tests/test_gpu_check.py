@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import apl.fused as fused
+import apl.losses.fused as fused
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -286,7 +286,7 @@ def test_soft_rows_time_each_contender(gc):
 # --------------------------------------------------------------------------- launch counts
 
 def test_loss_variants_list_each_distinct_spec_once(gc):
-    from apl.spec import LOSS_NAMES
+    from apl.losses.spec import LOSS_NAMES
 
     labels = [label for label, _ in gc._loss_variants()]
     assert len(labels) == len(set(labels))
@@ -297,7 +297,7 @@ def test_loss_variants_list_each_distinct_spec_once(gc):
 
 @pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
 def test_launch_rows_compare_with_launch_counts(gc, tmp_path, monkeypatch):
-    from apl.spec import spec_for
+    from apl.losses.spec import spec_for
 
     # The profiler's counting is replaced (no GPU here): the comparison and the table are tested.
     monkeypatch.setattr(gc, "_count_kernels", lambda fn: (fn(), (1, 0))[1])

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import apl.fused as fused
+import apl.losses.fused as fused
 from apl.losses import available_losses, get_loss
-from apl.spec import REDUCTIONS, VARIANTS, Kind, spec_for
+from apl.losses.spec import REDUCTIONS, VARIANTS, Kind, spec_for
 
 pytestmark = pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
 
@@ -68,7 +68,7 @@ def test_the_readme_states_the_launch_counts_of_the_code():
 def test_launch_counts_rejects_what_the_operator_does_not_compute():
     with pytest.raises(ValueError, match="reduction must be one of"):
         fused.launch_counts(spec_for("ce"), "avg")
-    with pytest.raises(ValueError, match="spec must be an apl.spec.LossSpec"):
+    with pytest.raises(ValueError, match="spec must be an apl.losses.spec.LossSpec"):
         fused.launch_counts("ce")
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import value_and_grad
 
-import apl.fused as fused
-from apl import functional as AF
+import apl.functional as AF
+import apl.losses.fused as fused
 from apl.losses import get_loss
-from apl.spec import LOSS_NAMES, VARIANTS
+from apl.losses.spec import LOSS_NAMES, VARIANTS
 
 IGNORE = -100
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(

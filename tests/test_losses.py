@@ -1,4 +1,4 @@
-"""Tests of the reference losses (apl.reference), the functional API and the loss modules.
+"""Tests of the reference losses (apl.losses.reference), the functional API and the loss modules.
 
 Expected values come from computations written independently of apl.losses: plain `math`
 on hand-sized cases, numpy, literal formulas from LOSSES.md with torch.softmax, or
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from conftest import random_batch
 
-import apl.functional as AF
 import apl.losses as L
+import apl.losses.functional as AF
 from apl.losses import APLLoss, available_losses, compute_loss, get_loss, reference_loss
-from apl.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
+from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
 
 ALL = [(name, variant) for name in LOSS_NAMES for variant in VARIANTS]
 REDUCTIONS = ("mean", "sum", "none")
@@ -445,10 +445,10 @@ def test_bad_loss_construction_raises_value_error():
         get_loss("ce", num_classes=1)
     with pytest.raises(ValueError, match=r"parameters \['gamma'\] were given with a LossSpec"):
         APLLoss(spec_for("nfl"), gamma=2.0)
-    with pytest.raises(ValueError, match="spec must be an apl.spec.LossSpec"):
+    with pytest.raises(ValueError, match="spec must be an apl.losses.spec.LossSpec"):
         reference_loss(GOOD_Z, GOOD_T, "nce")
     for backend in L.BACKENDS:
-        with pytest.raises(ValueError, match="spec must be an apl.spec.LossSpec"):
+        with pytest.raises(ValueError, match="spec must be an apl.losses.spec.LossSpec"):
             compute_loss(GOOD_Z, GOOD_T, "nce", backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         compute_loss(GOOD_Z, GOOD_T, spec_for("ce"), backend="gpu")

@@ -7,6 +7,7 @@ import pytest
 
 from apl.config import TrainConfig
 from apl.grid import preset_config
+from apl.losses.spec import AUTHOR_LAMBDA, PAPER_LAMBDA, spec_for
 from apl.presets import (
     FORMS,
     GRID_LOSSES,
@@ -18,7 +19,6 @@ from apl.presets import (
     is_variant_free,
     protocol_variant,
 )
-from apl.spec import AUTHOR_LAMBDA, PAPER_LAMBDA, spec_for
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 

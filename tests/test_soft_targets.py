@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import value_and_grad
 
-import apl.fused as fused
-from apl import functional as AF
+import apl.functional as AF
+import apl.losses.fused as fused
 from apl.losses import get_loss
-from apl.reference import reference_loss
-from apl.spec import LABEL_CLAMP, PROB_CLAMP, SOFT_TARGET_KINDS, Kind, LossSpec
+from apl.losses.reference import reference_loss
+from apl.losses.spec import LABEL_CLAMP, PROB_CLAMP, SOFT_TARGET_KINDS, Kind, LossSpec
 
 IGNORE = -100
 SHAPES = [(6, 5), (3, 4, 2, 3)]  # (N, C) and a segmentation layout
@@ -209,7 +209,7 @@ def test_fused_distribution_path_reads_the_segmentation_layout(shape, dtype, dev
 
 @requires_fused
 def test_every_kind_pair_takes_probabilities_in_the_operator_as_in_the_spec():
-    """The operator's rule (csrc/loss_row.h takes_distribution) is apl.spec's SOFT_TARGET_KINDS."""
+    """The operator's rule (csrc/loss_row.h takes_distribution) is apl.losses.spec's SOFT_TARGET_KINDS."""
     z, probs, _ = soft_batch(3, 4, seed=1, dtype=torch.float64, device="cpu")
     for active, passive in itertools.product(list(Kind)[1:], fused.SUPPORTED_PASSIVE):
         spec = LossSpec(active, passive, 1.0, 0.0 if passive == Kind.NONE else 1.0)

@@ -6,6 +6,7 @@ import math
 import statistics
 
 from apl.data import NORMALIZATIONS
+from apl.losses.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, PAPER_LAMBDA, RCE_A, Kind, author_affine
 from apl.noise import AUTHOR_NOISE_SEED
 from apl.paper import reference_accuracy
 from apl.presets import GRID_NOISE, PROTOCOLS
@@ -13,7 +14,6 @@ from apl.records import read_number
 from apl.report.cells import noise_heading
 from apl.report.figures import FIGURE1_LOSSES, FIGURE_NOISE
 from apl.report.stamp import Stamp
-from apl.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, PAPER_LAMBDA, RCE_A, Kind, author_affine
 
 __all__ = ["render_readme", "differences", "nce_ce_pair"]
 

@@ -1,11 +1,11 @@
 """The losses' public API in one import: the reference, the backend choice, the modules.
 
 ``from apl.losses import get_loss, reference_loss, compute_loss`` is what the README shows and
-other projects use; the jobs live in :mod:`apl.reference` (the pure-PyTorch math),
-:mod:`apl.backend` (fused operator or reference) and :mod:`apl.modules` (the ``nn.Module``s).
+other projects use; the jobs live in :mod:`apl.losses.reference` (the pure-PyTorch math),
+:mod:`apl.losses.backend` (fused operator or reference) and :mod:`apl.losses.modules` (the ``nn.Module``s).
 """
-from apl.backend import BACKENDS, compute_loss, resolve_backend
-from apl.modules import (
+from apl.losses.backend import BACKENDS, compute_loss, resolve_backend
+from apl.losses.modules import (
                          LOSSES,
                          SPEC_PARAMS,
                          APLLoss,
@@ -24,7 +24,7 @@ from apl.modules import (
                          available_losses,
                          get_loss,
 )
-from apl.reference import reference_loss
+from apl.losses.reference import reference_loss
 
 __all__ = [
     "BACKENDS", "reference_loss", "resolve_backend", "compute_loss", "APLLoss", "get_loss",

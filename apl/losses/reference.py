@@ -1,4 +1,4 @@
-"""The reference losses: every :class:`~apl.spec.LossSpec` computed with ordinary PyTorch ops.
+"""The reference losses: every :class:`~apl.losses.spec.LossSpec` computed with ordinary PyTorch ops.
 
 :func:`reference_loss` is the ground truth the fused operator (:mod:`apl.fused`) is tested
 against. Every formula, variant, clamp and edge case is defined in ``LOSSES.md``; this module
@@ -11,18 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from apl.spec import (
-    LABEL_CLAMP,
-    PROB_CLAMP,
-    RCE_A,
-    Kind,
-    LossSpec,
-    author_affine,
-    check_call,
-    positions_as_rows,
-    validate_inputs,
-    validate_weight,
-)
+from apl.losses.checks import check_call, positions_as_rows, validate_inputs, validate_weight
+from apl.losses.spec import LABEL_CLAMP, PROB_CLAMP, RCE_A, Kind, LossSpec, author_affine
 
 __all__ = ["reference_loss"]
 

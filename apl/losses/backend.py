@@ -10,9 +10,9 @@ import warnings
 
 import torch
 
-from apl import fused
-from apl.reference import reference_loss
-from apl.spec import LossSpec
+import apl.losses.fused as fused
+from apl.losses.reference import reference_loss
+from apl.losses.spec import LossSpec
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "backend_for", "compute_loss"]
 
@@ -41,7 +41,7 @@ def resolve_backend(backend: str, spec: LossSpec, device) -> tuple[str, str]:
     """
     check_backend(backend)
     if not isinstance(spec, LossSpec):
-        raise ValueError(f"spec must be an apl.spec.LossSpec, got {type(spec).__name__}")
+        raise ValueError(f"spec must be an apl.losses.spec.LossSpec, got {type(spec).__name__}")
     if backend == "reference":
         return "reference", "the reference was requested"
     device = torch.device(device)

@@ -1,7 +1,7 @@
 """The losses as ``nn.Module``s: :class:`APLLoss`, one named class per loss, and :func:`get_loss`.
 
-A module holds its :class:`~apl.spec.LossSpec`, the call options and optional per-class
-weights (a buffer); it decides its backend (:mod:`apl.backend`) once per device and calls the
+A module holds its :class:`~apl.losses.spec.LossSpec`, the call options and optional per-class
+weights (a buffer); it decides its backend (:mod:`apl.losses.backend`) once per device and calls the
 fused operator with arguments checked once, at construction. Formulas: ``LOSSES.md``.
 """
 from __future__ import annotations
@@ -11,17 +11,18 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from apl import fused
-from apl.backend import backend_for, check_backend
-from apl.reference import reference_loss
-from apl.spec import Kind, LossSpec, canonical_name, check_call, check_num_classes, spec_for
+import apl.losses.fused as fused
+from apl.losses.backend import backend_for, check_backend
+from apl.losses.checks import check_call, check_num_classes
+from apl.losses.reference import reference_loss
+from apl.losses.spec import Kind, LossSpec, canonical_name, spec_for
 
 __all__ = [
     "APLLoss", "get_loss", "available_losses", "LOSSES", "SPEC_PARAMS", "CELoss", "FocalLoss", "MAELoss", "RCELoss",
     "GCELoss", "SCELoss", "NCELoss", "NFLLoss", "NCEMAELoss", "NCERCELoss", "NFLMAELoss", "NFLRCELoss",
 ]
 
-#: Keyword parameters that :func:`apl.spec.spec_for` understands.
+#: Keyword parameters that :func:`apl.losses.spec.spec_for` understands.
 SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta", "label_smoothing")
 
 
@@ -45,8 +46,8 @@ _MODULE_PARAMS = ("reduction", "ignore_index", "backend", "num_classes", "weight
 class APLLoss(nn.Module):
     """A loss of the project as a module: ``alpha * active + beta * passive`` (LOSSES.md).
 
-    Built from a name (``"nce+rce"``, ``"nfl"``, ... see :data:`apl.spec.LOSS_NAMES`; ``_``
-    may replace ``+``) with the parameters of :func:`apl.spec.spec_for` (``variant``,
+    Built from a name (``"nce+rce"``, ``"nfl"``, ... see :data:`apl.losses.spec.LOSS_NAMES`; ``_``
+    may replace ``+``) with the parameters of :func:`apl.losses.spec.spec_for` (``variant``,
     ``gamma``, ``q``, ``lam`` or ``alpha``/``beta``), or from a ready :class:`LossSpec`.
     ``forward(logits, target)`` returns the loss reduced by ``reduction``. ``backend`` is
     ``"auto"`` (fused operator when available, else the reference with one warning),
@@ -200,7 +201,7 @@ LOSSES = MappingProxyType({cls.loss_name: cls for cls in (
 
 
 def available_losses() -> tuple[str, ...]:
-    """The names :func:`get_loss` accepts, in the order of :data:`apl.spec.LOSS_NAMES`."""
+    """The names :func:`get_loss` accepts, in the order of :data:`apl.losses.spec.LOSS_NAMES`."""
     return tuple(LOSSES)
 
 

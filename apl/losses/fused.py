@@ -1,0 +1,279 @@
+"""The fused loss operator: softmax, both loss terms, the reduction and the gradient in C++/CUDA.
+
+``fused_loss(logits, target, spec)`` computes the same function as
+:func:`apl.losses.reference_loss` (formulas: ``LOSSES.md``) with the operators
+``torch.ops.apl.apl_loss`` / ``apl_loss_backward`` of the compiled extension ``apl._C``
+(sources in ``csrc/``). The forward is one row kernel (max, log-sum-exp and every per-row
+quantity of the active and the passive term) writing a small per-row ``stats`` tensor, then,
+unless it is ``reduction="none"`` of a per-row loss, one batch step over the N rows (the paper
+forms' statistic H or B, the per-class weights, the reduction) that also writes the ``batch``
+terms the backward reads. The backward is one pass per row (NFL (paper) with ``"none"``: one
+step more), no atomics. :func:`launch_counts` gives the numbers per loss. On CUDA nothing
+reads tensor data on the host: a call never syncs and can be captured in a CUDA graph; targets
+are checked on the device (an assert), or on the host with a named ``ValueError`` after
+:func:`set_sync_target_check`. The autograd formula is registered in C++
+(``csrc/autograd.cpp``) to keep Python out of the training step; the fake (meta) kernels are
+registered here.
+
+Supported: logits float16/bfloat16/float32/float64 (half types computed in float32), any C >= 2,
+any :class:`~apl.losses.spec.LossSpec` whose passive term is NONE, CE, FL, FL_DETACHED, MAE, RCE,
+GCE, MAE_AUTHOR or RCE_AUTHOR (every loss of :func:`apl.losses.spec.spec_for`), label smoothing, and
+probability targets for the losses LOSSES.md "Soft targets" extends (a second row path of the
+same operator: csrc/loss_row.h, "distribution targets"). Works with ``torch.compile(fullgraph=True)``,
+on meta tensors and with ``torch.library.opcheck``. Double backward is not supported: it raises.
+
+Importing this module never fails: :func:`is_available` tells whether the extension is built.
+"""
+from __future__ import annotations
+
+import torch
+
+from apl.losses.checks import (
+    INDEX_DTYPES,
+    check_call,
+    check_positions,
+    check_probabilities_shape,
+    positions_as_rows,
+    validate_weight,
+)
+from apl.losses.spec import Kind, LossSpec
+
+__all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
+           "unsupported_reason",
+           "fused_loss", "op_args", "apply", "launch_counts", "set_sync_target_check", "sync_target_check",
+           "NUM_STATS", "NUM_BATCH", "REDUCTION_CODES"]
+
+#: ``reduction`` string -> the operator's integer code.
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+#: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
+SUPPORTED_PASSIVE = (Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE, Kind.MAE_AUTHOR,
+                     Kind.RCE_AUTHOR)
+
+try:
+    from apl import _C  # noqa: F401  (loading the library registers torch.ops.apl.*)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = f"the extension apl._C is not importable ({exc}); build it with " \
+                    f"`pip install --no-build-isolation -e .`"
+else:
+    _IMPORT_ERROR = ""
+
+
+def _abi_mismatch() -> str:
+    """Why the built extension cannot serve this apl.losses.spec ('' when its loss kinds are Kind's)."""
+    built = list(torch.ops.apl._kind_names())
+    ours = [k.name for k in Kind]
+    if built != ours or any(k.value != i for i, k in enumerate(Kind)):
+        return (f"the extension apl._C was built from other sources (its loss kinds {built} are not "
+                f"apl.losses.spec.Kind {ours}); rebuild it with `pip install --no-build-isolation -e .`")
+    return ""
+
+
+if _C is not None and not _IMPORT_ERROR:
+    _IMPORT_ERROR = _abi_mismatch()
+    if _IMPORT_ERROR:
+        _C = None
+#: Columns of the per-row statistics and entries of the batch terms the forward saves
+#: (csrc/loss_row.h, enums Stat and BatchTerm; None without the extension).
+NUM_STATS, NUM_BATCH = (tuple(int(v) for v in torch.ops.apl._layout()) if _C is not None else (None, None))
+# Constants, so the backend choice is plain Python that torch.compile folds.
+_AVAILABLE = _C is not None
+_CUDA_BUILT = _AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("apl::apl_loss", "CUDA")
+_OP = torch.ops.apl.apl_loss.default if _AVAILABLE else None
+
+
+def is_available() -> bool:
+    """True when the compiled operator is loaded and usable (CPU kernels at least)."""
+    return _AVAILABLE
+
+
+def unavailable_reason() -> str:
+    """Why :func:`is_available` is False (empty string when it is True)."""
+    return _IMPORT_ERROR
+
+
+def cuda_available() -> bool:
+    """True when the extension was built with its CUDA kernels (a GPU is a separate question:
+    see :func:`cuda_launch_problem`)."""
+    return _CUDA_BUILT
+
+
+#: device -> '' (the kernels run there) or why not; filled by cuda_launch_problem.
+_LAUNCH_PROBLEMS: dict[str, str] = {}
+
+
+def cuda_launch_problem(device) -> str:
+    """``""`` when the CUDA kernels run on ``device``, else why not (e.g. the build has no
+    kernel image for that GPU's architecture). Proved once per device by a one-row call in
+    eager mode; under ``torch.compile`` or CUDA graph capture an unproved device is assumed fine."""
+    device = torch.device(device)
+    if not _CUDA_BUILT:
+        return "the extension was built without its CUDA kernels"
+    if torch.compiler.is_compiling():
+        return _LAUNCH_PROBLEMS.get(str(device), "")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to this process"
+    key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    known = _LAUNCH_PROBLEMS.get(key)
+    if known is not None:
+        return known
+    if torch.cuda.is_current_stream_capturing():  # a probe would sync inside the capture
+        return ""
+    try:
+        _probe(key)
+        problem = ""
+    except (RuntimeError, AssertionError) as exc:  # no kernel image for this GPU, a failed launch
+        problem = f"the CUDA kernels do not run on {key} ({str(exc).strip().splitlines()[0]})"
+    _LAUNCH_PROBLEMS[key] = problem
+    return problem
+
+
+def _probe(device: str) -> None:
+    """One row of CE through the operator on ``device``, synchronised: raises if it cannot run."""
+    x = torch.zeros(1, 2, device=device)
+    _OP(x, torch.zeros(1, dtype=torch.int64, device=device), int(Kind.CE), int(Kind.NONE), 1.0, 0.0, 0.0, 0.7,
+        REDUCTION_CODES["mean"], -100, None)
+    torch.cuda.synchronize(device)
+
+
+def supports(spec: LossSpec) -> bool:
+    """True when the operator computes ``spec``: any active kind, a passive kind of
+    :data:`SUPPORTED_PASSIVE` (every sum :func:`apl.losses.spec.spec_for` builds)."""
+    return not unsupported_reason(spec)
+
+
+def unsupported_reason(spec: LossSpec) -> str:
+    """Why the operator does not compute ``spec`` ('' when it does)."""
+    if not isinstance(spec, LossSpec):
+        return f"spec must be an apl.losses.spec.LossSpec, got {type(spec).__name__}"
+    if spec.passive not in SUPPORTED_PASSIVE:
+        return (f"the fused operator does not support {spec.passive.name} as the passive term (supported: "
+                f"{', '.join(k.name for k in SUPPORTED_PASSIVE)})")
+    return ""
+
+
+def launch_counts(spec: LossSpec, reduction: str = "mean") -> tuple[int, int]:
+    """Kernel launches of one forward and one backward call on CUDA (N > 0; the same steps run
+    on the CPU): the row kernel, plus the batch step unless ``reduction="none"`` of a per-row
+    loss; the backward adds one step for NFL (paper) with ``"none"``."""
+    _require(spec, reduction)
+    forward, backward = torch.ops.apl._launch_counts(int(spec.active), REDUCTION_CODES[reduction])
+    return int(forward), int(backward)
+
+
+def set_sync_target_check(enabled: bool) -> bool:
+    """Debug switch: on CUDA, check targets on the host before the kernels (one device sync
+    per forward) so that a bad target raises ``ValueError`` naming its row and value, instead
+    of the kernels' device-side assert (which ends the CUDA context). Returns the previous
+    setting. The CPU always checks on the host. Also set by ``APL_SYNC_TARGET_CHECK=1``."""
+    _require_built()
+    return bool(torch.ops.apl._set_sync_target_check(bool(enabled)))
+
+
+def sync_target_check() -> bool:
+    """Whether :func:`set_sync_target_check` is on."""
+    _require_built()
+    return bool(torch.ops.apl._sync_target_check())
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None,
+                   label_smoothing=0.0):
+    """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or the positions' shape (N, d1, ...,
+    dK) for 'none'), stats [rows, NUM_STATS] (a row per position), batch [NUM_BATCH]."""
+    torch._check(logits.dim() >= 2, lambda: "apl_loss: logits must be (N, C) or (N, C, d1, ..., dK)")
+    torch._check(target.dim() == logits.dim() - (0 if target.is_floating_point() else 1),
+                 lambda: "apl_loss: target must be (N,) or (N, d1, ..., dK), or probabilities of the logits' shape")
+    if weight is not None:  # as the C++ check, for meta and fake tensors
+        validate_weight(weight.detach(), logits)
+    positions = (logits.shape[0], *logits.shape[2:])
+    loss = logits.new_empty(positions if reduction == 0 else ())
+    stats = logits.new_empty((logits.numel() // logits.shape[1], NUM_STATS), dtype=_stats_dtype(logits.dtype))
+    batch = logits.new_empty((NUM_BATCH,), dtype=_stats_dtype(logits.dtype))
+    return loss, stats, batch
+
+
+def _fake_apl_loss_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma,
+                            q, reduction, ignore_index, weight=None, label_smoothing=0.0):
+    """``apl_loss_backward`` returns a gradient shaped like the logits."""
+    return torch.empty_like(logits)
+
+
+if _C is not None:
+    # Shapes for torch.compile, meta tensors and opcheck. The autograd formula is registered in
+    # C++ (csrc/autograd.cpp), keeping Python out of the training step.
+    torch.library.register_fake("apl::apl_loss", _fake_apl_loss)
+    torch.library.register_fake("apl::apl_loss_backward", _fake_apl_loss_backward)
+
+
+def _require_built() -> None:
+    if not _AVAILABLE:
+        raise ValueError(f"apl.fused is unavailable: {_IMPORT_ERROR}")
+
+
+def _require(spec: LossSpec, reduction: str, ignore_index: int = -100) -> None:
+    """Raise ``ValueError`` unless the arguments are valid and the operator computes ``spec``."""
+    check_call(spec, reduction, ignore_index)
+    reason = unsupported_reason(spec)
+    if reason:
+        raise ValueError(f"{reason}; use apl.losses.reference_loss")
+
+
+def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> tuple:
+    """The operator's scalar arguments for ``spec``, checked (``ValueError`` naming the problem):
+    build them once and pass them to :func:`apply` on every call."""
+    _require_built()
+    _require(spec, reduction, ignore_index)
+    return (int(spec.active), int(spec.passive), float(spec.alpha), float(spec.beta), float(spec.gamma),
+            float(spec.q), REDUCTION_CODES[reduction], ignore_index, float(spec.smoothing))
+
+
+_REDUCTION_ARG, _SMOOTHING_ARG = 6, 8  # where op_args puts them (the schema takes weight before smoothing)
+
+
+def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
+          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
+    modules and functions. The operator itself checks the tensors (``ValueError``).
+    ``F.cross_entropy``'s (N, C, d1, ..., dK) layout goes to the operator as it is; an unbatched
+    (C,) is one row (:func:`apl.losses.spec.positions_as_rows`). Probability targets (floating, the
+    logits' shape) are checked here for their shape, in the reference's words."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and isinstance(logits, torch.Tensor):
+        check_probabilities_shape(logits, target)
+    if isinstance(logits, torch.Tensor) and logits.dim() != 2 and isinstance(target, torch.Tensor):
+        if logits.dim() > 2:
+            check_positions(logits, target)  # named in Python's shape notation, as the reference does
+        else:
+            rows, rows_target, shape = positions_as_rows(logits, target)
+            loss = apply(rows, rows_target, args, weight)
+            return loss.reshape(shape) if args[_REDUCTION_ARG] == REDUCTION_CODES["none"] else loss
+    if not torch.compiler.is_compiling():  # eager: straight to the dispatcher (csrc/python_module.cpp)
+        loss = _C.loss(logits, target, args, weight)
+        if loss is not NotImplemented:
+            return loss
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("logits and target must be torch.Tensors")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
+    if target.dtype != torch.int64 and target.dtype in INDEX_DTYPES:
+        target = target.long()
+    return _OP(logits.contiguous(), target.contiguous(), *args[:_SMOOTHING_ARG], weight, args[_SMOOTHING_ARG])[0]
+
+
+def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",
+               ignore_index: int = -100, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``spec.alpha * active + spec.beta * passive`` per row, reduced, by the fused operator.
+
+    Same contract as :func:`apl.losses.reference_loss` (formulas and edge cases: ``LOSSES.md``):
+    ``logits`` (N, C) floating, ``target`` (N,) integer class indices, rows whose target is
+    ``ignore_index`` add 0 and are left out of the mean and of the paper forms' batch
+    statistic, or (N, C) probabilities for the losses LOSSES.md "Soft targets" extends;
+    ``weight`` (C,) are optional per-class weights, and ``spec.smoothing`` CE's label smoothing,
+    as there. Returns a tensor of the
+    logits' dtype. Raises ``ValueError`` naming the problem for bad input (the operator checks
+    the tensors, the target range and the weight) or when the operator is not built.
+    """
+    return apply(logits, target, op_args(spec, reduction, ignore_index), weight)
