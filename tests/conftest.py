@@ -1,7 +1,9 @@
 """Shared test helpers: the devices a test can run on, a seeded random-batch builder, synthetic CIFAR-10.
 
-``DEVICES`` (also the ``device`` fixture) is ``"cpu"``, always run, then ``"cuda"`` and
-``"cuda:1"``, each skipped with its reason where it cannot run. ``requires_cuda`` and
+``requires_fused`` marks tests of the compiled operator and ``BACKENDS`` lists both backends of
+the public losses; ``IGNORE_INDEX`` is the ignored rows' target. ``DEVICES`` (also the ``device``
+fixture) is ``"cpu"``, always run, then ``"cuda"`` and ``"cuda:1"``, each skipped with its reason
+where it cannot run. ``requires_cuda`` and
 ``requires_two_gpus`` mark tests that only make sense on a GPU. ``random_batch`` builds logits
 and targets the same way on every device. ``cifar_dir`` and ``cifar_arrays`` are one
 synthetic CIFAR-10 (folder and loaded arrays) shared by the data, training and grid tests.
@@ -32,6 +34,12 @@ def _cuda_skip_reason() -> str:
         return "the apl extension was built without its CUDA kernels (rebuild with scripts/setup_env.sh --cuda)"
     return ""
 
+
+#: Tests of the compiled operator: skipped, with the reason, where the extension is not built.
+requires_fused = pytest.mark.skipif(not fused.is_available(),
+                                    reason=f"the fused operator is not built: {fused.unavailable_reason()}")
+#: The two backends every public loss offers, for ``pytest.mark.parametrize("backend", BACKENDS)``.
+BACKENDS = ["reference", pytest.param("fused", marks=requires_fused)]
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
 CUDA_OK = not CUDA_SKIP_REASON

@@ -12,16 +12,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BACKENDS
 
 import apl.functional as AF
-import apl.losses.fused as fused
 from apl.losses import get_loss
 from apl.losses.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, Kind, spec_for
 
 EPS = 1e-8  # the author's epsilon
 GAMMA = 2.0
-BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(
-    not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}"))]
 CLASSES = (10, 7, 100)
 
 

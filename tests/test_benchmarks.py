@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-import apl.losses.fused as fused
+from conftest import requires_fused
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_losses.py"
 
@@ -21,7 +20,7 @@ def load_bench():
     return module
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_bench_losses_prints_one_row_per_loss_and_shape(capsys):
     bench = load_bench()
     assert bench.main(["--quick", "--no-compile", "--min-time", "0",
@@ -49,7 +48,7 @@ def test_bench_losses_prints_one_row_per_loss_and_shape(capsys):
             assert cells["F.cross_entropy"] == "-" and cells["fused/F.ce"] == "-" == cells["module/F.ce"], r
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_bench_losses_takes_its_shapes_from_the_options(capsys):
     bench = load_bench()
     assert bench.main(["--ns", "3", "--cs", "10,20", "--no-compile", "--min-time", "0", "--losses", "CE"]) == 0
@@ -91,7 +90,7 @@ def test_compare_builds_table_takes_medians_over_rounds(tmp_path, capsys):
         cb.main(["table", "--before", str(files[0])])
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_bench_losses_times_the_segmentation_layout(capsys):
     bench = load_bench()
     assert bench.main(["--shape", "2,5,4,4", "--min-time", "0", "--losses", "CE", "NCE (paper)"]) == 0
@@ -105,7 +104,7 @@ def test_bench_losses_times_the_segmentation_layout(capsys):
     assert bench.main(["--shape", "2,5", "--min-time", "0"]) == 2
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_bench_losses_times_the_distribution_targets(capsys):
     bench = load_bench()
     assert bench.main(["--soft", "--ns", "8", "--cs", "3,40", "--min-time", "0"]) == 0

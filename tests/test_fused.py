@@ -23,15 +23,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import IGNORE_INDEX as IGNORE
-from conftest import random_batch, requires_cuda, requires_two_gpus
+from conftest import random_batch, requires_cuda, requires_fused, requires_two_gpus
 from torch.autograd import DeviceType
 
 import apl.losses.fused as fused
 from apl.losses import get_loss, reference_loss
 from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
 
-pytestmark = pytest.mark.skipif(not fused.is_available(),
-                                reason=f"fused operator not built: {fused.unavailable_reason()}")
+pytestmark = requires_fused
 
 REPO = Path(__file__).resolve().parents[1]
 REDUCTIONS = ("none", "mean", "sum")
@@ -867,8 +866,6 @@ def count_cuda_launches(fn):
 def test_cuda_launch_counts(name, variant, reduction, target_check_off):
     """One forward call (no grad) and one backward call launch exactly the kernels that
     apl.fused.launch_counts(spec, reduction) states, in both CUDA row layouts."""
-    if not hasattr(fused, "launch_counts"):
-        pytest.skip("apl.fused.launch_counts does not exist in this build")
     spec = spec_for(name, variant=variant)
     expected = tuple(fused.launch_counts(spec, reduction))
     for n, c in ((64, 10), (16, 2000)):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_fused
 
 import apl.losses.fused as fused
 
@@ -251,7 +252,7 @@ def test_report_of_an_unknown_gpu_with_skipped_steps(gc, tmp_path):
     assert "## Build" not in md and "## Loss speed" not in md and "## Errors" not in md
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_segmentation_rows_time_each_contender(gc):
     """The segmentation timing of the bench step, run on the CPU at a tiny shape (on a GPU it
     runs at gc.SEGMENTATION_SHAPE)."""
@@ -267,7 +268,7 @@ def test_segmentation_rows_time_each_contender(gc):
         == {"all": "time box"}
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_soft_rows_time_each_contender(gc):
     """The distribution-target timing of the bench step, run on the CPU at a tiny shape (on a GPU
     it runs at gc.SOFT_SHAPE)."""
@@ -295,7 +296,7 @@ def test_loss_variants_list_each_distinct_spec_once(gc):
     assert {label.split(" ")[0] for label in labels} == set(LOSS_NAMES)
 
 
-@pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+@requires_fused
 def test_launch_rows_compare_with_launch_counts(gc, tmp_path, monkeypatch):
     from apl.losses.spec import spec_for
 

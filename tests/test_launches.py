@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_fused
 
 import apl.losses.fused as fused
 from apl.losses import available_losses, get_loss
 from apl.losses.spec import REDUCTIONS, VARIANTS, Kind, spec_for
 
-pytestmark = pytest.mark.skipif(not fused.is_available(), reason="the fused operator is not built")
+pytestmark = requires_fused
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CASES = [(name, variant) for name in available_losses() for variant in VARIANTS]

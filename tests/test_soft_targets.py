@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import value_and_grad
+from conftest import BACKENDS, requires_fused, value_and_grad
 
 import apl.functional as AF
 import apl.losses.fused as fused
@@ -19,9 +19,6 @@ from apl.losses.spec import LABEL_CLAMP, PROB_CLAMP, SOFT_TARGET_KINDS, Kind, Lo
 
 IGNORE = -100
 SHAPES = [(6, 5), (3, 4, 2, 3)]  # (N, C) and a segmentation layout
-requires_fused = pytest.mark.skipif(not fused.is_available(),
-                                    reason=f"fused operator not built: {fused.unavailable_reason()}")
-BACKENDS = ["reference", pytest.param("fused", marks=requires_fused)]
 
 
 def batch(shape, seed, dtype=torch.float64):

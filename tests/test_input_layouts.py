@@ -9,16 +9,13 @@ statistics over every position of the batch).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import value_and_grad
+from conftest import BACKENDS, requires_fused, value_and_grad
 
 import apl.functional as AF
-import apl.losses.fused as fused
 from apl.losses import get_loss
 from apl.losses.spec import LOSS_NAMES, VARIANTS
 
 IGNORE = -100
-BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(
-    not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}"))]
 # (N, C, d1, ..., dK) shapes: K = 1, 2, 3
 SHAPES = [(3, 5, 7), (2, 4, 3, 5), (2, 3, 2, 3, 2)]
 
@@ -111,7 +108,7 @@ def test_segmentation_layout_compiles_without_graph_breaks(backend):
         torch.testing.assert_close(value_and_grad(compiled, z, y), value_and_grad(module, z, y))
 
 
-@pytest.mark.skipif(not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}")
+@requires_fused
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [5, 130], ids=["read-in-place", "copied-to-rows"])
 @pytest.mark.parametrize("n, hw", [(3, (5, 3)), (3, (9, 8)), (1, (4,))],
@@ -134,7 +131,7 @@ def test_operator_layout_paths_agree_with_rows(c, dtype, n, hw):
             torch.testing.assert_close(got_grad, want_grad.reshape(n, *hw, c).movedim(-1, 1))
 
 
-@pytest.mark.skipif(not fused.is_available(), reason=f"fused operator not built: {fused.unavailable_reason()}")
+@requires_fused
 def test_operator_opcheck_on_the_segmentation_layout():
     z, y = seg_batch((2, 4, 3, 5), seed=11)
     for reduction in (0, 1):
