@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from apl.config import TrainConfig
-from apl.records import RESULT_FILE, atomic_write_bytes, jsonable
+from apl.jsonio import atomic_write_bytes, jsonable
+from apl.records import RESULT_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "check_same_run", "clear_run", "save_checkpoint",
            "restore_checkpoint", "save_model"]

@@ -1,32 +1,29 @@
-"""The JSON records runs leave behind: atomic writes, each run's ``result.json``, the grid's manifest.
+"""The JSON records runs leave behind: each run's ``result.json``, the grid's manifest.
 
 A run folder's ``result.json`` is written by :func:`apl.train.train`; a grid folder holds
 ``runs/<run name>/result.json`` and ``manifest.json`` (what was planned, on which machine and
 software, with which command, and each run's status; grids sharing a folder update it under a lock).
 :mod:`apl.grid` keeps the manifest, :mod:`apl.report` reads both. Strict JSON throughout:
-non-finite numbers are written ``null``.
+non-finite numbers are written ``null``, and every file is replaced atomically (:mod:`apl.jsonio`).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 from apl.config import TrainConfig
 from apl.devices import device_name, resolve_device
+from apl.jsonio import git_state, save_json
 from apl.runlock import manifest_lock
 
 __all__ = [
-    "RESULT_FILE", "MANIFEST_FILE", "utc_now", "jsonable", "read_number", "number_text",
-    "atomic_write_bytes", "save_json", "finished_result", "is_current", "load_run_records", "load_manifest",
-    "environment", "Manifest", "run_summary",
+    "RESULT_FILE", "MANIFEST_FILE", "utc_now", "read_number", "number_text", "finished_result", "is_current",
+    "load_run_records", "load_manifest", "environment", "Manifest", "run_summary",
 ]
 
 RESULT_FILE = "result.json"
@@ -43,18 +40,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# --------------------------------------------------------------------------- writing
-
-def jsonable(obj):
-    """``obj`` with every non-finite float replaced by None (JSON has no NaN or inf)."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
+# --------------------------------------------------------------------------- numbers
 
 def read_number(value) -> float:
     """A recorded number as a float; ``null`` (how non-finite numbers are written) reads as NaN."""
@@ -64,38 +50,6 @@ def read_number(value) -> float:
 def number_text(value, digits: int = 4) -> str:
     """A recorded number as fixed-point text; ``null`` reads ``"nan"``."""
     return "nan" if value is None else f"{value:.{digits}f}"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then replace ``path`` by it (fsynced).
-
-    A write that fails (a full disk, a read-only folder) leaves ``path`` as it was and no temporary
-    file behind, and raises ``OSError`` naming ``path``.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)  # a half-written copy only takes space (a full disk's)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); it is as it was before") from e
-        raise
-    # The rename itself reaches the disk only with its folder's entry.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def save_json(path: Path, obj) -> None:
-    """Write ``obj`` as strict JSON (no NaN) to ``path`` atomically (temp file + os.replace)."""
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False).encode()))
 
 
 # --------------------------------------------------------------------------- reading
@@ -164,27 +118,12 @@ def load_manifest(root) -> dict | None:
 
 # --------------------------------------------------------------------------- the machine
 
-def _git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout this package runs from; the build's commit elsewhere."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("APL_GIT_COMMIT"), None
-    if commit.returncode != 0:  # not a checkout (e.g. the Docker image): the build may say
-        return os.environ.get("APL_GIT_COMMIT"), None
-    return commit.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
-
-
 def environment(devices) -> dict:
     """The machine and software a grid runs on; ``devices`` as from :func:`apl.devices.parse_devices`."""
     # Here, for its version alone: importing torchvision loads torch._dynamo, a cost every command would pay.
     import torchvision
 
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     return {
         "git_commit": commit, "git_dirty": dirty, "python_version": platform.python_version(),
         "platform": platform.platform(), "cpu_count": os.cpu_count(),

@@ -41,10 +41,11 @@ from apl.config import TrainConfig
 from apl.data import NORMALIZATIONS, CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
 from apl.interrupts import StopRequest, graceful_stop
+from apl.jsonio import jsonable, save_json
 from apl.losses import get_loss, resolve_backend
 from apl.losses.spec import spec_for
 from apl.models import build_model, param_count
-from apl.records import RESULT_FILE, jsonable, number_text, save_json, utc_now
+from apl.records import RESULT_FILE, number_text, utc_now
 from apl.runlock import run_lock
 
 __all__ = ["train", "RESULT_FILE", "CHECKPOINT_FILE", "MODEL_FILE"]

@@ -4,7 +4,7 @@ The faults named in these environment variables are patched in when this file is
 that a grid's spawned workers, which import it as ``__mp_main__``, get them too:
 
 - ``APL_FAULT_FULL_DISK="<path end>:<k>[,<path end>:<k>...]"``: the k-th atomic write (1-based,
-  :func:`apl.records.atomic_write_bytes`) of a file whose path ends with ``<path end>`` writes half
+  :func:`apl.jsonio.atomic_write_bytes`) of a file whose path ends with ``<path end>`` writes half
   its bytes, then fails as a full disk does (``OSError`` ENOSPC); the line ``fault: ...`` says so;
 - ``APL_FAULT_BATCH_DELAY=<seconds>``: every training batch takes that much longer, so that a
   signal sent after the first checkpoint lands in the middle of an epoch;
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-import apl.records
+import apl.jsonio
 import apl.runner
 from apl.cli import main
 from apl.data import DeviceData
@@ -64,7 +64,7 @@ def _full_disk(spec: str) -> None:
                     return _FullDisk(file, target)
         return file
 
-    apl.records.open = open_for_atomic_write  # the module's ``open``, shadowing the builtin
+    apl.jsonio.open = open_for_atomic_write  # the module's ``open``, shadowing the builtin
 
 
 def _batch_delay(seconds: float) -> None:

@@ -1,24 +1,26 @@
-"""The JSON records (apl.records): strict atomic writes, finished-run lookup, the manifest."""
+"""The JSON records (apl.records, apl.jsonio): strict atomic writes, finished-run lookup, the manifest."""
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
+import apl.jsonio
 from apl.config import TrainConfig
+from apl.jsonio import git_state, jsonable, save_json, save_text
 from apl.records import (
     MANIFEST_FILE,
     RESULT_FILE,
     Manifest,
     finished_result,
-    jsonable,
     load_manifest,
     number_text,
     read_number,
     run_summary,
-    save_json,
 )
 from apl.runlock import MANIFEST_LOCK_FILE
 
@@ -33,6 +35,27 @@ def test_non_finite_numbers_are_written_as_null_and_read_back_as_nan(tmp_path):
         save_json(tmp_path / "bad.json", obj)  # strict JSON: NaN is refused, not written
     assert math.isnan(read_number(None)) and read_number(3) == 3.0
     assert number_text(None) == "nan" and number_text(1.23456, 2) == "1.23"
+
+
+def test_save_text_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path):
+    path = tmp_path / "README.md"
+    save_text(path, "first\n")
+    save_text(path, "second ü\n")
+    assert path.read_text(encoding="utf-8") == "second ü\n" and not (tmp_path / "README.md.tmp").exists()
+    with pytest.raises(OSError, match=r"cannot write .*missing.*it is as it was before"):
+        save_text(tmp_path / "missing" / "x.md", "text")  # its folder does not exist
+
+
+def test_git_state_names_this_checkout_or_the_build_argument(tmp_path, monkeypatch):
+    here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if here.returncode != 0:
+        pytest.skip("not run from a git checkout")
+    commit, dirty = git_state()
+    assert commit == here.stdout.strip() and isinstance(dirty, bool)
+    monkeypatch.setattr(apl.jsonio, "_CHECKOUT", tmp_path)  # an installed copy: no checkout around it
+    monkeypatch.setenv("APL_GIT_COMMIT", "abc123")
+    assert git_state() == ("abc123", None)
 
 
 def test_finished_result_needs_the_same_config(tmp_path):
