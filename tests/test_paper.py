@@ -9,7 +9,8 @@ import pytest
 from apl.paper import paper_numbers, reference_accuracy
 from apl.presets import GRID_LOSSES
 
-SEED_PAPER = Path("/work/shared/seed/000_751a3e17ea3f2e34.txt")
+#: The seed paper's Table 1 as printed (its source is the file's first lines).
+SEED_TABLE = Path(__file__).resolve().parent / "golden" / "seed_paper_table1.tsv"
 
 
 def test_reference_lookup():
@@ -21,18 +22,24 @@ def test_reference_lookup():
         reference_accuracy("other", "ce", 0.2)
 
 
-@pytest.mark.skipif(not SEED_PAPER.exists(), reason="the seed paper's text is not on this machine")
-def test_paper_numbers_are_the_seed_papers_table_1():
-    text = SEED_PAPER.read_text()
-    end = text.index("Table 1:")
-    table = text[text.rindex("Noise Rate", 0, end):end]
+def _printed_table() -> tuple[list[str], dict[str, list[float]]]:
+    """The noise rates of the header and ``{loss name as get_loss spells it: accuracies}``."""
+    lines = [line for line in SEED_TABLE.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    header, *rows = [line.split("\t") for line in lines if line.strip()]
+    assert header[0] == "Noise Rate", header
     printed = {}
-    for line in table.splitlines()[1:]:
-        m = re.match(r"\s*(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
-        if m:
-            name = re.sub(r"\\operatorname\{(\w+)\}|\$", r"\1", m.group(1)).replace(" ", "").lower()
-            printed[name] = [float(v) for v in m.groups()[1:]]
+    for name, *values in rows:
+        # "$\operatorname{FL}$" and "NCE + MAE" as the paper prints them -> "fl", "nce+mae"
+        key = re.sub(r"\\operatorname\{(\w+)\}|\$", r"\1", name).replace(" ", "").lower()
+        printed[key] = [float(v) for v in values]
+    return header[1:], printed
+
+
+def test_paper_numbers_are_the_seed_papers_table_1():
+    rates, printed = _printed_table()
     stored = paper_numbers("paper")["symmetric"]
     assert sorted(printed) == sorted(stored) == sorted(GRID_LOSSES)
     for loss, values in printed.items():
-        assert [stored[loss][k] for k in ("0.2", "0.4", "0.6", "0.8")] == values, loss
+        assert len(values) == len(rates), loss
+        assert [stored[loss][rate] for rate in rates] == values, loss
+        assert set(stored[loss]) == set(rates), f"{loss}: a stored cell the paper does not print"
