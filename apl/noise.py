@@ -1,6 +1,7 @@
-"""Synthetic label noise for the training set: the seed paper's rule, its author's code, the cited work's.
+"""Synthetic label noise for the training set: the seed paper's rule, its author's code, the cited work's,
+and the exact-count transition matrices of the cited work's successors (ANL, JAL).
 
-Four generators, each deterministic (a private ``numpy`` generator; the global RNGs are never
+Six generators, each deterministic (a private ``numpy`` generator; the global RNGs are never
 touched) and each returning ``(noisy_labels, NoiseRecord)``:
 
 - :func:`symmetric_noise`: the seed paper's rule (Sec. 2.1): *each sample independently*
@@ -35,7 +36,7 @@ import torch
 __all__ = [
     "NoiseRecord", "NOISE_TYPES", "SYMMETRIC_NOISE_TYPES", "CIFAR10_ASYMMETRIC_MAP", "symmetric_noise",
     "ma2020_symmetric_noise", "author_symmetric_noise", "AUTHOR_NOISE_SEED", "asymmetric_noise",
-    "apply_noise",
+    "ASYMMETRIC_NOISE_TYPES", "exact_symmetric_noise", "exact_asymmetric_noise", "apply_noise",
 ]
 
 #: Source -> target class of the cited work's CIFAR-10 asymmetric noise, in the order applied.
@@ -44,9 +45,12 @@ __all__ = [
 CIFAR10_ASYMMETRIC_MAP = ((9, 1), (2, 0), (3, 5), (5, 3), (4, 7))
 
 #: Names accepted by :func:`apply_noise` (and ``TrainConfig.noise_type``).
-NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric", "asymmetric")
-#: The symmetric ones (each flipped label uniform over the other classes): the paper's grid.
-SYMMETRIC_NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric")
+NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric", "asymmetric", "exact_symmetric",
+               "exact_asymmetric")
+#: The symmetric ones (each flipped label goes to one of the other classes, none preferred).
+SYMMETRIC_NOISE_TYPES = ("symmetric", "ma2020_symmetric", "author_symmetric", "exact_symmetric")
+#: The CIFAR-10 class-pair ones (:data:`CIFAR10_ASYMMETRIC_MAP`): eta may be 1 (every source flipped).
+ASYMMETRIC_NOISE_TYPES = ("asymmetric", "exact_asymmetric")
 #: The seed the author's noise script passes to ``np.random.seed`` on every call.
 AUTHOR_NOISE_SEED = 42
 
@@ -216,6 +220,55 @@ def asymmetric_noise(labels, eta: float, seed: int = 0):
     return _like(noisy, labels), _record("asymmetric", eta, clean, noisy, seed, num_classes)
 
 
+def _exact_count(rate: float, n: int) -> int:
+    """``floor(rate * n)``, rounded to 9 decimals first: a product that is an integer in exact
+    arithmetic (0.9 / 9 * 5000 = 500) is not floored to one below by a float error."""
+    return math.floor(round(rate * n, 9))
+
+
+def exact_symmetric_noise(labels, eta: float, num_classes: int = 10, seed: int = 0):
+    """Symmetric noise as an exact-count transition matrix (Active Negative Loss, JAL).
+
+    ``T[i, j] = eta / (C - 1)`` for ``j != i``: for each clean class i, one random order of its
+    samples is cut into disjoint runs of ``floor(T[i, j] * n_i)`` samples, run j relabelled j.
+    Every class loses exactly ``(C - 1) * floor(eta * n_i / (C - 1))`` labels (999 of 5,000 at
+    eta = 0.2), a little under ``eta``. ``eta`` must be in [0, 1). Returns ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=False)
+    num_classes, seed = _check_common(num_classes, seed)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.default_rng(seed)
+    noisy = clean.copy()
+    for i in range(num_classes):
+        pool = rng.permutation(np.flatnonzero(clean == i))
+        k = _exact_count(eta / (num_classes - 1), pool.size)
+        targets = [j for j in range(num_classes) if j != i]
+        for run, j in enumerate(targets):
+            noisy[pool[run * k:(run + 1) * k]] = j
+    return _like(noisy, labels), _record("exact_symmetric", eta, clean, noisy, seed, num_classes)
+
+
+def exact_asymmetric_noise(labels, eta: float, seed: int = 0):
+    """CIFAR-10 asymmetric noise as an exact-count transition matrix (Active Negative Loss, JAL).
+
+    For each (source, target) of :data:`CIFAR10_ASYMMETRIC_MAP`, exactly ``floor(eta * n_source)``
+    samples whose *clean* label is ``source`` (without replacement) get ``target``. No cascade,
+    unlike :func:`asymmetric_noise`: dog->cat draws from the clean dogs only, so each source class
+    loses exactly that many labels. ``eta`` must be in [0, 1]; labels in [0, 10). Returns
+    ``(noisy_labels, NoiseRecord)``.
+    """
+    eta = _check_eta(eta, upper_inclusive=True)
+    num_classes, seed = _check_common(10, seed)
+    clean = _as_numpy_labels(labels, num_classes)
+    rng = np.random.default_rng(seed)
+    noisy = clean.copy()
+    for source, target in CIFAR10_ASYMMETRIC_MAP:
+        idx = np.flatnonzero(clean == source)  # the clean labels: no flip sees another's result
+        chosen = rng.choice(idx, size=_exact_count(eta, idx.size), replace=False)
+        noisy[chosen] = target
+    return _like(noisy, labels), _record("exact_asymmetric", eta, clean, noisy, seed, num_classes)
+
+
 def apply_noise(labels, kind: str, eta: float, num_classes: int = 10, seed: int = 0):
     """Dispatch on ``kind`` (one of :data:`NOISE_TYPES`); ``eta == 0`` still returns a record.
 
@@ -227,8 +280,10 @@ def apply_noise(labels, kind: str, eta: float, num_classes: int = 10, seed: int 
         return ma2020_symmetric_noise(labels, eta, num_classes, seed)
     if kind == "author_symmetric":
         return author_symmetric_noise(labels, eta, num_classes)
-    if kind == "asymmetric":
+    if kind == "exact_symmetric":
+        return exact_symmetric_noise(labels, eta, num_classes, seed)
+    if kind in ASYMMETRIC_NOISE_TYPES:
         if num_classes != 10:
-            raise ValueError(f"asymmetric noise is the CIFAR-10 mapping (10 classes), got num_classes={num_classes}")
-        return asymmetric_noise(labels, eta, seed)
+            raise ValueError(f"{kind} noise is the CIFAR-10 mapping (10 classes), got num_classes={num_classes}")
+        return (asymmetric_noise if kind == "asymmetric" else exact_asymmetric_noise)(labels, eta, seed)
     raise ValueError(f"unknown noise type {kind!r}; known: {', '.join(NOISE_TYPES)}")

@@ -1,6 +1,7 @@
 """Label noise generators (apl.noise): rates, never-own-class, exact counts, determinism, errors."""
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from apl.noise import (
     apply_noise,
     asymmetric_noise,
     author_symmetric_noise,
+    exact_asymmetric_noise,
+    exact_symmetric_noise,
     ma2020_symmetric_noise,
     symmetric_noise,
 )
@@ -253,3 +256,91 @@ def test_author_noise_leaves_the_global_rng_alone_and_repeats():
     assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
     b, _ = author_symmetric_noise(labels, 0.5)
     assert torch.equal(a, b) and a.dtype == labels.dtype  # seed 42 at every call, type kept
+
+
+# --------------------------------------------------------------------------- exact-count transition matrices (ANL, JAL)
+
+@pytest.mark.parametrize("eta, per_class", [(0.2, 999), (0.4, 1998), (0.6, 2997), (0.8, 3996)])
+def test_exact_symmetric_flips_floor_t_ij_n_i_per_class_pair(eta, per_class):
+    """5,000 per class: exactly floor(eta * 5000 / 9) samples of each class go to each other class
+    (9 * that per class, a little under eta), and the record says the realised rate."""
+    y = balanced(5000)
+    noisy, rec = apply_noise(y, "exact_symmetric", eta, C, seed=3)
+    t = np.array(rec.transition)
+    off = t[~np.eye(C, dtype=bool)]
+    assert (off == per_class // 9).all()
+    assert (np.diag(t) == 5000 - per_class).all()
+    assert rec.realised_rate == per_class * C / y.size == float((noisy != y).mean())
+    assert rec.kind == "exact_symmetric" and rec.eta == eta and rec.seed == 3
+
+
+def test_exact_symmetric_counts_follow_each_class_of_an_unbalanced_set():
+    counts = np.array([500, 300, 1000, 250, 40, 700, 333, 90, 610, 9])
+    y = np.random.default_rng(0).permutation(np.repeat(np.arange(C), counts))
+    for eta in (0.3, 0.45, 0.9):
+        _, rec = exact_symmetric_noise(y, eta, C, seed=5)
+        t = np.array(rec.transition)
+        for i in range(C):
+            k = math.floor(round(eta / (C - 1) * counts[i], 9))
+            assert all(t[i, j] == k for j in range(C) if j != i), (eta, i)
+    # an exact product is not floored one below by float error: 0.9 / 9 * 5000 = 500
+    _, rec = exact_symmetric_noise(balanced(5000), 0.9, C, seed=0)
+    assert np.array(rec.transition)[0, 1] == 500
+
+
+@pytest.mark.parametrize("eta", [0.1, 0.2, 0.3, 0.4, 1.0])
+def test_exact_asymmetric_flips_floor_eta_n_of_each_clean_source_with_no_cascade(eta):
+    counts = np.array([400, 410, 420, 430, 440, 450, 460, 470, 480, 490])
+    y = np.random.default_rng(1).permutation(np.repeat(np.arange(C), counts))
+    noisy, rec = apply_noise(y, "exact_asymmetric", eta, C, seed=4)
+    t = np.array(rec.transition)
+    expected = np.diag(counts).astype(np.int64)
+    for s, d in CIFAR10_ASYMMETRIC_MAP:
+        k = math.floor(round(eta * counts[s], 9))
+        expected[s, d] += k
+        expected[s, s] -= k
+    # cat -> dog and dog -> cat each take floor(eta * n) of the clean pool: no cat flips back
+    assert np.array_equal(t, expected)
+    flips = sum(math.floor(round(eta * counts[s], 9)) for s, _ in CIFAR10_ASYMMETRIC_MAP)
+    assert rec.realised_rate == flips / y.size and rec.kind == "exact_asymmetric"
+
+
+def test_exact_asymmetric_reaches_the_nominal_rate_the_cascading_rule_misses():
+    """CIFAR-10's 5,000 per class at eta 0.4: the exact rule flips 5 * 2,000 labels (20 %); the
+    cited work's cascading rule flips fewer, since dog's pool holds the cats just made dogs."""
+    y = balanced(5000)
+    _, exact = exact_asymmetric_noise(y, 0.4, seed=0)
+    _, cascade = asymmetric_noise(y, 0.4, seed=0)
+    assert exact.realised_rate == 0.2
+    assert cascade.realised_rate < 0.2
+
+
+@pytest.mark.parametrize("kind", ["exact_symmetric", "exact_asymmetric"])
+def test_exact_rules_repeat_per_seed_and_leave_the_global_rngs_alone(kind):
+    y = torch.from_numpy(balanced(400))
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    a, _ = apply_noise(y, kind, 0.4, C, seed=11)
+    after = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    assert after[0] == states[0] and torch.equal(after[2], states[2])
+    assert after[1][0] == states[1][0] and np.array_equal(after[1][1], states[1][1]) and after[1][2:] == states[1][2:]
+    b, _ = apply_noise(y, kind, 0.4, C, seed=11)
+    c, _ = apply_noise(y, kind, 0.4, C, seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == y.dtype
+    assert torch.equal(y, torch.from_numpy(balanced(400)))  # the input is never modified
+
+
+def test_exact_rules_check_their_arguments():
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\)"):
+        exact_symmetric_noise(balanced(10), 1.0, C, 0)
+    exact_asymmetric_noise(balanced(10), 1.0, 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        exact_asymmetric_noise(balanced(10), 1.01, 0)
+    with pytest.raises(ValueError, match="exact_asymmetric noise is the CIFAR-10 mapping"):
+        apply_noise(balanced(10) % 5, "exact_asymmetric", 0.2, 5, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        exact_symmetric_noise(np.array([0, 3]), 0.2, 3, 0)
+    with pytest.raises(ValueError, match="seed"):
+        exact_symmetric_noise(balanced(10), 0.2, C, -1)
