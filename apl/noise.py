@@ -12,7 +12,7 @@ touched) and each returning ``(noisy_labels, NoiseRecord)``:
   other C-1 classes, so the realised rate is ``eta`` up to rounding. (The official code
   computes ``int(int(eta * N) / C)`` per class, which is the same number on a balanced set
   such as CIFAR-10; on an unbalanced subset this per-class form keeps each class's rate.)
-- :func:`author_symmetric_noise`: the seed paper's author's code (../shared/notes/seed_code.md):
+- :func:`author_symmetric_noise`: the seed paper's author's code (docs/sources.md#the-authors-code):
   *exactly* ``int(eta * N)`` samples of the whole set, drawn with numpy's legacy generator
   seeded 42 at every call, so the noisy sets are nested across ``eta``; each chosen label is
   replaced by a uniform draw among the other classes. Call for call the author's procedure,

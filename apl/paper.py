@@ -1,7 +1,7 @@
 """The published numbers our runs are compared with (package data ``paper_numbers.json``).
 
 Two sources, kept apart: ``"paper"`` is the seed paper's printed Table 1, ``"ma2020"`` the
-cited work's protocol as re-run and published (see ``../shared/notes/ma2020.md``).
+cited work's protocol as re-run and published (see ``docs/sources.md#the-cited-work``).
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def _apl_weights(lam: float) -> dict:
     return {name: {"lam": lam} for name in LOSS_NAMES if "+" in name}
 
 
-#: The code the seed paper's author ran for Table 1 (../shared/notes/seed_code.md): PaperCNN with
+#: The code the seed paper's author ran for Table 1 (docs/sources.md#the-authors-code): PaperCNN with
 #: PyTorch's default initialisation and conv biases, Adam lr 1e-3 (default betas, no weight decay,
 #: no scheduler), 30 epochs, batch 64 shuffled with the last partial batch kept,
 #: ToTensor + Normalize(0.5, 0.5), no augmentation, exactly int(eta * N) labels flipped (numpy

@@ -1,5 +1,5 @@
 """The ``author`` form of every loss against formulas written directly from the facts of the
-seed paper's code (../shared/notes/seed_code.md), through the public entry points: the
+seed paper's code (docs/sources.md#the-authors-code), through the public entry points: the
 ``get_loss`` modules and ``apl.functional``, reference and fused backends, on the CPU.
 
 The facts' formulas keep the author's ``1e-8`` terms (inside the focal losses' log, in the NCE

@@ -204,7 +204,7 @@ def test_bad_num_classes_and_seed():
 # --------------------------------------------------------------------------- the seed paper's author's rule
 
 def authors_procedure(labels: np.ndarray, eta: float, num_classes: int) -> np.ndarray:
-    """The author's noise script as the facts describe it (../shared/notes/seed_code.md), on numpy's
+    """The author's noise script as the facts describe it (docs/sources.md#the-authors-code), on numpy's
     *global* legacy functions: seed 42, int(eta * N) indices without replacement, then per index, in
     that order, a choice among the other classes in ascending order. The global state is restored."""
     saved = np.random.get_state()

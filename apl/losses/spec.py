@@ -25,7 +25,7 @@ RCE_A = -math.log(LABEL_CLAMP)
 #: Lower clamp the official code applies to probabilities inside RCE and GCE.
 PROB_CLAMP = 1e-7
 #: The seed paper's author's RCE: a smoothed target, 1 - s on the label and s / (C - 1) elsewhere,
-#: clamped to [clip, 1 - clip] (facts: ../shared/notes/seed_code.md).
+#: clamped to [clip, 1 - clip] (facts: docs/sources.md#the-authors-code).
 AUTHOR_SMOOTHING = 0.1
 AUTHOR_TARGET_CLIP = 1e-7
 

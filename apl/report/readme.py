@@ -45,7 +45,7 @@ def _passive_ratio(lam: float, slope: float) -> float:
 
 def differences() -> list[str]:
     """Each difference between the paper's text and its author's code (facts:
-    ../shared/notes/seed_code.md), and what it predicts, as Markdown bullets; every number comes
+    docs/sources.md#the-authors-code), and what it predicts, as Markdown bullets; every number comes
     from the project's constants."""
     author, paper = PROTOCOLS["author"].fields, PROTOCOLS["paper"].fields
     _, mae_slope = author_affine(Kind.MAE_AUTHOR, _C)
