@@ -17,17 +17,16 @@ from pathlib import Path
 
 from apl.config import TrainConfig
 from apl.data import NORMALIZATIONS
-from apl.grid import ENGINES, plan_grid, run_grid
 from apl.interrupts import Interrupted
 from apl.losses import BACKENDS
 from apl.losses.spec import LOSS_NAMES, VARIANTS
 from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
+from apl.plan import ENGINES, plan_grid
 from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS
 from apl.records import RESULT_FILE, number_text
 from apl.report import REFERENCES, make_report
 from apl.sweeps import make_sweep, parse_numbers, parse_set
-from apl.train import train
 
 __all__ = ["build_parser", "main", "config_from_args", "overrides_from_args", "sweep_from_args",
            "ray_options_from_args"]
@@ -96,6 +95,8 @@ def config_from_args(args) -> TrainConfig:
 
 
 def _run_train(args) -> int:
+    from apl.train import train  # here, not at the top: ``report`` and ``--help`` never load the training stack
+
     config = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / config.run_name()
     if not args.quiet:
@@ -206,6 +207,8 @@ def overrides_from_args(args) -> dict:
 
 
 def _run_grid(args) -> int:
+    from apl.grid import run_grid  # here, not at the top: the runner, Ray engine and training stack
+
     noise = _comma_separated(args.noise)
     try:
         noise = None if noise is None else [float(n) for n in noise]

@@ -27,7 +27,7 @@ from conftest import assert_same_records
 from apl.cli import main
 from apl.config import TrainConfig
 from apl.data import FOLDER, write_cifar10_folder
-from apl.grid import plan_grid
+from apl.plan import plan_grid
 from apl.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

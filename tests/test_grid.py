@@ -14,7 +14,8 @@ import torch
 from conftest import assert_same_records, run_results
 
 from apl.config import TrainConfig
-from apl.grid import plan_grid, preset_config, run_grid
+from apl.grid import run_grid
+from apl.plan import plan_grid, preset_config
 from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PRESETS, is_variant_free
 
 TINY = {"epochs": 3, "train_subset": 200, "test_subset": 50, "width": 0.0625, "batch_size": 50}

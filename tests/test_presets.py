@@ -6,8 +6,8 @@ from dataclasses import fields
 import pytest
 
 from apl.config import TrainConfig
-from apl.grid import preset_config
 from apl.losses.spec import AUTHOR_LAMBDA, PAPER_LAMBDA, spec_for
+from apl.plan import preset_config
 from apl.presets import (
     FORMS,
     GRID_LOSSES,

@@ -25,7 +25,8 @@ from conftest import assert_same_records, comparable_record, run_results
 from apl.cli import main
 from apl.config import TrainConfig
 from apl.data import write_cifar10_folder
-from apl.grid import plan_grid, run_grid
+from apl.grid import run_grid
+from apl.plan import plan_grid
 from apl.ray_engine import _storage_problem, check_options
 from apl.records import load_manifest, load_run_records
 from apl.report import make_report

@@ -14,7 +14,8 @@ import pytest
 
 import apl.runlock as runlock
 from apl.config import TrainConfig
-from apl.grid import preset_config, run_grid
+from apl.grid import run_grid
+from apl.plan import preset_config
 from apl.runlock import LOCK_FILE, RunInUse, run_lock
 from apl.train import train
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from apl.cli import main
-from apl.grid import plan_grid
+from apl.plan import plan_grid
 from apl.records import load_manifest, load_run_records
 from apl.report import make_report
 from apl.report.sweep import split_sweep, sweep_points

@@ -21,8 +21,8 @@ from apl.presets import GRID_LOSSES, GRID_NOISE
 from apl.records import read_number
 from apl.report.cells import curve, loss_label, noise_heading
 
-__all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "EPOCH_PANELS", "CHANCE", "draw_epoch_figure", "epoch_figure",
-           "noise_figure"]
+__all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "EPOCH_PANELS", "CHANCE", "line_style", "stamp_figure", "save_figure",
+           "draw_epoch_figure", "epoch_figure", "noise_figure"]
 
 #: The noise rate of Figures 1 and 2 (the paper's captions).
 FIGURE_NOISE = 0.6
@@ -38,7 +38,8 @@ EPOCH_PANELS = (
 CHANCE = 10.0
 
 
-def _style(loss: str, i: int) -> dict:
+def line_style(loss: str, i: int) -> dict:
+    """The line of the ``i``-th loss of :data:`apl.presets.GRID_LOSSES` (colour, dashes), in every figure."""
     # APL sums dashed, single losses solid: the paper's two families stay apart in print.
     return dict(color=f"C{i}", linestyle="--" if "+" in loss else "-", linewidth=1.6)
 
@@ -58,14 +59,15 @@ def _axes(fig, rect, title: str, ylabel: str):
     return ax
 
 
-def _stamp(fig, stamp: list[str]) -> None:
+def stamp_figure(fig, stamp: list[str]) -> None:
+    """The report's stamp (what the figure was made from) in small print at the bottom left."""
     fig.text(0.01, 0.01, "\n".join(stamp), fontsize=6.2, va="bottom", ha="left", wrap=True)
 
 
 def _new_figure(title: str, stamp: list[str]):
     fig = Figure(figsize=(8.0, 5.6), dpi=150)
     ax = _axes(fig, (0.09, 0.19, 0.66, 0.72), title, "test accuracy (%)")
-    _stamp(fig, stamp)
+    stamp_figure(fig, stamp)
     return fig, ax
 
 
@@ -73,7 +75,7 @@ def _finish(fig, ax, handles, labels, stem: Path) -> list[Path]:
     """Legend right of ``ax``, then the PNG and PDF of ``stem``."""
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
               frameon=False)
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def draw_epoch_figure(number: int, losses, variant: str, cells, stamp: list[str]) -> Figure:
@@ -91,20 +93,20 @@ def draw_epoch_figure(number: int, losses, variant: str, cells, stamp: list[str]
             if loss not in losses or not recs:
                 continue
             epochs, means, stds = curve(recs, key)
-            ax.plot(epochs, means, label=loss_label(loss), marker=".", **_style(loss, i))
+            ax.plot(epochs, means, label=loss_label(loss), marker=".", **line_style(loss, i))
             if stds:
                 ax.fill_between(epochs, [m - s for m, s in zip(means, stds)],
                                 [m + s for m, s in zip(means, stds)], color=f"C{i}", alpha=0.15)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-    _stamp(fig, stamp)
+    stamp_figure(fig, stamp)
     handles, labels = panels[-1].get_legend_handles_labels()
     panels[-1].legend(handles + [_chance_handle()], labels + ["chance (10%)"], loc="upper left",
                       bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return fig
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
     """The PNG and PDF of ``stem``."""
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     # No dates and no version strings in the files, so the same runs give the same bytes.
@@ -115,7 +117,7 @@ def _save(fig, stem: Path) -> list[Path]:
 
 def epoch_figure(number: int, losses, variant: str, cells, stamp: list[str], out: Path) -> list[Path]:
     """:func:`draw_epoch_figure`, written to ``out/figure<number>_<variant>.png|.pdf``."""
-    return _save(draw_epoch_figure(number, losses, variant, cells, stamp), out / f"figure{number}_{variant}")
+    return save_figure(draw_epoch_figure(number, losses, variant, cells, stamp), out / f"figure{number}_{variant}")
 
 
 def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Path) -> list[Path]:
@@ -124,7 +126,7 @@ def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Pat
                           f"form {variant}", stamp)
     handles, labels = [], []
     for i, loss in enumerate(GRID_LOSSES):
-        style = _style(loss, i)
+        style = line_style(loss, i)
         pts = [(n, statistics.fmean(read_number(r["final_test_acc"]) for r in cells[(loss, n)]))
                for n in GRID_NOISE if cells.get((loss, n))]
         ref = [(n, reference_accuracy(reference, loss, n)) for n in GRID_NOISE]

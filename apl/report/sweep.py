@@ -17,11 +17,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from apl.config import TrainConfig
-from apl.grid import preset_config
+from apl.plan import preset_config
 from apl.presets import GRID_LOSSES, GRID_NOISE
 from apl.records import read_number
 from apl.report.cells import loss_label, noise_heading
-from apl.report.figures import CHANCE, _save, _stamp, _style
+from apl.report.figures import CHANCE, line_style, save_figure, stamp_figure
 from apl.sweeps import applies, at_point, axis_value
 
 __all__ = ["Sweep", "split_sweep", "sweep_points", "sweep_figures"]
@@ -115,7 +115,7 @@ def _draw(axis: str, values: list, variant: str, by_noise: dict, stamp: list[str
                          for v, a in accs.items() if v in xs)
             x, mean, std = zip(*pts)
             ax.errorbar(x, mean, yerr=std if any(std) else None, marker="o", markersize=3.5, capsize=2,
-                        label=loss_label(loss), **_style(loss, i))
+                        label=loss_label(loss), **line_style(loss, i))
         if not numeric:
             ax.set_xticks(list(xs.values()), [str(v) for v in values])
         ax.set_xlabel(_AXIS_SYMBOLS.get(axis, axis))
@@ -131,7 +131,7 @@ def _draw(axis: str, values: list, variant: str, by_noise: dict, stamp: list[str
             labels[lab] = lab
     panels[-1].legend(list(handles.values()), list(labels), loc="upper left", bbox_to_anchor=(1.04, 1.0),
                       fontsize=8, frameon=False)
-    _stamp(fig, stamp)
+    stamp_figure(fig, stamp)
     return fig
 
 
@@ -154,7 +154,7 @@ def sweep_figures(sweep: Sweep | None, stamp, out: Path, files: dict, notes: lis
                                      and round(c.noise, 4) == noise]
                      for noise, losses in by_noise.items() for loss in losses}
             fig = _draw(axis, list(values), variant, by_noise, stamp.lines(variant, cells)[:2])
-            paths = _save(fig, Path(out) / f"sweep_{axis}_{variant}")
+            paths = save_figure(fig, Path(out) / f"sweep_{axis}_{variant}")
             for p in paths:
                 files[p.name] = (f"Sweep, form {variant}: final test accuracy vs {_AXIS_LABELS.get(axis, axis)} "
                                  f"at each noise rate (mean ± std over seeds where several)")
