@@ -16,13 +16,13 @@ from apl.data import NORMALIZATIONS
 from apl.losses import BACKENDS
 from apl.losses.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
 from apl.models import MODEL_INITS, MODEL_NAMES
-from apl.noise import NOISE_TYPES
+from apl.noise import ASYMMETRIC_NOISE_TYPES, NOISE_TYPES
 from apl.presets import PROTOCOLS, WEIGHT_PARAMS
 
 __all__ = ["TrainConfig", "LOSS_PARAM_NAMES", "OPTIMIZERS", "SCHEDULERS", "AMP_MODES"]
 
 #: Keys allowed in ``TrainConfig.loss_params`` (the parameters of :func:`apl.losses.spec.spec_for`).
-LOSS_PARAM_NAMES = ("gamma", "q", "lam", "alpha", "beta")
+LOSS_PARAM_NAMES = ("gamma", "q", "lam", "alpha", "beta", "a", "m", "min_prob")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine")
 AMP_MODES = (None, "bf16")
@@ -33,8 +33,11 @@ _EXECUTION_FIELDS = ("data_dir", "device", "num_threads", "compile", "channels_l
 #: Fields that say what a run learns with and from (its loss and its grid cell), not how it
 #: trains: left out of :meth:`TrainConfig.training_identity`.
 _LOSS_AND_CELL_FIELDS = ("loss", "variant", "loss_params", "noise", "seed")
+#: Fields added after runs had been recorded, with the value every earlier run trained with: at that
+#: value they stay out of :meth:`TrainConfig.identity`, so the earlier runs keep their names.
+_LATER_FIELDS = {"l1": 0.0}
 _NOISE_TAGS = {"symmetric": "sym", "ma2020_symmetric": "msym", "author_symmetric": "auth",
-               "asymmetric": "asym"}
+               "asymmetric": "asym", "exact_symmetric": "xsym", "exact_asymmetric": "xasym"}
 
 
 def _is_int(v) -> bool:
@@ -63,6 +66,11 @@ class TrainConfig:
     forward pass to bfloat16 (meant for CUDA); the loss is computed in float32.
     ``channels_last`` is the memory format of images and weights
     (benchmarks/train_epoch_time.py times both formats).
+    ``weight_decay`` is the optimizer's L2 decay; ``l1`` adds ``l1 * sum |theta|`` over every
+    model parameter (conv and linear weights, biases, BatchNorm's affine; a plain sum) to the
+    training loss, as Active Negative Loss and the Joint Asymmetric Loss train (with
+    ``weight_decay=0``): its subgradient ``l1 * sign(theta)`` joins the loss's gradient before
+    ``grad_clip`` (:mod:`apl.train`).
     """
 
     loss: str = "ce"
@@ -78,6 +86,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
+    l1: float = 0.0
     scheduler: str = "none"
     epochs: int = 30
     batch_size: int = 128
@@ -117,9 +126,10 @@ class TrainConfig:
 
         if self.noise_type not in NOISE_TYPES:
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
-        upper_ok = (lambda e: e <= 1.0) if self.noise_type == "asymmetric" else (lambda e: e < 1.0)
+        pairs = self.noise_type in ASYMMETRIC_NOISE_TYPES  # eta = 1 flips every source class: still defined
+        upper_ok = (lambda e: e <= 1.0) if pairs else (lambda e: e < 1.0)
         if not (_is_num(self.noise) and self.noise >= 0 and upper_ok(self.noise)):
-            interval = "[0, 1]" if self.noise_type == "asymmetric" else "[0, 1)"
+            interval = "[0, 1]" if pairs else "[0, 1)"
             raise ValueError(f"noise must be in {interval} for {self.noise_type} noise, got {self.noise!r}")
         self.noise = float(self.noise)
         for name in ("seed", "subset_seed"):
@@ -138,10 +148,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (_is_num(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
-        for name in ("momentum", "weight_decay"):
+        for name in ("momentum", "weight_decay", "l1"):
             if not (_is_num(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         self.lr, self.momentum, self.weight_decay = float(self.lr), float(self.momentum), float(self.weight_decay)
+        self.l1 = float(self.l1)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if not (_is_int(self.epochs) and self.epochs >= 1):
@@ -222,10 +233,15 @@ class TrainConfig:
         return cls(**d)
 
     def identity(self) -> dict:
-        """The fields that define *what* the run computes (not where or how fast)."""
+        """The fields that define *what* the run computes (not where or how fast). A field added
+        after runs were recorded is left out at the value those runs trained with (``l1 = 0``),
+        so that they keep their names."""
         d = self.to_dict()
         for name in _EXECUTION_FIELDS:
             d.pop(name)
+        for name, earlier in _LATER_FIELDS.items():
+            if d[name] == earlier:
+                d.pop(name)
         return d
 
     def differences(self, saved: dict) -> list[str]:
@@ -234,7 +250,11 @@ class TrainConfig:
         lacks differs too: it was written by an earlier version, whose default for that field (or
         for the focal exponent, implicit before) need not be this version's."""
         TrainConfig.from_dict(saved)
-        return sorted(k for k, v in self.identity().items() if k not in saved or saved[k] != v)
+        mine = self.identity()
+        differ = {k for k, v in mine.items() if k not in saved or saved[k] != v}
+        # a later field at its earlier value is out of ``mine``; the saved run may still have another value
+        differ |= {k for k, earlier in _LATER_FIELDS.items() if k not in mine and saved.get(k, earlier) != earlier}
+        return sorted(differ)
 
     def training_identity(self) -> dict:
         """:meth:`identity` without the loss and the grid cell (loss, variant, loss_params, noise,

@@ -75,6 +75,8 @@ def test_run_name():
     ({"seed": -1}, "seed"), ({"backend": "cuda"}, "backend"), ({"augment": "yes"}, "augment"),
     ({"init": "xavier"}, "init"), ({"normalize": "imagenet"}, "normalize"),
     ({"noise": 1.0, "noise_type": "author_symmetric"}, "noise"),
+    ({"noise": 1.0, "noise_type": "exact_symmetric"}, "noise"), ({"l1": -1e-5}, "l1"),
+    ({"l1": float("nan")}, "l1"), ({"l1": "5e-5"}, "l1"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -83,6 +85,34 @@ def test_bad_config_values(kw, match):
 
 def test_asymmetric_noise_allows_one():
     assert TrainConfig(noise=1.0, noise_type="asymmetric").noise == 1.0
+    assert TrainConfig(noise=1.0, noise_type="exact_asymmetric").noise == 1.0
+
+
+def test_the_exact_count_noise_rules_have_their_own_run_names():
+    names = {TrainConfig.ma2020(loss="ce", noise=0.4, noise_type=t).run_name()
+             for t in ("ma2020_symmetric", "exact_symmetric", "asymmetric", "exact_asymmetric")}
+    assert len(names) == 4
+    assert TrainConfig.ma2020(loss="ce", noise=0.4, noise_type="exact_symmetric").run_name().startswith(
+        "ce_ma2020_xsym0.4_s0_")
+    assert TrainConfig.ma2020(loss="ce", noise=0.2, noise_type="exact_asymmetric").run_name().startswith(
+        "ce_ma2020_xasym0.2_s0_")
+
+
+def test_l1_is_part_of_the_run_and_runs_recorded_before_it_keep_their_names():
+    """l1 > 0 is another run; at 0 (what every earlier run trained with) the field stays out of the
+    identity, so a record written before the field existed is still this version's run."""
+    base = TrainConfig.ma2020(loss="nce+rce", noise=0.4)
+    with_l1 = TrainConfig.ma2020(loss="nce+rce", noise=0.4, weight_decay=0.0, l1=5e-5)
+    assert base.l1 == 0.0 and "l1" not in base.identity() and with_l1.identity()["l1"] == 5e-5
+    assert with_l1.run_name() != TrainConfig.ma2020(loss="nce+rce", noise=0.4, weight_decay=0.0).run_name()
+    assert "l1" in with_l1.training_identity()
+    earlier = {k: v for k, v in base.to_dict().items() if k != "l1"}  # written before the field existed
+    assert TrainConfig.from_dict(earlier) == base and base.differences(earlier) == []
+    assert is_current({"config": earlier, "run_name": base.run_name()})
+    # a saved run with an l1 differs from one without, whichever side has it
+    assert base.differences(with_l1.to_dict()) == ["l1", "weight_decay"]
+    assert with_l1.differences(earlier) == ["l1", "weight_decay"]
+    assert TrainConfig.from_dict(json.loads(json.dumps(with_l1.to_dict()))) == with_l1
 
 
 def test_protocol_weights_yield_to_the_callers():
