@@ -212,3 +212,57 @@ def test_progress_prints_epoch_times(tmp_path, cifar_arrays, capsys):
     train(small(epochs=1), tmp_path, progress=True, data=cifar_arrays)
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and " s)" in out and "final test acc" in out
+
+
+# --------------------------------------------------------------------------- the L1 regulariser (ANL, JAL)
+
+def _one_step(config, model, x, y, *, l1_in_loss: bool):
+    """One step of ``config``'s optimizer on ``model``: through the trainer, or (``l1_in_loss``) by the
+    definition: backward of ``loss + l1 * sum |theta|`` over every parameter, clip the total, step."""
+    trainer = train_mod._Trainer.build(config, torch.device("cpu"))
+    trainer.model.load_state_dict(model.state_dict())
+    if not l1_in_loss:
+        trainer.train_epoch([(x, y, y)], 1, None, train_mod.StopRequest())
+        return trainer.model
+    m = trainer.model.train()
+    total = trainer.loss_fn(m(x), y) + config.l1 * sum(p.abs().sum() for p in m.parameters())
+    trainer.optimizer.zero_grad()
+    total.backward()
+    norm = torch.nn.utils.clip_grad_norm_(m.parameters(), config.grad_clip)
+    assert norm > config.grad_clip  # the clip is active: it must scale the L1 term too
+    trainer.optimizer.step()
+    return m
+
+
+def test_an_l1_step_is_the_step_of_the_regularised_loss_clipped_as_a_whole():
+    """The trainer's step with l1 > 0 equals one of loss + l1 * sum|theta| (conv and linear weights,
+    biases, BatchNorm affine), with the gradient-norm clip applied to the total: clipping before
+    the L1 term is added would land elsewhere."""
+    cfg = TrainConfig.ma2020(loss="nce+rce", width=0.125, device="cpu", weight_decay=0.0, l1=0.02,
+                             grad_clip=0.05, channels_last=False)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    start = train_mod.build_model(cfg.model, 10, cfg.width, cfg.init)
+    ours = _one_step(cfg, start, x, y, l1_in_loss=False)
+    by_definition = _one_step(cfg, start, x, y, l1_in_loss=True)
+    for (name, a), b in zip(ours.named_parameters(), by_definition.parameters()):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-6), name
+    # without the term, or with it added after the clip, the step differs
+    plain = _one_step(TrainConfig.from_dict({**cfg.to_dict(), "l1": 0.0}), start, x, y, l1_in_loss=False)
+    assert not torch.allclose(torch.nn.utils.parameters_to_vector(plain.parameters()),
+                              torch.nn.utils.parameters_to_vector(ours.parameters()), atol=1e-6)
+    bn_bias = dict(ours.named_parameters())["features.1.bias"]  # BatchNorm's affine is regularised too
+    assert not torch.equal(bn_bias, dict(plain.named_parameters())["features.1.bias"])
+
+
+def test_training_with_l1_shrinks_the_weights_and_records_it(tmp_path, cifar_arrays):
+    """Through train(): the same run with l1 > 0 ends with a smaller sum |theta| than without."""
+    sums = {}
+    for l1 in (0.0, 0.05):
+        cfg = small("ma2020", loss="ce", epochs=1, weight_decay=0.0, l1=l1)
+        r = train(cfg, tmp_path / f"l1_{l1}", progress=False, data=cifar_arrays)
+        assert r["config"]["l1"] == l1
+        state = torch.load(tmp_path / f"l1_{l1}" / MODEL_FILE, weights_only=True)
+        params = dict(train_mod.build_model(cfg.model, 10, cfg.width, cfg.init).named_parameters())
+        sums[l1] = sum(float(v.abs().sum()) for k, v in state.items() if k in params)
+    assert sums[0.05] < 0.99 * sums[0.0]
