@@ -116,7 +116,7 @@ def test_only_the_cli_imports_the_cli():
 def test_the_readme_layout_table_names_every_module():
     """README's layout table (a newcomer's map) names every module of apl/ and folder of csrc/."""
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("## Layout"):readme.index("## Libraries")]
+    table = readme.split("\n## Layout", 1)[1].split("\n## ", 1)[0]  # to the next section, or the end
     missing = [f"apl/{p.name}" for p in sorted(PACKAGE.glob("*.py")) if p.name != "__init__.py"
                and f"`apl/{p.name}`" not in table]
     missing += [f"apl/{p.name}/" for p in sorted(PACKAGE.iterdir()) if p.is_dir() and (p / "__init__.py").exists()
