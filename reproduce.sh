@@ -24,9 +24,9 @@
 #   --resume | --fresh   keep finished runs (default) | retrain this grid from scratch
 #   anything else, or everything after --, goes to `python -m apl grid` (e.g. --epochs 5,
 #   --losses ce nce, --set train_subset=500), among them:
-#   --engine ray [--address auto] [--gpus-per-run 0.25]   the grid on a Ray cluster (README,
-#                   "Several machines: a Ray cluster"; needs pip install '.[ray]')
-#   --lam 0.2,0.4,0.6 --gamma 1,2 --set KEY=V1,V2   sweeps: one run per value (README, "Sweeps")
+#   --engine ray [--address auto] [--gpus-per-run 0.25]   the grid on a Ray cluster
+#                   (docs/clusters.md; needs pip install '.[ray]')
+#   --lam 0.2,0.4,0.6 --gamma 1,2 --set KEY=V1,V2   sweeps: one run per value (docs/reproducing.md)
 # Environment: PYTHON (interpreter to use), APL_VENV (see scripts/setup_env.sh), APL_IN_DOCKER=1
 # (set by the Dockerfile: the image's environment is complete, never set it up again).
 set -euo pipefail
