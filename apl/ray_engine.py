@@ -100,7 +100,7 @@ def _storage_problem(runs_dir: Path, marker: str, run_dir: Path, node: dict) -> 
     if not (runs_dir / marker).is_file():
         return (f"node {_node_text(node)} does not see the grid folder {runs_dir} that the driver writes "
                 f"(its marker {marker} is missing there): the output folder must be on storage every node "
-                f"mounts at the same path (README: 'Several machines: a Ray cluster')")
+                f"mounts at the same path (docs/clusters.md, 'Several machines')")
     probe = run_dir / f".write-check-{uuid.uuid4().hex[:8]}"
     try:
         run_dir.mkdir(exist_ok=True)
