@@ -19,13 +19,13 @@ blocks of a few steps (see ``time_steps``). Prints a Markdown table with the
 absolute times and the ratios reference/fused, compiled/fused, fused/F.cross_entropy,
 module/F.cross_entropy and reference/floor.
 
-    python benchmarks/bench_losses.py            # N in {128, 1000, 8192} x C in {10, 100, 1000, 32000}
-    python benchmarks/bench_losses.py --quick    # fewer shapes, no torch.compile
-    python benchmarks/bench_losses.py --ns 128 --cs 10,100 --no-compile   # the shapes people train with
-    python benchmarks/bench_losses.py --device cuda
-    python benchmarks/bench_losses.py --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
-    python benchmarks/bench_losses.py --soft --ns 1000 --cs 10,1000   # probability targets, smoothing
-    python benchmarks/bench_losses.py --soft --shape 4,21,256,256
+    python -m benchmarks.bench_losses            # N in {128, 1000, 8192} x C in {10, 100, 1000, 32000}
+    python -m benchmarks.bench_losses --quick    # fewer shapes, no torch.compile
+    python -m benchmarks.bench_losses --ns 128 --cs 10,100 --no-compile   # the shapes people train with
+    python -m benchmarks.bench_losses --device cuda
+    python -m benchmarks.bench_losses --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
+    python -m benchmarks.bench_losses --soft --ns 1000 --cs 10,1000   # probability targets, smoothing
+    python -m benchmarks.bench_losses --soft --shape 4,21,256,256
 
 ``--shape`` times F.cross_entropy's K-dimensional layout instead ((N, C, d1, ..., dK) logits,
 (N, d1, ..., dK) targets), as users pass it to ``fused`` (the module), ``reference`` and
@@ -71,7 +71,8 @@ LOSSES = {
 }
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (a timed step ends when its kernels do)."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -94,7 +95,7 @@ def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, devic
     for _ in range(warmup):
         for name in loss_fns:
             step(name)
-    _sync(device)
+    sync(device)
     times = {name: [] for name in loss_fns}
     start_all = time.perf_counter()
     budget = min_time * len(loss_fns)
@@ -106,7 +107,7 @@ def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, devic
             for _ in range(block):
                 t0 = time.perf_counter()
                 step(name)
-                _sync(device)
+                sync(device)
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -122,7 +123,46 @@ def random_batch(n: int, c: int, device: str, *, probabilities: bool = False):
     return logits.to(device), target.to(device)
 
 
-def _fmt_ms(seconds: float | None) -> str:
+def cross_entropy_contender(spec: LossSpec):
+    """``F.cross_entropy`` (with the spec's label smoothing) for a row of CE alone; None for any other loss."""
+    if spec.active == Kind.CE and spec.passive == Kind.NONE:
+        return lambda x, y, e=spec.smoothing: F.cross_entropy(x, y, label_smoothing=e)
+    return None
+
+
+def with_cross_entropy(contenders: dict, spec: LossSpec) -> dict:
+    """``contenders`` and, for CE alone, ``F.cross_entropy`` (:func:`cross_entropy_contender`)."""
+    ce = cross_entropy_contender(spec)
+    return contenders if ce is None else {**contenders, "F.cross_entropy": ce}
+
+
+def soft_contenders(spec: LossSpec) -> dict:
+    """A distribution-target row's contenders (the ``--soft`` table, the GPU check's): the module on
+    each backend, and ``F.cross_entropy`` for CE alone."""
+    return with_cross_entropy({"fused": APLLoss(spec, backend="fused"),
+                               "reference": APLLoss(spec, backend="reference")}, spec)
+
+
+def layout_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of an (N, C, d1, ..., dK) batch as (N*D, C) rows, with their targets (class
+    indices (N*D,), or probabilities (N*D, C) when ``target`` has the logits' shape)."""
+    c = logits.shape[1]
+    rows_target = target.movedim(1, -1).reshape(-1, c) if target.dim() == logits.dim() else target.reshape(-1)
+    return logits.movedim(1, -1).reshape(-1, c), rows_target
+
+
+def markdown_row(cells) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown_header(header) -> list[str]:
+    """A Markdown table's header row and its rule."""
+    return [markdown_row(header), "|" + "---|" * len(header)]
+
+
+def fmt_ms(seconds: float | None) -> str:
+    """Seconds as milliseconds, three significant digits at most ("-" for none)."""
     if seconds is None:
         return "-"
     ms = seconds * 1e3
@@ -140,7 +180,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` as ``"2.00x"`` ("-" when either is missing)."""
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
@@ -190,8 +231,7 @@ def main(argv=None) -> int:
         return soft_table(args, ns, cs, max_repeats)
     header = ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
               "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("\n".join(markdown_header(header)))
     for name in args.losses:
         spec = LOSSES[name]
         for n in ns:
@@ -207,40 +247,34 @@ def main(argv=None) -> int:
                 if use_compile:
                     torch._dynamo.reset()
                     contenders["compiled"] = torch.compile(lambda x, y: reference_loss(x, y, spec), dynamic=False)
-                if name == "CE":
-                    contenders["F.cross_entropy"] = lambda x, y: F.cross_entropy(x, y)
+                contenders = with_cross_entropy(contenders, spec)
                 t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
                                max_repeats=max_repeats)
                 t_fused, t_mod, t_ref, t_floor = t["fused"], t["module"], t["reference"], t["floor"]
                 t_comp, t_ce = t.get("compiled"), t.get("F.cross_entropy")
-                row = [name, str(n), str(c), _fmt_ms(t_fused), _fmt_ms(t_mod), _fmt_ms(t_ref), _fmt_ms(t_comp),
-                       _fmt_ms(t_ce), _fmt_ms(t_floor), _ratio(t_ref, t_fused), _ratio(t_comp, t_fused),
-                       _ratio(t_fused, t_ce), _ratio(t_mod, t_ce), _ratio(t_ref, t_floor)]
-                print("| " + " | ".join(row) + " |", flush=True)
+                row = [name, str(n), str(c), fmt_ms(t_fused), fmt_ms(t_mod), fmt_ms(t_ref), fmt_ms(t_comp),
+                       fmt_ms(t_ce), fmt_ms(t_floor), ratio(t_ref, t_fused), ratio(t_comp, t_fused),
+                       ratio(t_fused, t_ce), ratio(t_mod, t_ce), ratio(t_ref, t_floor)]
+                print(markdown_row(row), flush=True)
     return 0
 
 
 def soft_table(args, ns: list[int], cs: list[int], max_repeats: int) -> int:
     """The ``--soft`` table: distribution targets through the module on each backend."""
     header = ["loss", "N", "C", "fused", "reference", "F.cross_entropy", "reference/fused", "fused/F.ce"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("\n".join(markdown_header(header)))
     for name, (spec, probabilities) in SOFT_LOSSES.items():
         for n in ns:
             for c in cs:
                 if n * c > args.max_elements:
                     continue
                 logits, target = random_batch(n, c, args.device, probabilities=probabilities)
-                contenders = {"fused": APLLoss(spec, backend="fused"), "reference": APLLoss(spec, backend="reference")}
-                if spec.active == Kind.CE and spec.passive == Kind.NONE:
-                    contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(
-                        x, y, label_smoothing=e)
-                t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
+                t = time_steps(soft_contenders(spec), logits, target, args.device, min_time=args.min_time,
                                max_repeats=max_repeats)
                 t_ce = t.get("F.cross_entropy")
-                row = [name, str(n), str(c), _fmt_ms(t["fused"]), _fmt_ms(t["reference"]), _fmt_ms(t_ce),
-                       _ratio(t["reference"], t["fused"]), _ratio(t["fused"], t_ce)]
-                print("| " + " | ".join(row) + " |", flush=True)
+                row = [name, str(n), str(c), fmt_ms(t["fused"]), fmt_ms(t["reference"]), fmt_ms(t_ce),
+                       ratio(t["reference"], t["fused"]), ratio(t["fused"], t_ce)]
+                print(markdown_row(row), flush=True)
     return 0
 
 
@@ -252,8 +286,7 @@ def layout_table(args, max_repeats: int) -> int:
     n, c, *rest = args.shape
     header = ["loss", "shape", "fused", "fused on rows", "reference", "F.cross_entropy",
               "reference/fused", "fused/F.ce"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("\n".join(markdown_header(header)))
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(args.shape, generator=g) * 3).to(args.device)
     indices = torch.randint(0, c, (n, *rest), generator=g).to(args.device)
@@ -261,18 +294,16 @@ def layout_table(args, max_repeats: int) -> int:
     entries = SOFT_LOSSES.items() if args.soft else ((name, (LOSSES[name], False)) for name in args.losses)
     for name, (spec, probabilities) in entries:
         target = probs if probabilities else indices
-        rows_target = target.movedim(1, -1).reshape(-1, c) if probabilities else target.reshape(-1)
         module = APLLoss(spec, backend="fused")
-        contenders = {"fused": module, "reference": lambda x, y, s=spec: reference_loss(x, y, s)}
-        if spec.active == Kind.CE and spec.passive == Kind.NONE:
-            contenders["F.cross_entropy"] = lambda x, y, e=spec.smoothing: F.cross_entropy(x, y, label_smoothing=e)
+        contenders = with_cross_entropy({"fused": module, "reference": lambda x, y, s=spec: reference_loss(x, y, s)},
+                                        spec)
         t = time_steps(contenders, logits, target, args.device, min_time=args.min_time, max_repeats=max_repeats)
-        t_rows = time_steps({"rows": module}, logits.movedim(1, -1).reshape(-1, c), rows_target, args.device,
+        t_rows = time_steps({"rows": module}, *layout_rows(logits, target), args.device,
                             min_time=args.min_time, max_repeats=max_repeats)["rows"]
         t_ce = t.get("F.cross_entropy")
-        row = [name, "x".join(map(str, args.shape)), _fmt_ms(t["fused"]), _fmt_ms(t_rows), _fmt_ms(t["reference"]),
-               _fmt_ms(t_ce), _ratio(t["reference"], t["fused"]), _ratio(t["fused"], t_ce)]
-        print("| " + " | ".join(row) + " |", flush=True)
+        row = [name, "x".join(map(str, args.shape)), fmt_ms(t["fused"]), fmt_ms(t_rows), fmt_ms(t["reference"]),
+               fmt_ms(t_ce), ratio(t["reference"], t["fused"]), ratio(t["fused"], t_ce)]
+        print(markdown_row(row), flush=True)
     return 0
 
 

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU (torch already installed): build the kernels
-# for this GPU, then benchmarks/gpu_check.py runs the CUDA tests, the loss speed table, the
+# for this GPU, then python -m benchmarks.gpu_check runs the CUDA tests, the loss speed table, the
 # kernel-launch counts and the training-epoch timings, and writes them to one folder
 # (default benchmarks/gpu_check/<gpu>-<UTC time>/). At most about 8 minutes on an H100.
 #
-#   scripts/gpu_check.sh [--skip-build] [--build-timeout S] [gpu_check.py options]
+#   scripts/gpu_check.sh [--skip-build] [--build-timeout S] [gpu_check options]
 #     --skip-build       use the extension as built (no scripts/setup_env.sh run)
 #     --build-timeout S  stop the build after S seconds (default 300)
-#     gpu_check.py options: --out DIR, --quick, --steps tests,bench,launches,epochs, --skip-tests,
-#       --data-dir DIR, ... (python benchmarks/gpu_check.py --help)
+#     gpu_check options: --out DIR, --quick, --steps tests,bench,launches,epochs, --skip-tests,
+#       --data-dir DIR, ... (python -m benchmarks.gpu_check --help)
 # The build is scripts/setup_env.sh --test --cuda: for this GPU's compute capability (+PTX) when
 # TORCH_CUDA_ARCH_LIST is unset, for TORCH_CUDA_ARCH_LIST when set (the Docker image sets its own,
-# already built). Exit status: gpu_check.py's (1 when the build or the tests failed, 2 without a GPU).
+# already built). Exit status: the check's (1 when the build or the tests failed, 2 without a GPU).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +41,7 @@ py_of_venv() {  # the interpreter scripts/setup_env.sh installs into
 py="$(py_of_venv)"
 [ -x "$py" ] || command -v "$py" >/dev/null || py="${PYTHON:-python3}"
 
-# No GPU: skip the build (minutes) and let gpu_check.py say so; without torch yet, build first.
+# No GPU: skip the build (minutes) and let the check say so; without torch yet, build first.
 if [ "$skip_build" = 0 ] && "$py" -c "import torch" 2>/dev/null && \
    ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   skip_build=1
@@ -64,6 +64,6 @@ if [ "$skip_build" = 0 ]; then
 fi
 
 status=0
-"$py" benchmarks/gpu_check.py "${build[@]}" "${args[@]}" || status=$?
-[ -z "${log:-}" ] || rm -f "$log"  # gpu_check.py keeps a copy in its folder
+"$py" -m benchmarks.gpu_check "${build[@]}" "${args[@]}" || status=$?
+[ -z "${log:-}" ] || rm -f "$log"  # the check keeps a copy in its folder
 exit "$status"

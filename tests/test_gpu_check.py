@@ -3,7 +3,6 @@ grid projection, the report writer, the launch-count comparison, the no-GPU exit
 scripts' syntax and setup_env.sh's choice of CUDA architectures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,36 +14,31 @@ import torch
 from conftest import requires_fused
 
 import apl.losses.fused as fused
+from apl.plan import plan_grid
+from benchmarks import bench_losses, gpu_check, gpu_epochs, gpu_measures, gpu_report, gpu_steps, gpu_workers
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-
-
-@pytest.fixture(scope="module")
-def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+#: How users (and scripts/gpu_check.sh) run the check: from the checkout's root.
+CHECK = [sys.executable, "-m", "benchmarks.gpu_check"]
 
 
 # --------------------------------------------------------------------------- options
 
-def test_defaults_and_quick(gc):
-    args = gc.parse_args([])
-    assert args.steps == gc.STEPS and not args.quick
+def test_defaults_and_quick():
+    args = gpu_check.parse_args([])
+    assert args.steps == gpu_measures.STEPS and not args.quick
     assert (args.train_subset, args.shared_runs) == (10240, 4)
     assert args.train_subset % 128 == 0  # one batch shape for torch.compile
-    assert args.bench_timeout == gc.TIME_BOXES["bench"]
-    quick = gc.parse_args(["--quick"])
+    assert args.bench_timeout == gpu_measures.TIME_BOXES["bench"]
+    quick = gpu_check.parse_args(["--quick"])
     assert (quick.train_subset, quick.shared_runs) == (5120, 2)
 
 
-def test_steps_and_skip_tests(gc):
-    assert gc.parse_args(["--steps", "bench,launches"]).steps == ("bench", "launches")
-    assert gc.parse_args(["--skip-tests"]).steps == ("bench", "launches", "epochs")
-    assert gc.parse_args(["--steps", "tests,epochs", "--skip-tests"]).steps == ("epochs",)
-    explicit = gc.parse_args(["--train-subset", "2048", "--shared-runs", "3", "--quick", "--out", "x"])
+def test_steps_and_skip_tests():
+    assert gpu_check.parse_args(["--steps", "bench,launches"]).steps == ("bench", "launches")
+    assert gpu_check.parse_args(["--skip-tests"]).steps == ("bench", "launches", "epochs")
+    assert gpu_check.parse_args(["--steps", "tests,epochs", "--skip-tests"]).steps == ("epochs",)
+    explicit = gpu_check.parse_args(["--train-subset", "2048", "--shared-runs", "3", "--quick", "--out", "x"])
     assert (explicit.train_subset, explicit.shared_runs, explicit.out) == (2048, 3, "x")
 
 
@@ -56,15 +50,15 @@ def test_steps_and_skip_tests(gc):
     (["--train-subset", "many"], "not a number"),
     (["--epoch-loss", "hinge"], "--epoch-loss must be one of"),
 ])
-def test_bad_options_exit_2_with_the_reason(gc, capsys, argv, message):
+def test_bad_options_exit_2_with_the_reason(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        gc.parse_args(argv)
+        gpu_check.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_help_names_every_step_and_option():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(CHECK + ["--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for word in ("--out", "--steps", "--quick", "--skip-tests", "--data-dir", "--peak-gbps",
                  "tests,bench,launches,epochs", "--build-rc"):
@@ -90,78 +84,76 @@ def test_help_names_every_step_and_option():
     ("NVIDIA GeForce GTX 1080", None),
     ("", None),
 ])
-def test_peak_bandwidth_lookup(gc, name, peak):
-    assert gc.peak_bandwidth_gbps(name) == peak
+def test_peak_bandwidth_lookup(name, peak):
+    assert gpu_measures.peak_bandwidth_gbps(name) == peak
 
 
-def test_bytes_gbps_and_fraction_of_peak(gc):
+def test_bytes_gbps_and_fraction_of_peak():
     # 4096 x 32000 float32: logits read twice, gradient written once, int64 targets.
-    nbytes = gc.loss_bytes(4096, 32000, 4)
+    nbytes = gpu_measures.loss_bytes(4096, 32000, 4)
     assert nbytes == 3 * 4096 * 32000 * 4 + 4096 * 8
-    assert gc.loss_bytes(4096, 32000, 2) == 3 * 4096 * 32000 * 2 + 4096 * 8
-    gbps = gc.achieved_gbps(nbytes, 1e-3)
+    assert gpu_measures.loss_bytes(4096, 32000, 2) == 3 * 4096 * 32000 * 2 + 4096 * 8
+    gbps = gpu_measures.achieved_gbps(nbytes, 1e-3)
     assert gbps == pytest.approx(nbytes / 1e-3 / 1e9)
-    assert gc.fraction_of_peak(gbps, 3350) == pytest.approx(gbps / 3350)
-    assert gc.fraction_of_peak(gbps, None) is None
-    assert gc.achieved_gbps(nbytes, None) is None and gc.achieved_gbps(nbytes, 0.0) is None
+    assert gpu_measures.fraction_of_peak(gbps, 3350) == pytest.approx(gbps / 3350)
+    assert gpu_measures.fraction_of_peak(gbps, None) is None
+    assert gpu_measures.achieved_gbps(nbytes, None) is None and gpu_measures.achieved_gbps(nbytes, 0.0) is None
 
 
-def test_full_epoch_estimate_scales_the_second_epoch(gc):
+def test_full_epoch_estimate_scales_the_second_epoch():
     history = [{"train_time_s": 9.0, "epoch_time_s": 12.0}, {"train_time_s": 2.0, "epoch_time_s": 2.5}]
-    est = gc.full_epoch_estimate(history, num_train=10000, num_test=5000)
+    est = gpu_measures.full_epoch_estimate(history, num_train=10000, num_test=5000)
     assert est["full_epoch_s"] == pytest.approx(2.0 * 5 + 0.5 * 2)
     assert est["warmup_s"] == pytest.approx(9.5)
     assert est["train_images_per_s"] == pytest.approx(5000)
     with pytest.raises(ValueError, match="two epochs"):
-        gc.full_epoch_estimate(history[:1], 10000, 5000)
+        gpu_measures.full_epoch_estimate(history[:1], 10000, 5000)
 
 
-def test_grid_projection(gc):
-    assert gc.project_grid(10.0, 5.0, runs=75, epochs=30) == pytest.approx(75 * (5 + 300))
+def test_grid_projection():
+    assert gpu_measures.project_grid(10.0, 5.0, runs=75, epochs=30) == pytest.approx(75 * (5 + 300))
     # Four at a time: ceil(75 / 4) = 19 rounds, each as long as one (slower) shared run.
-    assert gc.project_grid(20.0, 5.0, runs=75, epochs=30, concurrent=4) == pytest.approx(19 * (5 + 600))
+    assert gpu_measures.project_grid(20.0, 5.0, runs=75, epochs=30, concurrent=4) == pytest.approx(19 * (5 + 600))
     with pytest.raises(ValueError):
-        gc.project_grid(1.0, 0.0, runs=0, epochs=30)
+        gpu_measures.project_grid(1.0, 0.0, runs=0, epochs=30)
 
 
-def test_paper_grid_size_comes_from_the_grid_plan(gc):
-    from apl.grid import plan_grid
-
-    runs, epochs = gc.paper_grid_size()
+def test_paper_grid_size_comes_from_the_grid_plan():
+    runs, epochs = gpu_steps.paper_grid_size()
     assert (runs, epochs) == (len(plan_grid("paper")), plan_grid("paper")[0].epochs)
     assert epochs == 30
 
 
-def test_projection_uses_each_timed_mode(gc):
+def test_projection_uses_each_timed_mode():
     step = {"modes": [{"mode": "fp32", "full_epoch_s": 4.0, "warmup_s": 2.0},
                       {"mode": "fp32 compile", "error": "RuntimeError: x"}],
             "shared": {"mode": "fp32", "runs": 4, "full_epoch_s": 8.0, "warmup_s": 3.0}}
-    proj = gc.projection(step)
-    runs, _ = gc.paper_grid_size()
+    proj = gpu_steps.projection(step)
+    runs, _ = gpu_steps.paper_grid_size()
     assert [(r["mode"], r["concurrent"]) for r in proj["rows"]] == [("fp32", 1), ("fp32", 4)]
     assert proj["rows"][0]["seconds"] == pytest.approx(runs * (2 + 30 * 4))
     assert proj["rows"][1]["seconds"] == pytest.approx(-(-runs // 4) * (3 + 30 * 8))
 
 
-def test_pytest_summary_and_skipped_gpu_tests(gc):
+def test_pytest_summary_and_skipped_gpu_tests():
     out = ("....s\n=== short test summary info ===\n"
            "SKIPPED [4] tests/test_fused.py:181: needs a GPU and the extension built with its CUDA kernels\n"
            "SKIPPED [2] tests/test_fused.py:190: needs CUDA: the extension has no CUDA kernels\n"
            "SKIPPED [2] tests/test_fused.py:190: needs two GPUs: 1 visible\n"
            "SKIPPED [1] tests/test_x.py:3: hypothesis not installed\n"
            "3 failed, 40 passed, 9 skipped, 120 deselected, 1 error in 12.3s\n")
-    s = gc.parse_pytest_summary(out)
+    s = gpu_steps.parse_pytest_summary(out)
     assert s["counts"] == {"failed": 3, "passed": 40, "skipped": 9, "deselected": 120, "errors": 1}
     # A one-GPU machine skips the two-GPU tests legitimately; the others mean CUDA never ran.
-    assert gc.cuda_tests_skipped(s["skip_reasons"]) == [
+    assert gpu_steps.cuda_tests_skipped(s["skip_reasons"]) == [
         "tests/test_fused.py:181: needs a GPU and the extension built with its CUDA kernels",
         "tests/test_fused.py:190: needs CUDA: the extension has no CUDA kernels"]
-    assert gc.parse_pytest_summary("no tests ran in 0.01s\n")["counts"] == {}
+    assert gpu_steps.parse_pytest_summary("no tests ran in 0.01s\n")["counts"] == {}
 
 
-def test_slug(gc):
-    assert gc.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert gc.slug("  /// ") == "gpu"
+def test_slug():
+    assert gpu_check.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert gpu_check.slug("  /// ") == "gpu"
 
 
 # --------------------------------------------------------------------------- report
@@ -212,8 +204,8 @@ def fabricated_results():
     }
 
 
-def test_report_writer(gc, tmp_path):
-    json_path, md_path = gc.write_report(fabricated_results(), tmp_path / "out")
+def test_report_writer(tmp_path):
+    json_path, md_path = gpu_report.write_report(fabricated_results(), tmp_path / "out")
     data = json.loads(json_path.read_text())  # strict JSON: the NaN became null
     assert data["steps"]["bench"]["rows"][1]["gbps"]["reference"] is None
     assert data["environment"]["gpu_name"] == "NVIDIA H100 80GB HBM3"
@@ -241,11 +233,11 @@ def test_report_writer(gc, tmp_path):
     assert "| build | ok | 95 | " in summary
 
 
-def test_report_of_an_unknown_gpu_with_skipped_steps(gc, tmp_path):
+def test_report_of_an_unknown_gpu_with_skipped_steps(tmp_path):
     results = {"environment": {"date": "d", "gpu_name": "Some GPU", "peak_bandwidth_gbps": None},
                "steps": {"build": {"status": "skipped", "note": "not built by this check"},
                          "tests": {"status": "skipped", "note": "not selected"}}}
-    _, md_path = gc.write_report(results, tmp_path)
+    _, md_path = gpu_report.write_report(results, tmp_path)
     md = md_path.read_text()
     assert "peak memory bandwidth: unknown" in md
     assert "| tests | skipped | - | not selected |" in md
@@ -253,43 +245,43 @@ def test_report_of_an_unknown_gpu_with_skipped_steps(gc, tmp_path):
 
 
 @requires_fused
-def test_segmentation_rows_time_each_contender(gc):
+def test_segmentation_rows_time_each_contender():
     """The segmentation timing of the bench step, run on the CPU at a tiny shape (on a GPU it
-    runs at gc.SEGMENTATION_SHAPE)."""
+    runs at gpu_measures.SEGMENTATION_SHAPE)."""
     p = {"segmentation_shape": [2, 5, 4, 4], "segmentation_losses": ["CE", "NCE+RCE (ma2020)"],
          "min_time": 0.0, "max_repeats": 5}
-    rows = gc._segmentation_rows(p, gc._bench_specs(), gc._bench_losses().time_steps, "cpu", float("inf"))
+    rows = gpu_workers.segmentation_rows(p, gpu_workers.bench_specs(), "cpu", float("inf"))
     assert [(r["loss"], r["shape"], r["skipped"]) for r in rows] == [
         ("CE", [2, 5, 4, 4], {}), ("NCE+RCE (ma2020)", [2, 5, 4, 4], {})]
     assert set(rows[0]["seconds"]) == {"fused", "F.cross_entropy", "fused on rows"}
     assert set(rows[1]["seconds"]) == {"fused", "fused on rows"}
     assert all(v > 0 for r in rows for v in r["seconds"].values())
-    assert gc._segmentation_rows(p, gc._bench_specs(), gc._bench_losses().time_steps, "cpu", 0.0)[0]["skipped"] \
+    assert gpu_workers.segmentation_rows(p, gpu_workers.bench_specs(), "cpu", 0.0)[0]["skipped"] \
         == {"all": "time box"}
 
 
 @requires_fused
-def test_soft_rows_time_each_contender(gc):
+def test_soft_rows_time_each_contender():
     """The distribution-target timing of the bench step, run on the CPU at a tiny shape (on a GPU
-    it runs at gc.SOFT_SHAPE)."""
+    it runs at gpu_measures.SOFT_SHAPE)."""
     p = {"soft_shape": [8, 5], "min_time": 0.0, "max_repeats": 5}
-    soft = gc._bench_losses().SOFT_LOSSES
-    rows = gc._soft_rows(p, gc._bench_losses().time_steps, "cpu", float("inf"))
+    soft = bench_losses.SOFT_LOSSES
+    rows = gpu_workers.soft_rows(p, "cpu", float("inf"))
     assert [(r["loss"], r["shape"], r["skipped"]) for r in rows] == [(name, [8, 5], {}) for name in soft]
     for r in rows:
         expected = {"fused", "reference"} | ({"F.cross_entropy"} if r["loss"].startswith("CE ") else set())
         assert set(r["seconds"]) == expected, r["loss"]
     assert all(v > 0 for r in rows for v in r["seconds"].values())
-    skipped = gc._soft_rows(p, gc._bench_losses().time_steps, "cpu", 0.0)
+    skipped = gpu_workers.soft_rows(p, "cpu", 0.0)
     assert [r["skipped"] for r in skipped] == [{"all": "time box"}] * len(soft)
 
 
 # --------------------------------------------------------------------------- launch counts
 
-def test_loss_variants_list_each_distinct_spec_once(gc):
+def test_loss_variants_list_each_distinct_spec_once():
     from apl.losses.spec import LOSS_NAMES
 
-    labels = [label for label, _ in gc._loss_variants()]
+    labels = [label for label, _ in gpu_workers.loss_variants()]
     assert len(labels) == len(set(labels))
     assert "ce" in labels and "ce (paper)" not in labels  # CE is the same in both variants
     assert {"nce (paper)", "nce (ma2020)", "nfl+rce (paper)"} <= set(labels)
@@ -297,33 +289,78 @@ def test_loss_variants_list_each_distinct_spec_once(gc):
 
 
 @requires_fused
-def test_launch_rows_compare_with_launch_counts(gc, tmp_path, monkeypatch):
+def test_launch_rows_compare_with_launch_counts(tmp_path, monkeypatch):
     from apl.losses.spec import spec_for
 
     # The profiler's counting is replaced (no GPU here): the comparison and the table are tested.
-    monkeypatch.setattr(gc, "_count_kernels", lambda fn: (fn(), (1, 0))[1])
-    monkeypatch.setattr(gc, "_loss_variants", lambda: [("ce", spec_for("ce"))])
+    monkeypatch.setattr(gpu_workers, "count_kernels", lambda fn: (fn(), (1, 0))[1])
+    monkeypatch.setattr(gpu_workers, "loss_variants", lambda: [("ce", spec_for("ce"))])
     monkeypatch.setattr(fused, "launch_counts", lambda spec, reduction: (1, 1) if reduction == "mean" else (2, 1),
                         raising=False)
     out = tmp_path / "launches.json"
-    gc._worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean", "sum"], "reference": True,
+    gpu_workers.worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean", "sum"], "reference": True,
                          "budget_s": 60}, out)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["reduction"], r["forward"], r["backward"], r["expected"], r["match"]) for r in rows] == [
         ("mean", 1, 1, [1, 1], "yes"), ("sum", 1, 1, [2, 1], "NO")]
     assert rows[0]["reference_forward"] == 1 and "reference_forward" not in rows[1]
     monkeypatch.delattr(fused, "launch_counts")
-    gc._worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean"], "reference": False,
+    gpu_workers.worker_launches({"device": "cpu", "shape": [8, 10], "reductions": ["mean"], "reference": False,
                          "budget_s": 60}, out)
     data = json.loads(out.read_text())
     assert not data["launch_counts_available"]
     assert [(r["expected"], r["match"]) for r in data["rows"]] == [(None, "n/a")]
 
 
+# --------------------------------------------------------------------------- worker processes
+
+LAUNCHES_ON_CPU = {"device": "cpu", "shape": [8, 10], "reductions": ["mean"], "reference": False, "budget_s": 60}
+
+
+def test_a_worker_step_runs_in_its_own_process_and_reports_back(tmp_path):
+    """The parent's side of a step: it starts ``python -m benchmarks.gpu_workers``, waits and reads the
+    worker's JSON. The launches worker on the CPU, where the profiler sees no CUDA kernel and says so."""
+    (tmp_path / "logs").mkdir()
+    st = gpu_steps._run_worker_step("launches", LAUNCHES_ON_CPU, tmp_path, timeout_s=120)
+    assert (st["rc"], st["status"], st["log"]) == (0, "failed", "logs/launches.log")
+    assert st["error"].startswith("the profiler does not record CUDA kernels here"), st
+    saved = json.loads((tmp_path / "logs" / "launches.json").read_text())
+    assert saved["error"] == st["error"] and saved["shape"] == [8, 10]
+
+
+def test_a_worker_past_its_time_box_is_stopped_and_recorded(tmp_path):
+    (tmp_path / "logs").mkdir()
+    st = gpu_steps._run_worker_step("epochs", {"loss": "ce", "train_subset": 64, "modes": [["fp32", None, False, True]],
+                                              "device": "cpu"}, tmp_path, timeout_s=0.5)
+    assert st["rc"] is None and st["status"] == "timed out"
+    assert st["note"] == "stopped after 0 s; partial results kept"
+
+
+def test_the_check_runs_its_steps_and_writes_the_report_of_each(tmp_path, monkeypatch, capsys):
+    """``main`` end to end without a GPU: the machine's description is faked, the launches step really
+    runs (its worker fails on a machine without CUDA, or with one profiles it), the report is written."""
+    env = fabricated_results()["environment"]
+    monkeypatch.setattr(gpu_check, "check_gpu", lambda: None)
+    monkeypatch.setattr(gpu_check, "environment", lambda args, now: env)
+    out = tmp_path / "check"
+    assert gpu_check.main(["--quick", "--steps", "launches", "--out", str(out), "--launches-timeout", "120"]) == 0
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["steps"]["build"]["status"] == "skipped"
+    assert {k: v["status"] for k, v in data["steps"].items() if k in ("tests", "bench", "epochs")} == \
+        dict.fromkeys(("tests", "bench", "epochs"), "skipped")
+    launches = data["steps"]["launches"]
+    assert launches["log"] == "logs/launches.log" and (out / launches["log"]).exists()
+    if not torch.cuda.is_available():  # the worker needs CUDA: it fails, and the step says how
+        assert launches["status"] == "failed" and launches["error"].startswith("exit 1: "), launches
+    readme = (out / "README.md").read_text()
+    assert readme.startswith(f"# GPU check: {env['gpu_name']}") and f"| launches | {launches['status']} |" in readme
+    assert f"[gpu_check] report: {out / 'README.md'}" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- data
 
-def test_synthetic_cifar10_has_cifar_shapes(gc):
-    data = gc.synthetic_cifar10(n_train=50, n_test=20)
+def test_synthetic_cifar10_has_cifar_shapes():
+    data = gpu_epochs.synthetic_cifar10(n_train=50, n_test=20)
     assert data.train_x.shape == (50, 32, 32, 3) and data.test_x.shape == (20, 32, 32, 3)
     assert data.train_x.dtype.name == "uint8" and not data.official
     assert sorted(set(data.train_y.tolist())) == list(range(10)) and "synthetic" in data.source
@@ -333,7 +370,7 @@ def test_synthetic_cifar10_has_cifar_shapes(gc):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is visible")
 def test_without_a_gpu_exits_2_with_one_clear_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out")], capture_output=True,
+    proc = subprocess.run(CHECK + ["--out", str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
