@@ -4,8 +4,10 @@ Runs ``apl.train.train`` for one epoch per (width, channels_last) on a class-bal
 and prints a table: measured train/eval seconds and the train time scaled to the full
 50,000-image epoch. Example (2 threads, 5,000 images):
 
-    OMP_NUM_THREADS=2 python benchmarks/train_epoch_time.py --data-dir /work/shared/data/cifar10 \
+    OMP_NUM_THREADS=2 python -m benchmarks.train_epoch_time --data-dir data \
         --subset 5000 --widths 1,0.25,0.125 --threads 2
+
+(``--data-dir``: the folder that holds ``cifar-10-batches-py``.)
 """
 from __future__ import annotations
 
