@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from apl.config import TrainConfig
+from apl.errors import DamagedFile
 from apl.jsonio import atomic_write_bytes, jsonable
-from apl.records import RESULT_FILE
+from apl.records import RESULT_CHECKSUM_FILE, RESULT_FILE
 
 __all__ = ["CHECKPOINT_FILE", "MODEL_FILE", "check_same_run", "clear_run", "save_checkpoint",
            "restore_checkpoint", "save_model"]
@@ -32,16 +33,17 @@ _FORMAT = 3  # 3: with its content's SHA-256; 2: tensors and plain types only; 1
 
 
 def check_same_run(saved: dict, config: TrainConfig, what: str, out_dir: Path) -> None:
-    """Raise ``ValueError`` unless the config dict ``saved`` (of ``what`` in ``out_dir``) is ``config``'s run."""
+    """Raise :class:`~apl.errors.DamagedFile` (a ``ValueError``) unless the config dict ``saved`` (of ``what``
+    in ``out_dir``) is ``config``'s run."""
     diff = config.differences(saved)  # as written: a run of an earlier version never passes for this one
     if diff:
-        raise ValueError(f"{out_dir} holds {what} of a different config (differs in {', '.join(diff)}); "
+        raise DamagedFile(f"{out_dir} holds {what} of a different config (differs in {', '.join(diff)}); "
                          f"use another out_dir or resume=False (--fresh) to overwrite it")
 
 
 def clear_run(out_dir: Path) -> None:
-    """Delete a run folder's result, checkpoint and weights, and any half-written copies."""
-    for name in (RESULT_FILE, CHECKPOINT_FILE, MODEL_FILE):
+    """Delete a run folder's result (and its checksum), checkpoint and weights, and any half-written copies."""
+    for name in (RESULT_FILE, RESULT_CHECKSUM_FILE, CHECKPOINT_FILE, MODEL_FILE):
         for p in (out_dir / name, out_dir / (name + ".tmp")):
             if p.exists():
                 p.unlink()
@@ -124,26 +126,26 @@ def restore_checkpoint(path: Path, *, config: TrainConfig, out_dir: Path, model,
                        device: torch.device, noisy_labels: torch.Tensor) -> dict:
     """Load ``path`` into the model, optimizer, scheduler and RNGs; return the checkpoint.
 
-    Raises ``ValueError`` (saying to start over with ``resume=False``) when the file is not
-    a checkpoint of this format (or is truncated or corrupted), holds another config's run, or
-    trained on other noisy labels.
+    Raises :class:`~apl.errors.DamagedFile` (a ``ValueError``, saying to start over with
+    ``resume=False``) when the file is not a checkpoint of this format (or is truncated or
+    corrupted), holds another config's run, or trained on other noisy labels.
     """
     try:  # weights_only: a file that would run code when unpickled is refused, never executed
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, older or unsafe file: say which and what to do
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} cannot be read safely as a checkpoint of this version ({type(e).__name__}: "
+        raise DamagedFile(f"{path} cannot be read safely as a checkpoint of this version ({type(e).__name__}: "
                          f"{reason}); use resume=False (--fresh) to start the run over") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} has checkpoint format {found!r}, expected "
+        raise DamagedFile(f"{path} has checkpoint format {found!r}, expected "
                          f"{_FORMAT}; use resume=False (--fresh)")
     if ckpt.pop("sha256", None) != _content_digest(ckpt):
-        raise ValueError(f"{path} is damaged (its content does not match its checksum: truncated or "
+        raise DamagedFile(f"{path} is damaged (its content does not match its checksum: truncated or "
                          f"corrupted); use resume=False (--fresh) to start the run over")
     check_same_run(ckpt["config"], config, "a checkpoint", out_dir)
     if not torch.equal(ckpt["noisy_labels"], noisy_labels.cpu()):
-        raise ValueError(f"{path}: the regenerated noisy labels differ from the checkpoint's "
+        raise DamagedFile(f"{path}: the regenerated noisy labels differ from the checkpoint's "
                          f"(changed data or noise code); use resume=False (--fresh)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -2,22 +2,25 @@
 
 ``train`` runs one configuration (:func:`apl.train.train`), ``grid`` the paper's grid
 (:func:`apl.grid.run_grid`), ``report`` Table 1 and Figures 1-3 from a grid's run records
-(:func:`apl.report.make_report`). Bad values (``ValueError``) and missing data
-(``FileNotFoundError``) print one line ``apl: error: ...`` and exit with status 2; a file that
-cannot be written (``OSError``: a full disk, a read-only folder) prints one such line and exits 1.
+(:func:`apl.report.make_report`). Every error a user can cause (a bad flag or value, missing or
+damaged data, an output folder that cannot be written, a damaged or foreign run folder, a run in
+use, a stop by a signal, Ray absent) ends the command with one line ``apl: error: ...`` and the
+status :mod:`apl.errors` gives it (the table ``python -m apl --help`` prints); a traceback only
+with ``--debug`` or ``APL_DEBUG=1``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
-import signal
 import sys
+import textwrap
+import traceback
 from pathlib import Path
 
 from apl.config import TrainConfig
-from apl.data import NORMALIZATIONS
-from apl.interrupts import Interrupted
+from apl.data import NORMALIZATIONS, ensure_cifar10
+from apl.errors import STATUS_TABLE, USAGE, debug_requested, error_line, exit_status, show_warnings
 from apl.losses import BACKENDS
 from apl.losses.spec import LOSS_NAMES, VARIANTS
 from apl.models import MODEL_INITS, MODEL_NAMES
@@ -37,6 +40,22 @@ _LOSS_PARAM_FLAGS = ("gamma", "lam", "alpha", "beta", "q")
 _TRAIN_OPTIONAL = ("variant", "noise_type", "epochs", "batch_size", "lr", "width", "model", "init",
                    "normalize", "train_subset", "test_subset", "augment", "num_threads", "amp",
                    "backend", "channels_last")
+_DOWNLOAD_HELP = ("download CIFAR-10 into --data-dir when it is missing (default: yes, except in the Docker "
+                  "image, where the download would be lost with the container)")
+_DEBUG_HELP = "on an error, print its traceback too (as APL_DEBUG=1 does)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors: ``apl: error: ...; see ... --help``, status 2."""
+
+    def error(self, message: str):
+        print(f"apl: error: {message}; see python -m {self.prog} --help", file=sys.stderr)
+        sys.exit(USAGE)
+
+
+def _add_debug(p) -> None:
+    """``--debug`` after the command too (``SUPPRESS``: an unset one leaves the top-level flag as it is)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
 
 
 # --------------------------------------------------------------------------- train
@@ -66,6 +85,7 @@ def _add_train(subparsers) -> None:
     for name in _LOSS_PARAM_FLAGS:
         p.add_argument(f"--{name}", type=float, help=f"loss parameter {name} (LOSSES.md)")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help=_DOWNLOAD_HELP)
     p.add_argument("--out", help="run folder (default: runs/<run name>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-threads", type=int)
@@ -76,6 +96,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--fresh", action="store_true", help="discard an existing result/checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_debug(p)
     p.set_defaults(func=_run_train)
 
 
@@ -99,6 +120,8 @@ def _run_train(args) -> int:
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / config.run_name()
+    if args.download is not None:  # asked for (or against): settled before the run folder is touched
+        ensure_cifar10(config.data_dir, download=args.download)
     if not args.quiet:
         print(f"run {config.run_name()} -> {out}", flush=True)
     r = train(config, out, resume=not args.fresh, progress=not args.quiet)
@@ -124,6 +147,7 @@ def _add_grid(subparsers) -> None:
                         "2-core CPU); author: the author's code alone; ma2020: the cited work's protocol")
     p.add_argument("--data-dir", default=os.environ.get("APL_DATA_DIR", "data"),
                    help="folder holding cifar-10-batches-py (default $APL_DATA_DIR or data)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help=_DOWNLOAD_HELP)
     p.add_argument("--out", help="output folder (default runs/<preset>)")
     p.add_argument("--seeds", type=int, help="K: seeds 0..K-1 (default: the preset's, 1; ma2020: 3)")
     p.add_argument("--devices", help="comma-separated, one worker each: cuda:0,cuda:1 or cpu,cpu "
@@ -160,6 +184,7 @@ def _add_grid(subparsers) -> None:
                    help="Ray: how often a run whose worker or node died is resumed elsewhere (default 3)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_debug(p)
     p.set_defaults(func=_run_grid)
 
 
@@ -226,13 +251,9 @@ def _run_grid(args) -> int:
         print(f"{len(plan)} runs, {sum(c.epochs for c in plan)} epochs -> {out}/runs")
         return 0
     command = "python -m apl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["grid"] else None
-    try:
-        run_grid(args.preset, args.data_dir, out, devices=args.devices, fresh=args.fresh,
-                 progress=not args.no_progress, command=command, engine=args.engine,
-                 ray_options=ray_options, **kwargs)
-    except RuntimeError as e:
-        print(f"apl grid: {e}", file=sys.stderr)
-        return 1
+    run_grid(args.preset, args.data_dir, out, devices=args.devices, fresh=args.fresh,
+             progress=not args.no_progress, command=command, engine=args.engine,
+             ray_options=ray_options, download=args.download, **kwargs)
     return 0
 
 
@@ -248,6 +269,7 @@ def _add_report(subparsers) -> None:
     p.add_argument("--reference", default="auto", choices=REFERENCES,
                    help="published numbers to compare with (auto: by the grid's preset)")
     p.add_argument("--no-figures", action="store_true", help="tables and README only")
+    _add_debug(p)
     p.set_defaults(func=_run_report)
 
 
@@ -263,10 +285,19 @@ def _run_report(args) -> int:
 
 # --------------------------------------------------------------------------- entry point
 
+def _status_table() -> str:
+    """The exit statuses, for ``--help``."""
+    return "exit statuses:\n" + "\n".join(
+        textwrap.fill(meaning, 100, initial_indent=f"  {status:<9}", subsequent_indent=" " * 11)
+        for status, meaning in STATUS_TABLE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``apl`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="apl", description="Robust losses under label noise (NCE, NFL, APL): "
-                                                             "training runs on CIFAR-10.")
+    parser = _Parser(prog="apl", description="Robust losses under label noise (NCE, NFL, APL): training runs on "
+                                             "CIFAR-10.", epilog=_status_table(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_grid, _add_report):
         add(sub)
@@ -276,24 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
 
-    Bad values (``ValueError``) and missing data (``FileNotFoundError``) print one line
-    ``apl: error: ...`` to stderr and return 2 instead of a traceback, any other ``OSError`` (a
-    write that failed) returns 1 the same way; a run stopped by SIGINT or SIGTERM at a safe point
-    returns 128 + the signal's number (130, 143).
+    An error ends the command with one line ``apl: error: ...`` on stderr (:func:`apl.errors.error_line`)
+    and the status :func:`apl.errors.exit_status` gives it (a traceback too with ``--debug`` or
+    ``APL_DEBUG=1``): 2 for a bad flag or value (argparse exits with it itself), 130 or 143 for a run
+    stopped by SIGINT or SIGTERM at a safe point, the others as ``--help`` lists them.
     """
     args = build_parser().parse_args(argv)
+    show_warnings()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"apl: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a folder that cannot be written: the file is named, nothing half-written
-        print(f"apl: error: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:  # SIGINT/SIGTERM: stopped at a safe point, resumable
-        print(f"apl: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:  # Ctrl-C outside a run's loop (the grid's own process), or a second one
-        print("apl: interrupted; finished runs and epochs are kept: run the same command again to resume",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every error ends in one line and its status
+        if debug_requested(args.debug):
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr, flush=True)
+        return exit_status(e)

@@ -2,7 +2,11 @@
 
 - :func:`load_cifar10` reads ``<data_dir>/cifar-10-batches-py`` directly (no torchvision
   integrity refusal), compares the files' MD5s with the official ones and says in
-  ``CIFAR10Arrays.source`` (and one warning) when they differ, e.g. a re-encoded copy.
+  ``CIFAR10Arrays.source`` (and one warning) when they differ, e.g. a re-encoded copy. The
+  files are pickles: they are read with an unpickler that builds numpy arrays and plain values
+  only, so a file that would run code is refused as damaged, never executed. A missing folder
+  is downloaded (:func:`ensure_cifar10`) unless the user said not to or, in the Docker image,
+  did not ask for it (a download there is lost with the container).
 - :func:`write_cifar10_folder` writes a small *synthetic* dataset in the same layout, with
   learnable class structure, so tests exercise the real loading code.
 - :class:`DeviceData` holds the normalised images on the device, applies label noise to
@@ -21,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apl.errors import DataError
 from apl.noise import NoiseRecord, apply_noise
 
 __all__ = [
-    "CIFAR10Arrays", "DataNotFoundError", "DataFormatError", "DeviceData", "load_cifar10",
+    "CIFAR10Arrays", "DataNotFoundError", "DataFormatError", "DeviceData", "load_cifar10", "ensure_cifar10",
+    "download_by_default",
     "write_cifar10_folder", "balanced_subset", "random_crop_flip", "epoch_generator",
     "official_md5s", "FOLDER", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "NORMALIZATIONS",
 ]
@@ -46,12 +52,29 @@ NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "half": ((0.5, 0.5, 0.5)
 _SYNTHETIC_KEY = "apl_synthetic_seed"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(DataError, FileNotFoundError):
     """The CIFAR-10 folder (or one of its files) is missing and could not be downloaded."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError, ValueError):
     """A file of the CIFAR-10 folder is not a CIFAR-10 pickle of the expected shape."""
+
+
+#: The globals a CIFAR-10 pickle may name: numpy arrays (numpy 1 and 2 module paths) and the bytes
+#: of protocol 2. Anything else would run code of the file's choosing when unpickled.
+_PICKLE_GLOBALS = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                             ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                             ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")})
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain Python values, and refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it would load {module}.{name}, which a CIFAR-10 file never holds "
+                                         f"(refused, not run)")
+        return super().find_class(module, name)
 
 
 @dataclass
@@ -105,46 +128,64 @@ def _md5(path: Path) -> str:
     return _MD5_CACHE[key]
 
 
+def _in_docker() -> bool:
+    return os.environ.get("APL_IN_DOCKER") == "1"
+
+
+def download_by_default() -> bool:
+    """Whether a missing CIFAR-10 is downloaded when the user did not say (``download=None``): yes,
+    except in the Docker image, where the download would be lost with the container."""
+    return not _in_docker()
+
+
 def _how_to_get(folder: Path) -> str:
-    if os.environ.get("APL_IN_DOCKER") == "1":
+    if _in_docker():
         # In the image a download is lost with the container: the data has to be mounted.
         return (f"expected the CIFAR-10 python folder {folder} (data_batch_1..5, test_batch, batches.meta), "
                 f"which this Docker image does not hold (built with --build-arg CIFAR10=skip, or another "
                 f"--data-dir). Mount the host folder that holds cifar-10-batches-py: add "
                 f"`-v /path/on/host:{folder.parent}:ro` to `docker run`. To get the data there, extract "
-                f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into that folder")
+                f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into that folder "
+                f"(or pass --download to fetch it into this container, lost when it ends)")
     return (f"expected the CIFAR-10 python folder {folder} (data_batch_1..5, test_batch, batches.meta). "
             f"Get it with internet access via `python -c \"import torchvision; "
             f"torchvision.datasets.CIFAR10('{folder.parent}', download=True)\"`, or extract "
             f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into {folder.parent}")
 
 
+def _damaged(path: Path, why: str) -> DataFormatError:
+    """The error for a CIFAR-10 file that is not what it should be, with the way out."""
+    return DataFormatError(f"{path} is not a CIFAR-10 file ({why}): the data folder {path.parent} is damaged; "
+                           f"replace it with a fresh copy ({_how_to_get(path.parent)})")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise DataFormatError(f"{path} is not a CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+            d = _ArraysOnly(f, encoding="latin1").load()
+    except OSError as e:  # gone (or unreadable) since the folder was listed
+        raise DataNotFoundError(f"cannot read {path} ({e.strerror or e}); {_how_to_get(path.parent)}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises: the file is named, never trusted
+        raise _damaged(path, f"{type(e).__name__}: {e}") from None
     if not isinstance(d, dict):
-        raise DataFormatError(f"{path} is not a CIFAR-10 pickle (holds a {type(d).__name__}, not a dict)")
+        raise _damaged(path, f"holds a {type(d).__name__}, not a dict")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     if "data" not in d or "labels" not in d:
-        raise DataFormatError(f"{path} lacks the 'data'/'labels' entries of a CIFAR-10 batch "
-                              f"(keys: {sorted(map(str, d))})")
+        raise _damaged(path, f"it lacks the 'data'/'labels' entries of a CIFAR-10 batch; keys: {sorted(map(str, d))}")
     data = np.asarray(d["data"])
     labels = np.asarray(d["labels"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataFormatError(f"{path}: 'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
+        raise _damaged(path, f"'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
     integer = np.issubdtype(labels.dtype, np.integer) or labels.size == 0  # [] loads as float64
     if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not integer:
-        raise DataFormatError(f"{path}: 'labels' must be {data.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        raise _damaged(path, f"'labels' must be {data.shape[0]} integers, got {labels.dtype} {labels.shape}")
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataFormatError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
+        raise _damaged(path, f"labels outside 0..9, min {labels.min()}, max {labels.max()}")
     # Rows are the R, G, B planes of a 32x32 image: to (n, 32, 32, 3) as torchvision does.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
@@ -157,26 +198,35 @@ def _resolve_folder(data_dir) -> Path:
     return d / FOLDER
 
 
-def load_cifar10(data_dir, download: bool = True) -> CIFAR10Arrays:
+def ensure_cifar10(data_dir, download: bool | None = None) -> Path:
+    """The CIFAR-10 python folder of ``data_dir``, downloaded with torchvision (checksummed) when it is
+    missing and ``download`` (``None``: :func:`download_by_default`). :class:`DataNotFoundError` names the
+    folder and how to get it when it is missing and not downloaded, or the download fails."""
+    folder = _resolve_folder(data_dir).absolute()
+    if folder.is_dir():
+        return folder
+    if not (download_by_default() if download is None else download):
+        raise DataNotFoundError(f"CIFAR-10 not found: {_how_to_get(folder)}")
+    try:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(folder.parent), train=True, download=True)
+    except Exception as e:  # offline, proxy, disk full...: one clear message
+        raise DataNotFoundError(f"CIFAR-10 not found and the download failed ({type(e).__name__}: {e}); "
+                                f"{_how_to_get(folder)}") from e
+    return folder
+
+
+def load_cifar10(data_dir, download: bool | None = None) -> CIFAR10Arrays:
     """Load CIFAR-10 from ``<data_dir>/cifar-10-batches-py``.
 
-    A missing folder is downloaded with torchvision (checksummed) when ``download``; when
-    that fails, or when not downloading, :class:`DataNotFoundError` names the folder and how
-    to get it. A present folder is read directly; if its files' MD5s differ from the
-    official ones it still loads, with one warning and a ``source`` that says so. Files
-    that are not CIFAR-10 pickles raise :class:`DataFormatError`.
+    A missing folder is downloaded as :func:`ensure_cifar10` says (``download``: True, False, or
+    None for :func:`download_by_default`); when it is not, :class:`DataNotFoundError` names the
+    folder and how to get it. A present folder is read directly; if its files' MD5s differ from
+    the official ones it still loads, with one warning and a ``source`` that says so. Files that
+    are not CIFAR-10 pickles (or would run code when unpickled) raise :class:`DataFormatError`.
     """
-    folder = _resolve_folder(data_dir).absolute()
-    if not folder.is_dir():
-        if not download:
-            raise DataNotFoundError(f"CIFAR-10 not found: {_how_to_get(folder)}")
-        try:
-            from torchvision.datasets import CIFAR10
-
-            CIFAR10(str(folder.parent), train=True, download=True)
-        except Exception as e:  # offline, proxy, disk full...: one clear message
-            raise DataNotFoundError(f"CIFAR-10 not found and the download failed ({type(e).__name__}: {e}); "
-                                    f"{_how_to_get(folder)}") from e
+    folder = ensure_cifar10(data_dir, download)
     names = TRAIN_FILES + (TEST_FILE, META_FILE)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -186,7 +236,7 @@ def load_cifar10(data_dir, download: bool = True) -> CIFAR10Arrays:
     meta = _unpickle(folder / META_FILE)
     classes = meta.get("label_names")
     if not isinstance(classes, (list, tuple)) or len(classes) != 10:
-        raise DataFormatError(f"{folder / META_FILE}: 'label_names' must list 10 classes, got {classes!r}")
+        raise _damaged(folder / META_FILE, f"'label_names' must list 10 classes, got {classes!r}")
     parts = [_read_batch(folder / n) for n in TRAIN_FILES]
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])

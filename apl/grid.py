@@ -8,11 +8,12 @@ and keeps ``O/manifest.json`` (:mod:`apl.records`) up to date.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from apl.data import ensure_cifar10
 from apl.devices import parse_devices
+from apl.errors import OutputError, RunInUse, RunsFailed
 from apl.plan import ENGINES, plan_grid
 from apl.presets import GRID_LOSSES, get_preset
 from apl.ray_engine import check_options, run_ray
@@ -26,14 +27,18 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
              fresh: bool = False, losses=None, noise=None, variants=None,
              overrides: dict | None = None, progress: bool = True,
              command: str | None = None, sweep: dict | None = None, engine: str = "local",
-             ray_options: dict | None = None) -> dict:
+             ray_options: dict | None = None, download: bool | None = None) -> dict:
     """Run (or finish) the grid into ``out``; return the manifest.
 
     Finished runs are kept, interrupted ones resume; ``fresh=True`` first deletes the
     planned runs' folders and the manifest. Grids started at once on one ``out`` share it: each
     run is trained by one of them (the others leave it, status ``busy``) and the manifest keeps
-    every grid's entries. Raises ``RuntimeError`` naming the runs that failed (the others still
-    run to the end), ``ValueError`` when ``out`` cannot be written. ``engine="ray"`` trains on a
+    every grid's entries. CIFAR-10 is looked for (and downloaded as ``download`` says,
+    :func:`apl.data.ensure_cifar10`) before anything is written, when a run is left to train.
+    Raises :class:`~apl.errors.RunsFailed` naming the runs that failed (the others still run to the
+    end), :class:`~apl.errors.RunInUse` naming the runs left unfinished to other processes,
+    :class:`~apl.errors.OutputError` when ``out`` cannot be written, :class:`~apl.errors.DataError`
+    when the data is missing or damaged (a parallel grid stops at once). ``engine="ray"`` trains on a
     Ray cluster (:func:`apl.ray_engine.run_ray` with ``ray_options``) instead of ``devices``.
     """
     if engine not in ENGINES:
@@ -50,10 +55,14 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
     if fresh:
         for cfg in plan:
             shutil.rmtree(runs_dir / cfg.run_name(), ignore_errors=True)
+    finished = {c.run_name(): r for c in plan if (r := finished_result(runs_dir / c.run_name(), c)) is not None}
+    if len(finished) < len(plan):
+        ensure_cifar10(data_dir, download)  # no data, no grid: said once, before anything is written
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create {runs_dir} ({e.strerror}): the output folder must be writable") from e
+        raise OutputError(f"cannot create {runs_dir} ({e.strerror}): the output folder must be writable; "
+                          f"fix that and run the same command again") from e
     manifest = Manifest(out, fresh)
     manifest.start(
         preset=preset, command=command or f"python -m apl grid --preset {preset} --out {out}",
@@ -68,7 +77,7 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
     for cfg in plan:
         name = cfg.run_name()
         manifest.run(name, config=cfg.to_dict())
-        done = finished_result(runs_dir / name, cfg)
+        done = finished.get(name)
         if done is not None:
             manifest.run(name, **run_summary(done))
         else:
@@ -92,13 +101,28 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
             failures = run_parallel(pending, runs_dir, device_list, data_dir, manifest, bar)
     finally:
         bar.close()
+    busy = _still_busy(plan, runs_dir, manifest)
     manifest.finish(wall_time_s=round(time.perf_counter() - t0, 1))
-    # This grid's runs that another process was training (the manifest may list other grids' runs too).
-    busy = sorted(c.run_name() for c in plan if manifest.data["runs"][c.run_name()].get("status") == "busy")
-    if busy:
-        print(f"[grid] {len(busy)} run(s) left to the other process(es) training them: {', '.join(busy)}; "
-              f"run the grid again once they end", file=sys.stderr)
+    left = f"{len(busy)} run(s) left to the other process(es) training them: {', '.join(busy)}" if busy else ""
     if failures:
-        raise RuntimeError(f"{len(failures)} run(s) failed: {', '.join(failures)} "
-                           f"(details in {manifest.path})")
+        raise RunsFailed(f"{len(failures)} run(s) failed: {', '.join(failures)} (details in {manifest.path})"
+                         + (f"; {left}" if left else "") + "; fix the cause and run the same command again")
+    if busy:
+        raise RunInUse(f"{left}; run the same command again once they end")
     return manifest.data
+
+
+def _still_busy(plan: list, runs_dir: Path, manifest: Manifest) -> list[str]:
+    """This grid's runs left to other processes that have not finished since (those that have are
+    recorded done); the manifest may list other grids' runs too."""
+    busy = []
+    for cfg in plan:
+        name = cfg.run_name()
+        if manifest.data["runs"][name].get("status") != "busy":
+            continue
+        done = finished_result(runs_dir / name, cfg)
+        if done is None:
+            busy.append(name)
+        else:
+            manifest.run(name, **run_summary(done))
+    return sorted(busy)

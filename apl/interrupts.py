@@ -3,7 +3,7 @@
 Inside :func:`graceful_stop` the first of these signals only asks the run to stop: the training
 loop finishes the batch in progress, abandons the epoch (the previous epoch's checkpoint stays,
 so running the same command again resumes there) and raises :class:`Interrupted`, whose
-``exit_status`` is the shell's 128 + signal number. A second signal takes the signal's default
+``status`` is the shell's 128 + signal number. A second signal takes the signal's default
 action at once. Blocks nest: an inner block (a run inside a grid, or inside a grid's worker)
 shares the outermost block's request, so a signal that came before the run started still stops it.
 """
@@ -13,12 +13,14 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from apl.errors import INTERRUPTED, AplError
+
 __all__ = ["Interrupted", "StopRequest", "graceful_stop"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
+class Interrupted(AplError):
     """A run stopped at a safe point because of a signal."""
 
     def __init__(self, signum: int):
@@ -27,8 +29,9 @@ class Interrupted(Exception):
                          f"run the same command again to resume")
 
     @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
+    def status(self) -> int:
+        """The shell's status for the signal: 128 + its number."""
+        return INTERRUPTED + self.signum
 
 
 class StopRequest:

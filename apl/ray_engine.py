@@ -14,7 +14,9 @@ Ray re-runs a task whose worker process or node died (``max_retries``), so the r
 the dead attempt's last checkpoint; a Python error in a run is not retried (it fails the run, the
 grid carries on). The run folders must be on storage every node sees at the same path: each task
 first checks that it sees the driver's grid folder and can write its run folder, and fails with
-the folder and the node named when it cannot.
+the folder and the node named when it cannot. Data a task cannot load (gone, damaged) stops the
+grid once, with that one error; warnings a task's run logs (a damaged result set aside) come back
+with its outcome and are printed by the driver.
 
 Ray is an optional dependency (``pip install .[ray]``): it is imported only here, when the engine
 runs, so that everything else works without it.
@@ -31,7 +33,8 @@ import uuid
 from pathlib import Path
 
 from apl.config import TrainConfig
-from apl.data import FOLDER, load_cifar10
+from apl.data import load_cifar10
+from apl.errors import DataError, RayUnavailable
 from apl.interrupts import Interrupted, graceful_stop
 from apl.records import Manifest, run_summary
 from apl.runlock import RunInUse
@@ -51,21 +54,22 @@ _BUSY_GRACE_S = 10.0
 _STOP_WAIT_S = 60.0
 #: The grid folder's marker a task must see: proof that its node mounts the driver's folder.
 _MARKER_PREFIX = ".ray-driver-"
+log = logging.getLogger("apl.ray_engine")
 
 
 def import_ray():
-    """The ``ray`` module, or ``ValueError`` saying how to install it."""
+    """The ``ray`` module, or :class:`~apl.errors.RayUnavailable` saying how to install it."""
     try:
         import ray  # here, not at the top: Ray is an optional dependency of this engine alone
     except ImportError:
-        raise ValueError(RAY_INSTALL_HINT) from None
+        raise RayUnavailable(RAY_INSTALL_HINT) from None
     return ray
 
 
 def check_options(*, address: str | None = None, gpus_per_run: float | None = None, cpus_per_run: int = 1,
                   max_retries: int = 3) -> dict:
     """The engine's options, checked (``ValueError`` naming the bad one); Ray must be importable and a
-    ``host:port`` address must answer."""
+    ``host:port`` address must answer (:class:`~apl.errors.RayUnavailable` otherwise)."""
     import_ray()
     if address:
         _check_reachable(address)
@@ -126,6 +130,17 @@ def _report(events, *event) -> None:
         events.put(event)
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of the warnings logged while a task runs (its worker's output is not shown)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _train_with_grace(cfg: TrainConfig, run_dir: Path, data, on_epoch) -> dict:
     """:func:`apl.train.train` (resume=True), waiting up to :data:`_BUSY_GRACE_S` for a lock still held."""
     deadline = time.monotonic() + _BUSY_GRACE_S
@@ -140,11 +155,23 @@ def _train_with_grace(cfg: TrainConfig, run_dir: Path, data, on_epoch) -> dict:
 
 def _run_task(config: dict, runs_dir: str, marker: str, data_dir: str, device: str, threads: int,
               events) -> dict:
-    """One run, as a Ray task: ``{"kind": done|busy|interrupted|failed, "payload", "node"}``.
+    """One run, as a Ray task: ``{"kind": done|busy|interrupted|fatal|failed, "payload", "node", "warnings"}``.
 
     ``kind`` and ``payload`` are those of :func:`apl.runner._worker`'s events, so the driver records
-    them with the same run book; ``node`` says where the run trained.
+    them with the same run book; ``node`` says where the run trained, ``warnings`` what it logged.
     """
+    collect = _Collect()
+    logging.getLogger("apl").addHandler(collect)
+    try:
+        outcome = _run_task_body(config, runs_dir, marker, data_dir, device, threads, events)
+    finally:
+        logging.getLogger("apl").removeHandler(collect)
+    return {**outcome, "warnings": collect.messages}
+
+
+def _run_task_body(config: dict, runs_dir: str, marker: str, data_dir: str, device: str, threads: int,
+                   events) -> dict:
+    """:func:`_run_task` without the warnings."""
     node = _node()
     cfg = with_execution(TrainConfig.from_dict(config), device, threads, data_dir)
     name = cfg.run_name()
@@ -158,6 +185,8 @@ def _run_task(config: dict, runs_dir: str, marker: str, data_dir: str, device: s
                                    lambda rec: _report(events, "epoch", name, rec["epoch_time_s"]))
     except Interrupted as e:  # a stop (ray.cancel, or a signal to the worker) at the run's safe point
         return {"kind": "interrupted", "payload": e.signum, "node": node}
+    except DataError as e:  # the data went (or is damaged): the grid stops, with this one message
+        return {"kind": "fatal", "payload": f"{e} (on node {_node_text(node)})", "node": node}
     except RunInUse as e:
         return {"kind": "busy", "payload": str(e), "node": node}
     except Exception as e:  # noqa: BLE001 - reported to the driver, which carries on with the other runs
@@ -176,8 +205,9 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as e:
-        raise ValueError(f"no Ray cluster answers at {address} ({e.strerror or e}): start its head there "
-                         f"(ray start --head --port={port}), or use --address auto on a node of the cluster") from None
+        raise RayUnavailable(f"no Ray cluster answers at {address} ({e.strerror or e}): start its head there "
+                             f"(ray start --head --port={port}), or use --address auto on a node of the "
+                             f"cluster") from None
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -243,6 +273,8 @@ def _write_marker(runs_dir: Path) -> str:
 def _record(book: RunBook, manifest: Manifest, name: str, outcome: dict) -> int | None:
     """Record a task's outcome with the run book; the signal number when it was interrupted."""
     kind, payload = outcome["kind"], outcome["payload"]
+    for message in outcome.get("warnings", []):
+        log.warning(message)
     manifest.run(name, node=outcome["node"])
     if kind == "done":
         book.ended(name, summary=payload)
@@ -251,6 +283,8 @@ def _record(book: RunBook, manifest: Manifest, name: str, outcome: dict) -> int 
     elif kind == "interrupted":
         book.set_aside(name, "interrupted", str(Interrupted(payload)), quiet=True)
         return payload
+    elif kind == "fatal":
+        book.set_aside(name, "interrupted", f"the grid stopped: {payload}", quiet=True)
     else:
         book.ended(name, error=payload)
     return None
@@ -268,6 +302,7 @@ class _Driver:
         self.ray, self.refs, self.events, self.device = ray, refs, events, device
         self.book, self.manifest, self.retries = book, manifest, retries
         self.interrupted: int | None = None
+        self.fatal: str | None = None  # the data error that stops the grid, once
 
     def _drain(self) -> None:
         in_flight = set(self.refs.values())
@@ -299,9 +334,12 @@ class _Driver:
         if outcome is not None:
             signum = _record(self.book, self.manifest, name, outcome)
             self.interrupted = self.interrupted or signum
+            if outcome["kind"] == "fatal":
+                self.fatal = self.fatal or outcome["payload"]
 
     def wait(self, stop) -> None:
-        """Record every task's reports and outcome until all ended; on a stop, cancel them first."""
+        """Record every task's reports and outcome until all ended; on a stop, or data no task can load,
+        cancel them first."""
         cancelled_at = None
         while self.refs:
             done, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=_POLL_S)
@@ -309,7 +347,7 @@ class _Driver:
             self._drain()
             for ref in done:
                 self._finish(ref)
-            if stop.signum is not None and cancelled_at is None:
+            if (stop.signum is not None or self.fatal is not None) and cancelled_at is None:
                 cancelled_at = time.monotonic()
                 for ref in self.refs:
                     self.ray.cancel(ref)  # not force: a run stops at its safe point, its checkpoint kept
@@ -330,16 +368,14 @@ def run_ray(pending: list, runs_dir: Path, data_dir, manifest: Manifest, progres
     has GPUs, else 0) and ``cpus_per_run`` (the run's CPU threads) are each task's resources;
     ``max_retries``: how many times a task whose worker or node died is run again. SIGINT/SIGTERM
     cancels the tasks, which stop at their runs' safe points, and raises
-    :class:`~apl.interrupts.Interrupted`.
+    :class:`~apl.interrupts.Interrupted`; so does data a task cannot load, raising that
+    :class:`~apl.errors.DataError` (the grid looked for the data before: it must be there).
     """
     ray = import_ray()
     from ray.util.queue import Queue  # here, with ray: an optional dependency
 
     check_options(address=address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, max_retries=max_retries)
     runs_dir, data_dir = Path(runs_dir).absolute(), Path(data_dir).absolute()
-    # A missing dataset is downloaded once, here, not by every task at the same time.
-    if not (data_dir / FOLDER).is_dir() and data_dir.name != FOLDER:
-        load_cifar10(data_dir, download=True)
     started = _connect(ray, address)
     marker = events = None
     try:
@@ -364,7 +400,11 @@ def run_ray(pending: list, runs_dir: Path, data_dir, manifest: Manifest, progres
         book = RunBook(pending, manifest, progress)
         driver = _Driver(ray, refs, events, book, manifest, max_retries, device)
         with graceful_stop() as stop:
-            driver.wait(stop)
+            try:
+                driver.wait(stop)
+            except BaseException as e:  # a second Ctrl-C: the runs it cut short say so
+                book.abandon(e)
+                raise
         signum = stop.signum or driver.interrupted
     finally:
         if marker is not None:
@@ -375,6 +415,8 @@ def run_ray(pending: list, runs_dir: Path, data_dir, manifest: Manifest, progres
                 events.shutdown(force=True)
         if started:
             ray.shutdown()
+    if driver.fatal is not None:
+        raise DataError(driver.fatal)
     if signum is not None:
         raise Interrupted(signum)
     return book.failures

@@ -1,6 +1,8 @@
 """The JSON records runs leave behind: each run's ``result.json``, the grid's manifest.
 
-A run folder's ``result.json`` is written by :func:`apl.train.train`; a grid folder holds
+A run folder's ``result.json`` is written by :func:`apl.train.train`, with the SHA-256 of its bytes
+beside it (``result.json.sha256``, ``sha256sum``'s format): a result damaged after it was written, even
+one that still parses, is named and never taken for a finished run (:func:`verify_result`). A grid folder holds
 ``runs/<run name>/result.json`` and ``manifest.json`` (what was planned, on which machine and
 software, with which command, and each run's status; grids sharing a folder update it under a lock).
 :mod:`apl.grid` keeps the manifest, :mod:`apl.report` reads both. Strict JSON throughout:
@@ -9,6 +11,7 @@ non-finite numbers are written ``null``, and every file is replaced atomically (
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -18,15 +21,21 @@ import torch
 
 from apl.config import TrainConfig
 from apl.devices import device_name, resolve_device
-from apl.jsonio import git_state, save_json
-from apl.runlock import manifest_lock
+from apl.errors import DamagedFile
+from apl.jsonio import atomic_write_bytes, git_state, save_json, save_text
+from apl.runlock import manifest_lock, run_is_locked
 
 __all__ = [
-    "RESULT_FILE", "MANIFEST_FILE", "utc_now", "read_number", "number_text", "finished_result", "is_current",
-    "load_run_records", "load_manifest", "environment", "Manifest", "run_summary",
+    "RESULT_FILE", "RESULT_CHECKSUM_FILE", "DAMAGED_SUFFIX", "MANIFEST_FILE", "utc_now", "read_number",
+    "number_text", "save_result", "read_result", "verify_result", "set_aside_result", "finished_result",
+    "is_current", "load_run_records", "load_manifest", "environment", "Manifest", "run_summary",
 ]
 
 RESULT_FILE = "result.json"
+#: Beside each result.json: the SHA-256 of its bytes, as ``sha256sum`` writes it (``sha256sum -c`` checks it).
+RESULT_CHECKSUM_FILE = RESULT_FILE + ".sha256"
+#: Added to a damaged result's name (and its checksum's) when it is set aside for its run to train again.
+DAMAGED_SUFFIX = ".damaged"
 MANIFEST_FILE = "manifest.json"
 #: What a run record must hold for the report to use it.
 _REQUIRED_KEYS = ("loss", "variant", "noise", "seed", "history", "final_test_acc", "best_test_acc")
@@ -52,17 +61,68 @@ def number_text(value, digits: int = 4) -> str:
     return "nan" if value is None else f"{value:.{digits}f}"
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- a run's result
+
+def save_result(run_dir: Path, result: dict) -> None:
+    """Write ``run_dir/result.json`` atomically (strict JSON, as :func:`apl.jsonio.save_json`), its checksum
+    first: a kill between the two leaves no result, so the run resumes and writes both again."""
+    data = json.dumps(result, indent=1, allow_nan=False).encode()
+    save_text(Path(run_dir) / RESULT_CHECKSUM_FILE, f"{hashlib.sha256(data).hexdigest()}  {RESULT_FILE}\n")
+    atomic_write_bytes(Path(run_dir) / RESULT_FILE, lambda f: f.write(data))
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """``run_dir``'s result.json, parsed (None when there is none); :class:`~apl.errors.DamagedFile` when
+    it is not a readable run record (truncated, garbled: no JSON object with a config)."""
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        result = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise DamagedFile(f"{path} is damaged: not a readable run record ({type(e).__name__}: {e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+        raise DamagedFile(f"{path} is damaged: not a run record (no config in a JSON object)")
+    return result
+
+
+def verify_result(run_dir: Path) -> None:
+    """:class:`~apl.errors.DamagedFile` unless ``run_dir``'s result.json has the bytes its checksum was taken
+    of; a result without a checksum (written before results had one) passes unchecked."""
+    path, checksum = Path(run_dir) / RESULT_FILE, Path(run_dir) / RESULT_CHECKSUM_FILE
+    try:
+        expected = checksum.read_text(encoding="ascii", errors="replace").split()[:1]
+    except FileNotFoundError:
+        return
+    if [hashlib.sha256(path.read_bytes()).hexdigest()] != expected:
+        raise DamagedFile(f"{path} is damaged: its bytes do not match the checksum in {checksum.name}")
+
+
+def set_aside_result(run_dir: Path) -> Path:
+    """Rename a damaged result.json (then its checksum) with :data:`DAMAGED_SUFFIX`, kept for a look, so
+    that its run trains again; return the result's new path. The caller holds the run's lock."""
+    run_dir = Path(run_dir)
+    for name in (RESULT_FILE, RESULT_CHECKSUM_FILE):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, run_dir / (name + DAMAGED_SUFFIX))
+    return run_dir / (RESULT_FILE + DAMAGED_SUFFIX)
+
 
 def finished_result(run_dir: Path, config: TrainConfig) -> dict | None:
-    """The run's result when it finished with this very config; else None (train decides:
-    it resumes a checkpoint, and refuses a folder holding another config's run)."""
+    """The run's result when it finished with this very config and is intact; else None (train decides:
+    it resumes a checkpoint, sets a damaged result aside and trains the run again, and refuses a folder
+    holding another config's run)."""
     try:
-        result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        same = not config.differences(result["config"])
-    except (OSError, ValueError, KeyError, TypeError):
+        result = read_result(run_dir)
+        if result is None or config.differences(result["config"]):
+            return None
+        verify_result(run_dir)
+    except (OSError, ValueError, KeyError, TypeError):  # DamagedFile is a ValueError
         return None
-    return result if same else None
+    return result
+
+
+# --------------------------------------------------------------------------- reading a grid
 
 
 def is_current(record: dict) -> bool:
@@ -84,36 +144,50 @@ def load_run_records(root) -> list[dict]:
     """Every finished run under ``root`` (a grid output folder or its ``runs/``), sorted by path.
 
     Each record is the run's ``result.json`` with ``_run`` (the run folder's name) added.
-    Raises ``ValueError`` when the folder does not exist or a record is unreadable.
+    Raises ``ValueError`` when the folder does not exist, :class:`~apl.errors.DamagedFile` naming
+    every record that is damaged (:func:`read_result`, :func:`verify_result`) or lacks a field the
+    report needs: none of them is ever reported.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"runs folder {root} does not exist")
-    records = []
+    records, damaged = [], []
     for path in sorted(_runs_dir(root).glob(f"*/{RESULT_FILE}")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read run record {path}: {e}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"run record {path} is not a JSON object")
+            record = read_result(path.parent)
+            verify_result(path.parent)
+        except DamagedFile as e:
+            damaged.append(str(e))
+            continue
         missing = [k for k in _REQUIRED_KEYS if k not in record]
         if missing:
-            raise ValueError(f"run record {path} lacks {', '.join(missing)}")
+            damaged.append(f"{path} lacks {', '.join(missing)}")
+            continue
         record["_run"] = path.parent.name
         records.append(record)
+    if damaged:
+        raise DamagedFile(f"{len(damaged)} run record(s) cannot be used: {'; '.join(damaged)}. Run the grid "
+                          f"again: it sets each aside ({RESULT_FILE}{DAMAGED_SUFFIX}) and trains its run again")
     return records
 
 
 def load_manifest(root) -> dict | None:
-    """The grid's ``manifest.json`` under ``root``, or None when there is none."""
+    """The grid's ``manifest.json`` under ``root``, or None when there is none. A run it lists as
+    ``running`` whose lock no process holds (its trainer was killed) reads as ``interrupted``."""
     path = Path(root) / MANIFEST_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read manifest {path}: {e}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    for name, entry in (runs or {}).items():
+        if isinstance(entry, dict) and entry.get("status") == "running" and \
+                not run_is_locked(Path(root) / "runs" / name):
+            entry.update(status="interrupted", error="the process training it ended before the run did "
+                                                     "(killed); run the grid again to resume it")
+    return data
 
 
 # --------------------------------------------------------------------------- the machine
@@ -146,6 +220,16 @@ def _empty_manifest() -> dict:
     return {"runs": {}, "invocations": []}
 
 
+def _merge_field(old, new):
+    """A top-level manifest field as grids sharing the folder leave it: lists are joined (each value once,
+    in the order first written), mappings merged key by key, other values the latest grid's."""
+    if isinstance(old, list) and isinstance(new, list):
+        return old + [v for v in new if v not in old]
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merge_field(old[k], v) if k in old else v for k, v in new.items()}}
+    return new
+
+
 def _merge_run(entry: dict, change: dict) -> None:
     """Apply ``change`` to a run's manifest ``entry``: a new status drops the old status's error, and
     ``busy`` (another process trained the run) does not cover the ``done`` that process recorded since."""
@@ -161,8 +245,10 @@ class Manifest:
 
     Several grid drivers may share ``out``. Each keeps its changes since its last save; a save takes
     the folder's manifest lock (:func:`apl.runlock.manifest_lock`), reads the file, applies those
-    changes to it and replaces it atomically, so no driver loses another's run entries or
-    invocation. ``data`` is the file as this driver last wrote it, with its changes since.
+    changes to it and replaces it atomically, so no driver loses another's run entries, invocation
+    or top-level values (:func:`_merge_field`: e.g. the losses of two grids on one folder are both
+    listed). ``started_at`` is the first invocation's, ``finished_at`` the latest one's (None while it
+    runs). ``data`` is the file as this driver last wrote it, with its changes since.
     """
 
     def __init__(self, out: Path, fresh: bool):
@@ -225,11 +311,15 @@ class Manifest:
         under the folder's manifest lock."""
         with manifest_lock(self.path.parent):
             data = _empty_manifest() if self._fresh else self._read()
-            data.update(self._fields)
+            for key, value in self._fields.items():
+                data[key] = _merge_field(data[key], value) if key in data else value
             for name, change in self._run_changes:
                 _merge_run(data["runs"].setdefault(name, {}), change)
             if self._invocation is not None:
                 self._place_invocation(data["invocations"])
+            if data["invocations"]:
+                data["started_at"] = data["invocations"][0].get("started_at")
+                data["finished_at"] = data["invocations"][-1].get("finished_at")
             sources = sorted({r["data_source"] for r in data["runs"].values() if r.get("data_source")})
             data["data_source"] = "; ".join(sources) or None
             save_json(self.path, dict(sorted(data.items())))

@@ -3,12 +3,13 @@
 :func:`run_sequential` trains the runs one after another here; :func:`run_parallel` starts one
 spawned worker per device, each taking configs from a shared queue and reporting events back
 (``(kind, worker index, run name, payload)``: start, epoch, done, failed, busy, interrupted,
-exit). A run's result depends only on its config, so both give the same records. Either way the
-manifest is updated as each run starts and ends, and one failed run does not stop the others.
+fatal, exit). A run's result depends only on its config, so both give the same records. Either way
+the manifest is updated as each run starts and ends, and one failed run does not stop the others;
+data that a worker cannot load (gone, damaged) stops the grid once, with that one error.
 SIGINT or SIGTERM stops the grid at a safe point: the grid process passes the stop on to its
 workers (each in its own process group, so that a terminal's Ctrl-C reaches them once, through
 it), waits for them to stop, and raises :class:`~apl.interrupts.Interrupted`; a second signal
-stops everything at once.
+stops everything at once, and the runs it cut short are marked ``interrupted`` on the way out.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from apl.config import TrainConfig
-from apl.data import FOLDER, load_cifar10
+from apl.data import load_cifar10
+from apl.errors import DataError, show_warnings
 from apl.interrupts import Interrupted, graceful_stop
 from apl.records import Manifest, run_summary
 from apl.runlock import RunInUse
@@ -105,8 +107,10 @@ class RunBook:
         self.epochs = {c.run_name(): c.epochs for c in pending}
         self.seen: dict[str, int] = {}
         self.failures: list[str] = []
+        self.running: set[str] = set()
 
     def started(self, name: str, device: str) -> None:
+        self.running.add(name)
         self.manifest.run(name, status="running", device=device)
         self.manifest.save()
 
@@ -116,6 +120,7 @@ class RunBook:
 
     def ended(self, name: str, error: str | None = None, summary: dict | None = None) -> None:
         """Run ``name`` ended: with ``error`` (a failure) or its manifest ``summary``."""
+        self.running.discard(name)
         if error is not None:
             self.failures.append(name)
             self.manifest.run(name, status="failed", error=error)
@@ -128,11 +133,23 @@ class RunBook:
     def set_aside(self, name: str, status: str, why: str, *, quiet: bool = False) -> None:
         """Run ``name`` stopped unfinished, not failed: ``busy`` (another process trains it) or
         ``interrupted`` (a signal); a later grid picks it up. ``quiet``: the grid's own message follows."""
+        self.running.discard(name)
         self.manifest.run(name, status=status, error=why)
         if not quiet:
             self.progress.say(f"[grid] run {name} {status}: {why}")
         self.progress.skip(self.epochs[name] - self.seen.get(name, 0))
         self.manifest.save()
+
+    def abandon(self, error: BaseException) -> None:
+        """The grid stops at once on ``error`` (a second Ctrl-C, a failure of its own): mark the runs still
+        running ``interrupted`` and save, as far as the disk lets it (``error`` is what the caller raises)."""
+        why = ("stopped at once by a second Ctrl-C" if isinstance(error, KeyboardInterrupt) else
+               f"the grid stopped: {failure_text(error)}")
+        for name in sorted(self.running):
+            self.manifest.run(name, status="interrupted", error=f"{why}; run the grid again to resume it")
+        self.running.clear()
+        with contextlib.suppress(Exception):  # a manifest that cannot be saved must not hide ``error``
+            self.manifest.save()
 
 
 def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manifest: Manifest,
@@ -141,25 +158,36 @@ def run_sequential(pending: list, runs_dir: Path, device: tuple, data_dir, manif
     book = RunBook(pending, manifest, progress)
     # One stop request for the whole grid (each run shares it): a signal between runs stops it too.
     with graceful_stop() as stop:
-        data = load_cifar10(data_dir, download=True)
-        for cfg in pending:
-            stop.check()
-            cfg = with_execution(cfg, device[0], device[1], data_dir)
-            name = cfg.run_name()
-            book.started(name, device[0])
-            try:
-                result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
-                               on_epoch=lambda record, name=name: book.epoch(name, record["epoch_time_s"]))
-            except Interrupted as e:  # a stop asked for by a signal ends the grid, at this run's safe point
-                book.set_aside(name, "interrupted", str(e), quiet=True)
-                raise
-            except RunInUse as e:
-                book.set_aside(name, "busy", str(e))
-            except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
-                book.ended(name, error=failure_text(e))
-            else:
-                book.ended(name, summary=run_summary(result))
+        data = load_cifar10(data_dir, download=False)  # the grid found it (or downloaded it) already
+        try:
+            for cfg in pending:
+                stop.check()
+                _train_one(cfg, book, runs_dir, device, data_dir, data, show)
+        except Interrupted:
+            raise
+        except BaseException as e:  # a second Ctrl-C: the run it cut short says so
+            book.abandon(e)
+            raise
     return book.failures
+
+
+def _train_one(cfg: TrainConfig, book: RunBook, runs_dir: Path, device: tuple, data_dir, data, show: bool) -> None:
+    """Train one run of :func:`run_sequential` and record how it ended."""
+    cfg = with_execution(cfg, device[0], device[1], data_dir)
+    name = cfg.run_name()
+    book.started(name, device[0])
+    try:
+        result = train(cfg, runs_dir / name, resume=True, progress=show, data=data,
+                       on_epoch=lambda record: book.epoch(name, record["epoch_time_s"]))
+    except Interrupted as e:  # a stop asked for by a signal ends the grid, at this run's safe point
+        book.set_aside(name, "interrupted", str(e), quiet=True)
+        raise
+    except RunInUse as e:
+        book.set_aside(name, "busy", str(e))
+    except Exception as e:  # noqa: BLE001 - one failed run must not stop a long grid
+        book.ended(name, error=failure_text(e))
+    else:
+        book.ended(name, summary=run_summary(result))
 
 
 def _die_with_parent() -> None:
@@ -172,9 +200,11 @@ def _die_with_parent() -> None:
 
 def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, tasks, events) -> None:
     """Worker process ``index``: take configs from ``tasks`` until None, train each on ``device``;
-    a stop passed on by the grid process ends the run in progress at its safe point, and the worker."""
+    a stop passed on by the grid process ends the run in progress at its safe point, and the worker; so
+    does data it cannot load (``fatal``: no run of this grid can train)."""
     _die_with_parent()
     os.setpgrp()  # a terminal's Ctrl-C goes to the grid process alone, which passes the stop on once
+    show_warnings()
     if threads:
         torch.set_num_threads(threads)
     data = None
@@ -195,6 +225,9 @@ def _worker(index: int, device: str, threads, data_dir: str, runs_dir: str, task
             except Interrupted as e:  # the grid passed a stop on: no more runs
                 events.put(("interrupted", index, name, e.signum))
                 break
+            except DataError as e:  # the data went (or is damaged): the grid stops, with this one message
+                events.put(("fatal", index, name, str(e)))
+                break
             except RunInUse as e:
                 events.put(("busy", index, name, str(e)))
             except Exception as e:  # noqa: BLE001 - reported to the grid, which carries on
@@ -214,11 +247,12 @@ def _pass_stop_to(procs: list):
     return pass_on
 
 
-def _collect(events, procs: list, devices: list, book: RunBook) -> int | None:
+def _collect(events, procs: list, devices: list, book: RunBook, stop_workers) -> tuple[int | None, str | None]:
     """Record the workers' events until every worker has exited; return the signal that stopped
-    one of them, if one did."""
+    one of them, if one did, and the data error that stopped the grid, if one did (the first one
+    calls ``stop_workers(signum)`` to stop the others at their safe points)."""
     current: dict[int, str | None] = {i: None for i in range(len(procs))}
-    interrupted = None
+    interrupted = fatal = None
     while current:
         try:
             kind, index, name, payload = events.get(timeout=_EVENT_WAIT_S)
@@ -244,19 +278,24 @@ def _collect(events, procs: list, devices: list, book: RunBook) -> int | None:
             current[index] = None
             interrupted = payload
             book.set_aside(name, "interrupted", str(Interrupted(payload)), quiet=True)
+        elif kind == "fatal":
+            current[index] = None
+            book.set_aside(name, "interrupted", f"the grid stopped: {payload}", quiet=True)
+            if fatal is None:
+                fatal = payload
+                stop_workers(signal.SIGTERM)
         else:
             current[index] = None
             book.ended(name, error=payload if kind == "failed" else None,
                        summary=payload if kind == "done" else None)
-    return interrupted
+    return interrupted, fatal
 
 
 def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifest: Manifest,
                  progress: Progress) -> list:
-    """Train ``pending`` in one worker per ``(device, threads)`` of ``devices``; return the failed run names."""
-    # A missing dataset is downloaded once, here, not by every worker at the same time.
-    if not (Path(data_dir) / FOLDER).is_dir() and Path(data_dir).name != FOLDER:
-        load_cifar10(data_dir, download=True)
+    """Train ``pending`` in one worker per ``(device, threads)`` of ``devices``; return the failed run names.
+    The data must be there (the grid looked for it): a worker that cannot load it stops the grid, which
+    raises that :class:`~apl.errors.DataError` once."""
     ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or OpenMP state
     tasks, events = ctx.Queue(), ctx.Queue()
     for cfg in pending:
@@ -269,19 +308,23 @@ def run_parallel(pending: list, runs_dir: Path, devices: list, data_dir, manifes
     for p in procs:
         p.start()
     book = RunBook(pending, manifest, progress)
+    stop_workers = _pass_stop_to(procs)
     try:
-        with graceful_stop(on_stop=_pass_stop_to(procs)) as stop:
-            interrupted = _collect(events, procs, devices, book)
+        with graceful_stop(on_stop=stop_workers) as stop:
+            interrupted, fatal = _collect(events, procs, devices, book, stop_workers)
         interrupted = stop.signum or interrupted
-    except BaseException:
+    except BaseException as e:
         for p in procs:
             p.kill()  # a second signal, or a failure of the grid process itself: no waiting for the workers
+        book.abandon(e)
         raise
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+    if fatal is not None:
+        raise DataError(fatal)
     if interrupted is not None:
         raise Interrupted(interrupted)
     return book.failures

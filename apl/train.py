@@ -14,7 +14,6 @@ history and result.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import sys
@@ -40,12 +39,13 @@ from apl.checkpoint import (
 from apl.config import TrainConfig
 from apl.data import NORMALIZATIONS, CIFAR10Arrays, DeviceData, load_cifar10
 from apl.devices import device_name, resolve_device
+from apl.errors import DamagedFile, DataError, OutputError
 from apl.interrupts import StopRequest, graceful_stop
-from apl.jsonio import jsonable, save_json
+from apl.jsonio import jsonable
 from apl.losses import get_loss, resolve_backend
 from apl.losses.spec import spec_for
 from apl.models import build_model, param_count
-from apl.records import RESULT_FILE, number_text, utc_now
+from apl.records import RESULT_FILE, number_text, read_result, save_result, set_aside_result, utc_now, verify_result
 from apl.runlock import run_lock
 
 __all__ = ["train", "RESULT_FILE", "CHECKPOINT_FILE", "MODEL_FILE"]
@@ -185,8 +185,11 @@ def train(config: TrainConfig, out_dir, *, resume: bool = True, progress: bool =
     """Train one configuration into ``out_dir`` and return its result (also in ``result.json``).
 
     ``resume=True``: a finished run (``result.json`` of the same config) is returned as is;
-    a checkpoint continues from its next epoch. ``resume=False`` deletes both and starts
-    fresh. A folder holding another config's run raises ``ValueError``; a run another process is
+    a checkpoint continues from its next epoch; a damaged result (:func:`apl.records.verify_result`)
+    is set aside (``result.json.damaged``, with a warning naming it) and the run trained again.
+    ``resume=False`` deletes result and checkpoint and starts fresh. A folder holding another
+    config's run, or a damaged checkpoint, raises :class:`apl.errors.DamagedFile` (a ``ValueError``);
+    one that cannot be written (or disappears) :class:`apl.errors.OutputError`; a run another process is
     training raises :class:`apl.runlock.RunInUse` (one trainer per run); SIGINT or SIGTERM stops
     it after the batch in progress with :class:`apl.interrupts.Interrupted` (its epoch abandoned,
     the checkpoint kept: the same call resumes). ``data`` reuses already loaded arrays (else
@@ -203,7 +206,11 @@ def train(config: TrainConfig, out_dir, *, resume: bool = True, progress: bool =
     if on_epoch is not None and not callable(on_epoch):
         raise ValueError("on_epoch must be callable or None")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the run folder {out_dir} ({e.strerror}): the output folder must be "
+                          f"writable; fix that and run the same command again") from e
     # RunInUse when another process trains this run; Interrupted after SIGINT/SIGTERM, at a safe point
     with run_lock(out_dir), graceful_stop() as stop:
         return _train_locked(config, out_dir, resume=resume, progress=progress, data=data, on_epoch=on_epoch,
@@ -216,16 +223,11 @@ def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress:
     result_path = out_dir / RESULT_FILE
     if not resume:
         clear_run(out_dir)
-    elif result_path.exists():
-        try:
-            result = json.loads(result_path.read_text())
-            saved_config = result["config"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{result_path} is not a readable result ({type(e).__name__}: {e}); "
-                             f"use resume=False (--fresh) to run again") from e
-        check_same_run(saved_config, config, "a finished run", out_dir)
-        _print_or_log(progress, f"{result_path} exists: returning the finished run without training")
-        return result
+    else:
+        result = _finished_run(config, out_dir)
+        if result is not None:
+            _print_or_log(progress, f"{result_path} exists: returning the finished run without training")
+            return result
 
     device = resolve_device(config.device)
     old_threads = torch.get_num_threads()
@@ -239,10 +241,39 @@ def _train_locked(config: TrainConfig, out_dir: Path, *, resume: bool, progress:
         with torch.random.fork_rng(devices=cuda_devices):
             return _train_run(config, out_dir, device, data, progress=progress, on_epoch=on_epoch,
                               resume=resume, stop=stop)
+    except FileNotFoundError as e:
+        if isinstance(e, DataError) or out_dir.is_dir():
+            raise
+        raise OutputError(f"the run folder {out_dir} disappeared while the run trained (deleted or unmounted): "
+                          f"{e.strerror or e}; run the same command again to start the run over") from e
     finally:
         torch.set_num_threads(old_threads)
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+def _finished_run(config: TrainConfig, out_dir: Path) -> dict | None:
+    """The run's result when it finished and is intact; None when it did not finish, or when its result is
+    damaged (set aside and named: the run trains again). ``DamagedFile`` when the folder holds another
+    config's run (checked first: a folder of someone else's run is never trained over)."""
+    try:
+        result = read_result(out_dir)
+    except DamagedFile as e:
+        return _set_aside(out_dir, e)
+    if result is None:
+        return None
+    check_same_run(result["config"], config, "a finished run", out_dir)
+    try:
+        verify_result(out_dir)
+    except DamagedFile as e:
+        return _set_aside(out_dir, e)
+    return result
+
+
+def _set_aside(out_dir: Path, damage: DamagedFile) -> None:
+    """Set a damaged result aside (:func:`apl.records.set_aside_result`) and say so, once."""
+    path = set_aside_result(out_dir)
+    log.warning(f"{damage}; set aside as {path.name}, the run trains again")
 
 
 def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *, progress: bool,
@@ -309,7 +340,7 @@ def _train_run(config: TrainConfig, out_dir: Path, device: torch.device, data, *
     result = _result(config, history, on_device, data, trainer.model, device,
                      wall=prior_wall + time.perf_counter() - t_start, resumed_at=resumed_at)
     save_model(out_dir, trainer.model)  # before result.json, whose presence marks the run finished
-    save_json(result_path, result)
+    save_result(out_dir, result)
     if ckpt_path.exists():
         ckpt_path.unlink()
     _print_or_log(progress, f"{config.run_name()}: final test acc {number_text(result['final_test_acc'], 2)}  best "

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from apl.cli import main
+from apl.errors import NO_DATA
 from apl.records import RESULT_FILE
 
 # --------------------------------------------------------------------------- train
@@ -47,7 +48,7 @@ def test_cli_errors_are_one_line(tmp_path, cifar_dir, capsys, monkeypatch):
         raise OSError("offline")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     assert main(["train", "--epochs", "1", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "b"),
-                 "--quiet"]) == 2
+                 "--quiet"]) == NO_DATA
     assert "cifar-10-batches-py" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--protocol", "nope"])

@@ -23,7 +23,7 @@ def test_the_first_signal_asks_the_second_acts(monkeypatch):
         assert stop.signum == signal.SIGINT
         with pytest.raises(Interrupted, match="stopped by SIGINT at a safe point") as info:
             stop.check()
-        assert info.value.exit_status == 130
+        assert info.value.status == 130
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own handler, at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)

@@ -25,6 +25,7 @@ from conftest import assert_same_records, comparable_record, run_results
 from apl.cli import main
 from apl.config import TrainConfig
 from apl.data import write_cifar10_folder
+from apl.errors import NO_RAY
 from apl.grid import run_grid
 from apl.plan import plan_grid
 from apl.ray_engine import _storage_problem, check_options
@@ -108,7 +109,7 @@ class _Counted(Progress):
 
 def test_without_ray_engine_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    assert main(["grid", *GRID_ARGS, "--out", str(tmp_path), "--engine", "ray"]) == 2
+    assert main(["grid", *GRID_ARGS, "--out", str(tmp_path), "--engine", "ray"]) == NO_RAY
     err = capsys.readouterr().err
     assert "pip install '.[ray]'" in err and "--engine ray" in err
     assert not (tmp_path / "manifest.json").exists()  # refused before anything was written

@@ -14,6 +14,7 @@ import pytest
 
 import apl.runlock as runlock
 from apl.config import TrainConfig
+from apl.errors import BUSY, OutputError, exit_status
 from apl.grid import run_grid
 from apl.plan import preset_config
 from apl.runlock import LOCK_FILE, RunInUse, run_lock
@@ -60,20 +61,23 @@ def test_a_run_another_process_trains_is_refused_and_a_killed_holder_leaves_no_l
     assert result["epochs_completed"] == 1
 
 
-def test_the_grid_leaves_a_busy_run_to_its_trainer(tmp_path, cifar_dir, capsys):
+def test_the_grid_leaves_a_busy_run_to_its_trainer(tmp_path, cifar_dir):
+    """The grid trains the others, then ends with RunInUse (status 75: busy, try later) naming the run."""
     subset = dict(losses=["ce", "nce"], noise=[0.2], variants=["paper"])
     busy = preset_config("quick", loss="nce", variant="paper", noise=0.2, seed=0, overrides=TINY).run_name()
     (tmp_path / "runs" / busy).mkdir(parents=True)
     holder = _hold_lock(tmp_path / "runs" / busy)
     try:
-        run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **subset)
+        with pytest.raises(RunInUse, match=rf"1 run\(s\) left to the other process\(es\) training them: {busy}; "
+                                           "run the same command again once they end") as info:
+            run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **subset)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert exit_status(info.value) == BUSY
     runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
     assert runs[busy]["status"] == "busy" and f"pid {holder.pid}" in runs[busy]["error"]
     assert [r["status"] for name, r in runs.items() if name != busy] == ["done"]
-    assert f"1 run(s) left to the other process(es) training them: {busy}" in capsys.readouterr().err
     run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **subset)
     runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
     assert {r["status"] for r in runs.values()} == {"done"}
@@ -84,6 +88,6 @@ def test_a_run_folder_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypa
     def denied(path, flags, mode=0o777):
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(runlock.os, "open", denied)
-    with pytest.raises(ValueError, match=r"cannot lock the run folder .* \(Permission denied\): it must be writable"):
+    with pytest.raises(OutputError, match=r"cannot lock the run folder .* \(Permission denied\): it must be writable"):
         with run_lock(tmp_path):
             pass
