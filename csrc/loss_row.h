@@ -36,7 +36,9 @@ namespace row {
 // clang-format off
 #define APL_LOSS_KINDS(X)                                                                        \
   X(NONE, 0) X(CE, 1) X(FL, 2) X(FL_DETACHED, 3) X(NCE_MA2020, 4) X(NFL_MA2020, 5) X(NCE_PAPER, 6) \
-  X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10) X(MAE_AUTHOR, 11) X(RCE_AUTHOR, 12)
+  X(NFL_PAPER, 7) X(MAE, 8) X(RCE, 9) X(GCE, 10) X(MAE_AUTHOR, 11) X(RCE_AUTHOR, 12) X(AGCE, 13)     \
+  X(AUL, 14) X(AEL, 15) X(NNCE, 16) X(NNFL, 17) X(AMSE, 18) X(ECE, 19) X(EFL, 20) X(MAE2, 21)       \
+  X(NGCE, 22) X(NMAE, 23) X(NRCE, 24)
 
 enum Kind : int {
 #define APL_KIND_VALUE(name, code) name = code,
@@ -183,9 +185,10 @@ APL_HD bool is_normalised(int kind) { return kind == NCE_MA2020 || kind == NFL_M
 APL_HD bool is_batch_level(int kind) { return kind == NCE_PAPER || kind == NFL_PAPER; }
 // The fused operator takes any kind as the active term; the passive term must not need
 // columns of its own (normalisers) nor a batch statistic.
-APL_HD bool valid_active(int kind) { return kind > NONE && kind < NUM_KINDS; }
+// The successors' kinds (AGCE ..) are named for the ABI but not computed by these kernels yet.
+APL_HD bool valid_active(int kind) { return kind > NONE && kind <= RCE_AUTHOR; }
 APL_HD bool valid_passive(int kind) {
-  return kind >= NONE && kind < NUM_KINDS && !is_normalised(kind) && !is_batch_level(kind);
+  return kind >= NONE && kind <= RCE_AUTHOR && !is_normalised(kind) && !is_batch_level(kind);
 }
 template <typename T>
 APL_HD bool uses(const LossParams<T>& p, int kind) {

@@ -19,6 +19,7 @@ import torch
 import apl.losses.fused as fused
 from apl.config import TrainConfig
 from apl.data import load_cifar10, write_cifar10_folder
+from apl.losses.spec import APL_NAMES, SUCCESSOR_NAMES, VARIANTS
 
 #: The target value of ignored rows (as F.cross_entropy's default).
 IGNORE_INDEX = -100
@@ -33,6 +34,18 @@ def _cuda_skip_reason() -> str:
     if not fused.cuda_available():
         return "the apl extension was built without its CUDA kernels (rebuild with scripts/setup_env.sh --cuda)"
     return ""
+
+
+#: Every public loss as (name, variant): the APL losses in each of their forms, the successors in their one form.
+LOSS_CASES = [(name, variant) for name in APL_NAMES for variant in VARIANTS] + \
+    [(name, "ma2020") for name in SUCCESSOR_NAMES]
+
+
+def require_fused_spec(spec) -> None:
+    """Skip, with the reason, where the fused operator does not compute ``spec`` yet."""
+    reason = fused.unsupported_reason(spec)
+    if reason:
+        pytest.skip(reason)
 
 
 #: Tests of the compiled operator: skipped, with the reason, where the extension is not built.

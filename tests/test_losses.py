@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_batch
+from conftest import LOSS_CASES, random_batch
 
 import apl.losses as L
 import apl.losses.functional as AF
 from apl.losses import APLLoss, available_losses, compute_loss, get_loss, reference_loss
-from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
+from apl.losses.spec import APL_NAMES, LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
 
-ALL = [(name, variant) for name in LOSS_NAMES for variant in VARIANTS]
+ALL = [(name, variant) for name in APL_NAMES for variant in VARIANTS]  # the successors: tests/test_successors.py
 REDUCTIONS = ("mean", "sum", "none")
 # Kinds whose weights are detached: autograd's gradient is not the numerical derivative.
 DETACHED = {("fl", "ma2020"), ("nfl", "ma2020"), ("nfl+mae", "ma2020"), ("nfl+rce", "ma2020")}
@@ -31,8 +31,8 @@ def ref(name, logits, target, variant="ma2020", reduction="mean", ignore_index=-
 
 
 def functional_of(name):
-    """apl.functional's function for a loss name ('+' spelled '_')."""
-    return getattr(AF, name.replace("+", "_"))
+    """apl.functional's function for a loss name ('+' and '-' spelled '_')."""
+    return getattr(AF, name.replace("+", "_").replace("-", "_"))
 
 
 def call_functional(name, logits, target, variant, **kw):
@@ -471,7 +471,7 @@ def test_registry_lists_every_loss():
     assert set(L.LOSSES) == set(LOSS_NAMES)
 
 
-@pytest.mark.parametrize("name, variant", ALL)
+@pytest.mark.parametrize("name, variant", LOSS_CASES)
 def test_get_loss_matches_functional_and_reference(name, variant):
     z, t = logits_and_targets(8, 10, seed=17)
     t[5] = -100
@@ -508,7 +508,7 @@ def test_module_parameters_reach_the_spec():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name, variant", ALL)
+@pytest.mark.parametrize("name, variant", LOSS_CASES)
 def test_low_precision_inputs(name, variant, dtype):
     z, t = logits_and_targets(16, 10, seed=19, scale=2.0, dtype=dtype)
     x = z.clone().requires_grad_()

@@ -26,6 +26,9 @@ Importing this module never fails: :func:`is_available` tells whether the extens
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from apl.losses.checks import (
@@ -46,17 +49,37 @@ __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_
 #: ``reduction`` string -> the operator's integer code.
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 #: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
+SUPPORTED_ACTIVE = tuple(k for k in Kind if Kind.NONE < k <= Kind.RCE_AUTHOR)
 SUPPORTED_PASSIVE = (Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE, Kind.MAE_AUTHOR,
                      Kind.RCE_AUTHOR)
 
-try:
-    from apl import _C  # noqa: F401  (loading the library registers torch.ops.apl.*)
-except ImportError as exc:  # not built, or built against another torch
+#: Beside the extension, the torch release it was built against (setup.py writes it with the build).
+_BUILD_RECORD = Path(__file__).resolve().parent.parent / "_C_build.json"
+
+
+def _torch_mismatch() -> str:
+    """Why apl._C must not be loaded into this torch: it was built against another release ('' when it
+    was built against this one, or did not record which)."""
+    try:
+        built = json.loads(_BUILD_RECORD.read_text(encoding="utf-8"))["torch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""  # a build without the record (an older or a hand-made one): loading it is the only test
+    if built == torch.__version__:
+        return ""
+    return (f"the extension apl._C was built against torch {built}, but this is torch {torch.__version__}; "
+            f"install torch=={built}, or rebuild apl against this torch (`pip install --no-build-isolation -e .`)")
+
+
+_IMPORT_ERROR = _torch_mismatch()
+if _IMPORT_ERROR:  # a library built for another torch's ABI may crash the process when loaded: not loaded
     _C = None
-    _IMPORT_ERROR = f"the extension apl._C is not importable ({exc}); build it with " \
-                    f"`pip install --no-build-isolation -e .`"
 else:
-    _IMPORT_ERROR = ""
+    try:
+        from apl import _C  # noqa: F401  (loading the library registers torch.ops.apl.*)
+    except ImportError as exc:  # not built, or its library does not link against this torch
+        _C = None
+        _IMPORT_ERROR = f"the extension apl._C is not importable ({exc}); build it with " \
+                        f"`pip install --no-build-isolation -e .`"
 
 
 def _abi_mismatch() -> str:
@@ -146,6 +169,9 @@ def unsupported_reason(spec: LossSpec) -> str:
     """Why the operator does not compute ``spec`` ('' when it does)."""
     if not isinstance(spec, LossSpec):
         return f"spec must be an apl.losses.spec.LossSpec, got {type(spec).__name__}"
+    if spec.active not in SUPPORTED_ACTIVE:
+        return (f"the fused operator does not compute {spec.active.name} yet (supported active kinds: "
+                f"{', '.join(k.name for k in SUPPORTED_ACTIVE)})")
     if spec.passive not in SUPPORTED_PASSIVE:
         return (f"the fused operator does not support {spec.passive.name} as the passive term (supported: "
                 f"{', '.join(k.name for k in SUPPORTED_PASSIVE)})")

@@ -15,26 +15,39 @@ import apl.losses.fused as fused
 from apl.losses.backend import backend_for, check_backend
 from apl.losses.checks import check_call, check_num_classes
 from apl.losses.reference import reference_loss
-from apl.losses.spec import Kind, LossSpec, canonical_name, spec_for
+from apl.losses.spec import (
+    A_KINDS,
+    ALIASES,
+    M_KINDS,
+    MIN_PROB_KINDS,
+    Q_KINDS,
+    Kind,
+    LossSpec,
+    canonical_name,
+    spec_for,
+)
 
 __all__ = [
     "APLLoss", "get_loss", "available_losses", "LOSSES", "SPEC_PARAMS", "CELoss", "FocalLoss", "MAELoss", "RCELoss",
     "GCELoss", "SCELoss", "NCELoss", "NFLLoss", "NCEMAELoss", "NCERCELoss", "NFLMAELoss", "NFLRCELoss",
+    "AGCELoss", "AULLoss", "AELLoss", "NCEAGCELoss", "NCEAULLoss", "NCEAELLoss", "NNCELoss", "NNFLLoss", "ANLCELoss",
+    "ANLFLLoss", "AMSELoss", "NCEAMSELoss", "NFLAMSELoss", "ECELoss", "EFLLoss", "ECEMAELoss", "EFLMAELoss",
+    "NGCELoss", "NMAELoss", "NRCELoss", "NGCEMAELoss", "NGCERCELoss",
 ]
 
 #: Keyword parameters that :func:`apl.losses.spec.spec_for` understands.
-SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta", "label_smoothing")
+SPEC_PARAMS = ("variant", "gamma", "q", "lam", "alpha", "beta", "label_smoothing", "a", "m", "min_prob")
 
 
 def _describe(spec: LossSpec) -> str:
     parts = [f"active={spec.active.name}", f"alpha={spec.alpha:g}"]
     if spec.passive != Kind.NONE:
         parts += [f"passive={spec.passive.name}", f"beta={spec.beta:g}"]
-    kinds = (spec.active, spec.passive)
     if spec.uses_gamma:
         parts.append(f"gamma={spec.gamma:g}")
-    if Kind.GCE in kinds:
-        parts.append(f"q={spec.q:g}")
+    for param, kinds in (("q", Q_KINDS), ("a", A_KINDS), ("m", M_KINDS), ("min_prob", MIN_PROB_KINDS)):
+        if spec.kinds & kinds:
+            parts.append(f"{param}={getattr(spec, param):g}")
     if spec.smoothing:
         parts.append(f"label_smoothing={spec.smoothing:g}")
     return ", ".join(parts)
@@ -194,10 +207,123 @@ class NFLRCELoss(_NamedLoss):
     loss_name = "nfl+rce"
 
 
+class AGCELoss(_NamedLoss):
+    """Asymmetric generalised cross entropy ``((a+1)^q - (a+p_y)^q) / q`` (LOSSES.md ``agce``)."""
+    loss_name = "agce"
+
+
+class AULLoss(_NamedLoss):
+    """Asymmetric unhinged loss ``((a-p_y)^q - (a-1)^q) / q``, ``a > 1`` (LOSSES.md ``aul``)."""
+    loss_name = "aul"
+
+
+class AELLoss(_NamedLoss):
+    """Asymmetric exponential loss ``exp(-p_y / a)`` (LOSSES.md ``ael``)."""
+    loss_name = "ael"
+
+
+class NCEAGCELoss(_NamedLoss):
+    """``alpha*NCE + beta*AGCE`` (LOSSES.md ``nce+agce``)."""
+    loss_name = "nce+agce"
+
+
+class NCEAULLoss(_NamedLoss):
+    """``alpha*NCE + beta*AUL`` (LOSSES.md ``nce+aul``)."""
+    loss_name = "nce+aul"
+
+
+class NCEAELLoss(_NamedLoss):
+    """``alpha*NCE + beta*AEL`` (LOSSES.md ``nce+ael``)."""
+    loss_name = "nce+ael"
+
+
+class NNCELoss(_NamedLoss):
+    """Normalised negative cross entropy, probabilities clamped at ``min_prob`` (LOSSES.md ``nnce``)."""
+    loss_name = "nnce"
+
+
+class NNFLLoss(_NamedLoss):
+    """Normalised negative focal loss (LOSSES.md ``nnfl``)."""
+    loss_name = "nnfl"
+
+
+class ANLCELoss(_NamedLoss):
+    """Active Negative Loss ``alpha*NCE + beta*NNCE`` (LOSSES.md ``anl-ce``); train it with the L1 term."""
+    loss_name = "anl-ce"
+
+
+class ANLFLLoss(_NamedLoss):
+    """Active Negative Loss ``alpha*NFL + beta*NNFL`` (LOSSES.md ``anl-fl``); train it with the L1 term."""
+    loss_name = "anl-fl"
+
+
+class AMSELoss(_NamedLoss):
+    """Asymmetric mean square error, the mean over classes of ``(p_k - a onehot_k)^2`` (LOSSES.md ``amse``)."""
+    loss_name = "amse"
+
+
+class NCEAMSELoss(_NamedLoss):
+    """Joint Asymmetric Loss JAL-CE ``alpha*NCE + beta*AMSE`` (LOSSES.md ``nce+amse``)."""
+    loss_name = "nce+amse"
+
+
+class NFLAMSELoss(_NamedLoss):
+    """Joint Asymmetric Loss JAL-FL ``alpha*NFL + beta*AMSE`` (LOSSES.md ``nfl+amse``)."""
+    loss_name = "nfl+amse"
+
+
+class ECELoss(_NamedLoss):
+    """Cross entropy of the epsilon-softmax, top probability boosted by ``m`` (LOSSES.md ``ece``)."""
+    loss_name = "ece"
+
+
+class EFLLoss(_NamedLoss):
+    """Focal loss of the epsilon-softmax (LOSSES.md ``efl``)."""
+    loss_name = "efl"
+
+
+class ECEMAELoss(_NamedLoss):
+    """``alpha*ECE + beta*2(1 - p_y)`` as the epsilon-softmax code computes it (LOSSES.md ``ece+mae``)."""
+    loss_name = "ece+mae"
+
+
+class EFLMAELoss(_NamedLoss):
+    """``alpha*EFL + beta*2(1 - p_y)`` as the epsilon-softmax code computes it (LOSSES.md ``efl+mae``)."""
+    loss_name = "efl+mae"
+
+
+class NGCELoss(_NamedLoss):
+    """Normalised generalised cross entropy (LOSSES.md ``ngce``)."""
+    loss_name = "ngce"
+
+
+class NMAELoss(_NamedLoss):
+    """Normalised MAE as the cited work's code computes it (LOSSES.md ``nmae``)."""
+    loss_name = "nmae"
+
+
+class NRCELoss(_NamedLoss):
+    """Normalised RCE as the cited work's code computes it (LOSSES.md ``nrce``)."""
+    loss_name = "nrce"
+
+
+class NGCEMAELoss(_NamedLoss):
+    """``alpha*NGCE + beta*MAE`` (LOSSES.md ``ngce+mae``)."""
+    loss_name = "ngce+mae"
+
+
+class NGCERCELoss(_NamedLoss):
+    """``alpha*NGCE + beta*RCE`` (LOSSES.md ``ngce+rce``)."""
+    loss_name = "ngce+rce"
+
+
 #: name -> builder (a module class); ``LOSSES[name](num_classes=..., **params)`` builds the loss.
 LOSSES = MappingProxyType({cls.loss_name: cls for cls in (
     CELoss, FocalLoss, MAELoss, RCELoss, GCELoss, SCELoss, NCELoss, NFLLoss,
-    NCEMAELoss, NCERCELoss, NFLMAELoss, NFLRCELoss)})
+    NCEMAELoss, NCERCELoss, NFLMAELoss, NFLRCELoss,
+    AGCELoss, AULLoss, AELLoss, NCEAGCELoss, NCEAULLoss, NCEAELLoss, NNCELoss, NNFLLoss, ANLCELoss, ANLFLLoss,
+    AMSELoss, NCEAMSELoss, NFLAMSELoss, ECELoss, EFLLoss, ECEMAELoss, EFLMAELoss,
+    NGCELoss, NMAELoss, NRCELoss, NGCEMAELoss, NGCERCELoss)})
 
 
 def available_losses() -> tuple[str, ...]:
@@ -209,11 +335,12 @@ def get_loss(name: str, num_classes: int | None = 10, **params) -> nn.Module:
     """Build the loss module called ``name`` (one of :func:`available_losses`; ``_`` may replace ``+``).
 
     ``params``: ``variant`` ("ma2020" | "paper" | "author"), ``gamma``, ``q``, ``lam`` or
-    ``alpha``/``beta``, ``reduction``, ``ignore_index``, ``backend``, ``weight``. Any other name raises
+    ``alpha``/``beta``, ``a``, ``m``, ``min_prob`` (each loss takes those of its formula, defaulting to its
+    official CIFAR-10 values), ``reduction``, ``ignore_index``, ``backend``, ``weight``. Any other name raises
     ``ValueError``. ``num_classes`` (default 10, CIFAR-10) is checked against the logits;
     ``None`` skips the check. Formulas: LOSSES.md.
     """
     key = canonical_name(name)
     if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)} (aliases: {', '.join(ALIASES)})")
     return LOSSES[key](num_classes=num_classes, **params)

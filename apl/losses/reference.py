@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from apl.losses.checks import check_call, positions_as_rows, validate_inputs, validate_weight
-from apl.losses.spec import LABEL_CLAMP, PROB_CLAMP, RCE_A, Kind, LossSpec, author_affine
+from apl.losses.spec import (
+    AFFINE_KINDS,
+    EPS_SOFTMAX_CLAMP,
+    LABEL_CLAMP,
+    PROB_CLAMP,
+    Kind,
+    LossSpec,
+    affine,
+    rce_scale,
+)
 
 __all__ = ["reference_loss"]
 
@@ -86,6 +95,14 @@ class _Rows:
         return torch.logsumexp(self.log_p.masked_fill(self.onehot, float("-inf")), dim=1)
 
     @_lazy
+    def p_y(self) -> torch.Tensor:
+        return self.log_p_y.exp()
+
+    @_lazy
+    def one_minus_p_y(self) -> torch.Tensor:
+        return self.log1m_p_y.exp()  # 1 - p_y, without the cancellation of 1 - exp(log p_y)
+
+    @_lazy
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum().to(self.z.dtype)
 
@@ -110,12 +127,12 @@ def _term(kind: Kind, spec: LossSpec, rows: _Rows) -> torch.Tensor:
             weight = weight.detach()
         return -weight * rows.log_p_y
     if kind == Kind.MAE:
-        return rows.log1m_p_y.exp()  # 1 - p_y, without the cancellation of 1 - exp(log p_y)
-    if kind == Kind.RCE:
+        return rows.one_minus_p_y
+    if kind in (Kind.RCE, Kind.NRCE):
         others = rows.p.clamp(PROB_CLAMP, 1.0).masked_fill(rows.onehot, 0.0)
-        return RCE_A * others.sum(dim=1)
-    if kind in (Kind.MAE_AUTHOR, Kind.RCE_AUTHOR):
-        offset, slope = author_affine(kind, rows.num_classes)
+        return rce_scale(kind, rows.num_classes) * others.sum(dim=1)
+    if kind in AFFINE_KINDS:
+        offset, slope = affine(kind, rows.num_classes)
         return offset + slope * rows.log1m_p_y.exp()
     if kind == Kind.GCE:
         # (1 - clamp(p_y)^q) / q with the clamp taken on log p_y (same zero gradient below it)
@@ -144,7 +161,58 @@ def _term(kind: Kind, spec: LossSpec, rows: _Rows) -> torch.Tensor:
         log_weight = torch.where(rows.valid.any(), log_weight, torch.zeros_like(log_weight))
         share = torch.softmax(log_weight, dim=0)
         return -rows.log_p_y * rows.n_valid * share
+    return _successor_term(kind, spec, rows)
+
+
+def _successor_term(kind: Kind, spec: LossSpec, rows: _Rows) -> torch.Tensor:
+    """The per-row value of the successors' kinds, as their authors' code defines them (LOSSES.md
+    "Successors"): the same clamps, the same detached factors, computed without cancellations."""
+    c = rows.num_classes
+    if kind == Kind.AGCE:  # ((a+1)^q - (a+p_y)^q) / q
+        return ((spec.a + 1) ** spec.q - (spec.a + rows.p_y) ** spec.q) / spec.q
+    if kind == Kind.AUL:  # ((a-p_y)^q - (a-1)^q) / q, with a - p_y = (a - 1) + (1 - p_y) exactly
+        return ((spec.a - 1 + rows.one_minus_p_y) ** spec.q - (spec.a - 1) ** spec.q) / spec.q
+    if kind == Kind.AEL:
+        return torch.exp(-rows.p_y / spec.a)
+    if kind == Kind.AMSE:  # mean over classes of (p_k - a onehot_k)^2
+        return (rows.p - spec.a * rows.onehot.to(rows.p.dtype)).square().mean(dim=1)
+    if kind == Kind.NNCE:  # 1 - v_y / sum_k v_k, v = A + ln clamp(p, m0, 1), A = -ln m0
+        log_m0 = math.log(spec.min_prob)
+        v = rows.log_p.clamp(log_m0, 0.0) - log_m0
+        return 1 - _at_target(v, rows) / v.sum(dim=1)
+    if kind == Kind.NNFL:  # 1 - (A - FL_y) / (C A - sum_k FL_k), FL_k = -w_k l_k, l = max(log p, ln m0)
+        log_m0 = math.log(spec.min_prob)
+        lp = rows.log_p.clamp(min=log_m0)
+        fl = -_focal_weight(_log1mexp(lp.detach()), spec.gamma) * lp
+        big_a = -((1 - spec.min_prob) ** spec.gamma) * log_m0
+        return 1 - (big_a - _at_target(fl, rows)) / (c * big_a - fl.sum(dim=1))
+    if kind in (Kind.ECE, Kind.EFL):
+        log_q, one_minus_q = _eps_softmax(spec.m, rows)
+        if kind == Kind.ECE:
+            return -log_q
+        return -_focal_weight(torch.log(one_minus_q).detach(), spec.gamma) * log_q
+    if kind == Kind.NGCE:  # (1 - p~_y^q) / (C - sum_k p~_k^q), p~ = clamp(p, 1e-7, 1)
+        log_pq = spec.q * rows.log_p.clamp(_LOG_PROB_CLAMP, 0.0)
+        return -torch.expm1(_at_target(log_pq, rows)) / (c - log_pq.exp().sum(dim=1))
     raise ValueError(f"unsupported loss kind {kind!r}")
+
+
+def _at_target(values: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    """The target's entry of each row of ``values`` (N, C)."""
+    return values.gather(1, rows.target.unsqueeze(1)).squeeze(1)
+
+
+def _eps_softmax(m: float, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log q^_y`` and ``1 - q^_y`` of epsilon-softmax: q = (p + m e_j) / (1 + m), j = argmax (the first on
+    ties; a selection, no gradient), q^ = max(q, 1e-8)."""
+    top = rows.z.argmax(dim=1) == rows.target
+    log1p_m = math.log1p(m)
+    # y = j: ln((p_y + m) / (1 + m)) = -log1p((1 - p_y) / (p_y + m)), exact as p_y -> 1
+    log_top = -torch.log1p(rows.one_minus_p_y / (rows.p_y + m))
+    log_other = rows.log_p_y - log1p_m
+    log_q = torch.where(top, log_top, log_other).clamp(min=math.log(EPS_SOFTMAX_CLAMP))
+    one_minus_q = torch.where(top, rows.one_minus_p_y / (1 + m), -torch.expm1(log_q))
+    return log_q, one_minus_q
 
 
 def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str,

@@ -6,7 +6,7 @@ import math
 import statistics
 
 from apl.data import NORMALIZATIONS
-from apl.losses.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, PAPER_LAMBDA, RCE_A, Kind, author_affine
+from apl.losses.spec import AUTHOR_LAMBDA, DEFAULT_GAMMA, PAPER_LAMBDA, RCE_A, Kind, affine
 from apl.noise import AUTHOR_NOISE_SEED
 from apl.paper import reference_accuracy
 from apl.presets import GRID_NOISE, PROTOCOLS
@@ -48,8 +48,8 @@ def differences() -> list[str]:
     docs/sources.md#the-authors-code), and what it predicts, as Markdown bullets; every number comes
     from the project's constants."""
     author, paper = PROTOCOLS["author"].fields, PROTOCOLS["paper"].fields
-    _, mae_slope = author_affine(Kind.MAE_AUTHOR, _C)
-    rce_offset, rce_slope = author_affine(Kind.RCE_AUTHOR, _C)
+    _, mae_slope = affine(Kind.MAE_AUTHOR, _C)
+    rce_offset, rce_slope = affine(Kind.RCE_AUTHOR, _C)
     mean, std = NORMALIZATIONS[author["normalize"]]
     ratio = {name: _passive_ratio(lam, slope) for name, lam, slope in (
         ("author mae", AUTHOR_LAMBDA, mae_slope), ("author rce", AUTHOR_LAMBDA, rce_slope),
