@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from apl.config import TrainConfig
 from apl.grid import run_grid
 from apl.plan import plan_grid, preset_config
 from apl.presets import GRID_LOSSES, GRID_NOISE, GRID_VARIANTS, PRESETS, is_variant_free
+from apl.records import load_manifest
 
 TINY = {"epochs": 3, "train_subset": 200, "test_subset": 50, "width": 0.0625, "batch_size": 50}
 TINY_ARGS = ["--epochs", "3", "--set", "train_subset=200", "--set", "test_subset=50",
@@ -133,6 +135,21 @@ def test_manifest_records_runs_and_a_rerun_skips_finished_runs(reference, cifar_
     assert len(json.loads((reference / "manifest.json").read_text())["invocations"]) == 2
 
 
+def test_a_second_grid_on_the_folder_adds_to_the_manifest_and_overwrites_nothing(reference, cifar_dir, tmp_path):
+    """Another subset run into the same folder: the top-level lists hold both grids' values, the first
+    grid's runs stay, started_at is the first invocation's and finished_at the latest one's."""
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    run_grid("quick", cifar_dir, out, devices="cpu", overrides=TINY, progress=False, losses=["nce"], noise=[0.4],
+             variants=["paper"])
+    manifest = load_manifest(out)
+    assert sorted(manifest["losses"]) == ["ce", "nce"] and manifest["noise"] == [0.2, 0.4]
+    assert len(manifest["runs"]) == 3 and {e["status"] for e in manifest["runs"].values()} == {"done"}
+    first, second = manifest["invocations"][-2:]
+    assert manifest["started_at"] == manifest["invocations"][0]["started_at"] <= second["started_at"]
+    assert manifest["finished_at"] == second["finished_at"] and first["finished_at"]
+
+
 def test_fresh_retrains_and_a_failed_run_is_reported(cifar_dir, tmp_path):
     one = dict(losses=["ce"], noise=[0.2], variants=["paper"])
     run_grid("quick", cifar_dir, tmp_path, devices="cpu", overrides=TINY, progress=False, **one)
@@ -188,6 +205,10 @@ def test_sigkilled_grid_resumes_to_the_uninterrupted_result(reference, cifar_dir
         proc.stderr.read().decode()[-2000:]
     assert proc.returncode == -signal.SIGKILL
     assert not (killed_in / "result.json").exists()  # really interrupted mid-run
+    # The file says what the killed grid last wrote; read, a run whose lock is free is no longer running.
+    assert json.loads((out / "manifest.json").read_text())["runs"][killed_in.name]["status"] == "running"
+    entry = load_manifest(out)["runs"][killed_in.name]
+    assert entry["status"] == "interrupted" and "killed" in entry["error"]
 
     rerun = subprocess.run(_grid_cmd(cifar_dir, out, "--devices", "cpu"), env=_env(),
                            capture_output=True, text=True, timeout=300)
