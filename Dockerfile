@@ -45,6 +45,7 @@ RUN apt-get update \
 WORKDIR /app
 # Layers from least to most often changed (torch and tools, data, extension, the rest), via CI's script.
 COPY scripts/setup_env.sh scripts/
+COPY requirements requirements
 RUN scripts/setup_env.sh --test --deps-only
 
 # CIFAR-10 through torchvision, whose download checks the archive's MD5; the archive itself

