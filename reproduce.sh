@@ -16,12 +16,14 @@
 #
 # Options:
 #   --data-dir D    folder holding cifar-10-batches-py (default $APL_DATA_DIR, else data);
-#                   downloaded there (checksummed, via torchvision) when missing
+#                   downloaded there (checksummed, via torchvision) when missing; in the Docker
+#                   image only with --download (--no-download: never)
 #   --out DIR       root of runs/ and paper_figures/ (default: this folder)
 #   --seeds K       seeds 0..K-1 (default: the preset's)
 #   --devices LIST  e.g. cuda:0,cuda:1 or cpu,cpu: one worker per entry (default: every GPU,
 #                   else the preset's CPU default)
 #   --resume | --fresh   keep finished runs (default) | retrain this grid from scratch
+#   --debug         on an error, its traceback too (as APL_DEBUG=1)
 #   anything else, or everything after --, goes to `python -m apl grid` (e.g. --epochs 5,
 #   --losses ce nce, --set train_subset=500), among them:
 #   --engine ray [--address auto] [--gpus-per-run 0.25]   the grid on a Ray cluster
@@ -29,12 +31,18 @@
 #   --lam 0.2,0.4,0.6 --gamma 1,2 --set KEY=V1,V2   sweeps: one run per value (docs/reproducing.md)
 # Environment: PYTHON (interpreter to use), APL_VENV (see scripts/setup_env.sh), APL_IN_DOCKER=1
 # (set by the Dockerfile: the image's environment is complete, never set it up again).
+# Exit status: that of `python -m apl` (its --help lists them); after 1 (some runs failed) or 75
+# (runs left to another process) the report of the finished runs is still written.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The exit statuses from their one place, apl/errors.py (standard library only: runs before any set-up).
+statuses="$("${PYTHON:-python3}" "$ROOT/apl/errors.py")" ||
+  { echo "apl: error: reproduce.sh needs python3 (3.10+) on the PATH, or PYTHON naming one" >&2; exit 2; }
+eval "$statuses"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-need_value() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "reproduce.sh: $1 needs a value" >&2; exit 2; }; }
+need_value() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "apl: error: $1 needs a value" >&2; exit "$APL_STATUS_USAGE"; }; }
 # Paths given by the caller are relative to where they called from; defaults to the project.
 absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
 
@@ -55,6 +63,7 @@ while [ $# -gt 0 ]; do
     --devices) need_value "$@"; devices="$2"; shift ;;
     --resume) mode=--resume ;;
     --fresh) mode=--fresh ;;
+    --debug) export APL_DEBUG=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra+=("$@"); break ;;
     *) extra+=("$1") ;;
@@ -64,7 +73,7 @@ done
 case "$preset" in
   paper) figures="$out/paper_figures" ;;
   quick|author|ma2020) figures="$out/paper_figures/$preset" ;;
-  *) echo "reproduce.sh: unknown preset '$preset' (use paper, quick, author or ma2020)" >&2; exit 2 ;;
+  *) echo "apl: error: unknown preset '$preset' (use paper, quick, author or ma2020)" >&2; exit "$APL_STATUS_USAGE" ;;
 esac
 runs="$out/runs/$preset"
 cd "$ROOT"
@@ -93,8 +102,8 @@ grid=("$py" -m apl grid --preset "$preset" --data-dir "$data_dir" --out "$runs" 
 [ -n "$devices" ] && grid+=(--devices "$devices")
 status=0
 "${grid[@]}" "${extra[@]}" || status=$?
-# 1 = some runs failed (the others finished): still write the report of what exists.
-if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
+# Some runs failed, or were left to another process: still write the report of what finished.
+if [ "$status" -ne 0 ] && [[ " $APL_REPORT_ANYWAY " != *" $status "* ]]; then
   exit "$status"
 fi
 "$py" -m apl report --runs "$runs" --out "$figures"
