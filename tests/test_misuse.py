@@ -478,13 +478,15 @@ def test_a_mistake_ends_in_one_line_and_loses_nothing(name, data, refs, tmp_path
     _rerun(row, scene, refs)
 
 
-def test_the_help_lists_every_status_the_table_expects():
+def test_the_help_and_the_docs_list_every_status_the_table_expects():
     proc = subprocess.run([sys.executable, "-m", "apl", "--help"], env=_env({}), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     listed = proc.stdout.split("exit statuses:")[1]
+    docs = (ROOT / "docs" / "reproducing.md").read_text()
     for status, meaning in STATUS_TABLE:
         assert f"  {status} " in listed and meaning.split()[0] in listed
+        assert f"\n| {status} | " in docs, status  # the "What survives what" table
     documented = {int(s) for status, _ in STATUS_TABLE for s in status.split(", ")}
     assert {row.status for row in MISTAKES.values()} <= documented
 
