@@ -98,7 +98,7 @@ setup(
     description="Robust losses under label noise (NCE, NFL, APL) as fused C++/CUDA operators, "
                 "and a reproduction of an APL paper on CIFAR-10",
     packages=find_packages(include=["apl", "apl.*"]),
-    package_data={"apl": ["paper_numbers.json"]},
+    package_data={"apl": ["paper_numbers.json", "successor_numbers.json"]},
     python_requires=">=3.10",
     install_requires=_requirements("torch"),
     extras_require={"repro": _requirements("repro"), "ray": _requirements("ray"),

@@ -1,7 +1,11 @@
-"""The published numbers our runs are compared with (package data ``paper_numbers.json``).
+"""The published numbers our runs are compared with (package data ``paper_numbers.json`` and
+``successor_numbers.json``).
 
-Two sources, kept apart: ``"paper"`` is the seed paper's printed Table 1, ``"ma2020"`` the
-cited work's protocol as re-run and published (see ``docs/sources.md#the-cited-work``).
+Two sources for the paper's grid, kept apart: ``"paper"`` is the seed paper's printed Table 1,
+``"ma2020"`` the cited work's protocol as re-run and published (see
+``docs/sources.md#the-cited-work``). The successors' grid is compared with one table, the
+epsilon-softmax paper's (NeurIPS 2024) Table 2: its successor rows are in
+``successor_numbers.json``, its baseline rows are the ``"ma2020"`` numbers.
 """
 from __future__ import annotations
 
@@ -9,14 +13,14 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["SOURCES", "paper_numbers", "reference_accuracy"]
+__all__ = ["SOURCES", "paper_numbers", "reference_accuracy", "successor_numbers", "successor_accuracy"]
 
 SOURCES = ("paper", "ma2020")
 
 
-@lru_cache(maxsize=1)
-def _load() -> dict:
-    with resources.files("apl").joinpath("paper_numbers.json").open("r", encoding="utf-8") as f:
+@lru_cache(maxsize=2)
+def _load(name: str = "paper_numbers.json") -> dict:
+    with resources.files("apl").joinpath(name).open("r", encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -40,3 +44,27 @@ def reference_accuracy(source: str, loss: str, noise: float,
     if table is None:
         raise ValueError(f"source {source!r} has no {noise_type!r} table")
     return table.get(loss, {}).get(f"{float(noise):.1f}")
+
+
+def successor_numbers() -> dict:
+    """The successors' published numbers: ``source``, ``protocol``, ``metric`` and per-noise-family
+    tables ``{loss: {noise rate as "0.2": accuracy in percent}}``, the baselines (the ``"ma2020"``
+    rows of the same table) included. A fresh copy."""
+    own = _load("successor_numbers.json")
+    baselines = _load()["ma2020"]
+    merged = json.loads(json.dumps(own))
+    for family in ("symmetric", "asymmetric"):
+        merged[family] = {**json.loads(json.dumps(baselines[family])), **merged[family]}
+    return merged
+
+
+def successor_accuracy(loss: str, noise: float, family: str = "symmetric") -> float | None:
+    """The published accuracy (percent) of ``loss`` at ``noise`` under the successors' protocol
+    (:func:`successor_numbers`), or None when none was found."""
+    if family not in ("symmetric", "asymmetric"):
+        raise ValueError(f"unknown noise family {family!r}; use 'symmetric' or 'asymmetric'")
+    table = _load("successor_numbers.json")[family]
+    key = f"{float(noise):.1f}"
+    if loss in table:
+        return table[loss].get(key)
+    return _load()["ma2020"][family].get(loss, {}).get(key)
