@@ -26,7 +26,7 @@ from apl.losses.spec import LOSS_NAMES, VARIANTS
 from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import NOISE_TYPES
 from apl.plan import ENGINES, plan_grid
-from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS
+from apl.presets import GRID_LOSSES, PRESETS, PROTOCOLS, SUCCESSOR_LOSSES
 from apl.records import RESULT_FILE, number_text
 from apl.report import REFERENCES, make_report
 from apl.sweeps import make_sweep, parse_numbers, parse_set
@@ -34,12 +34,12 @@ from apl.sweeps import make_sweep, parse_numbers, parse_set
 __all__ = ["build_parser", "main", "config_from_args", "overrides_from_args", "sweep_from_args",
            "ray_options_from_args"]
 
-#: The loss parameters ``train`` takes as flags, in the order its help lists them.
-_LOSS_PARAM_FLAGS = ("gamma", "lam", "alpha", "beta", "q")
+#: The loss parameters ``train`` takes as flags (``--min-prob`` for min_prob), in the order its help lists them.
+_LOSS_PARAM_FLAGS = ("gamma", "lam", "alpha", "beta", "q", "a", "m", "min_prob")
 #: ``train`` flags that override the protocol only when given.
 _TRAIN_OPTIONAL = ("variant", "noise_type", "epochs", "batch_size", "lr", "width", "model", "init",
                    "normalize", "train_subset", "test_subset", "augment", "num_threads", "amp",
-                   "backend", "channels_last")
+                   "backend", "channels_last", "weight_decay", "l1")
 _DOWNLOAD_HELP = ("download CIFAR-10 into --data-dir when it is missing (default: yes, except in the Docker "
                   "image, where the download would be lost with the container)")
 _DEBUG_HELP = "on an error, print its traceback too (as APL_DEBUG=1 does)"
@@ -64,7 +64,9 @@ def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train one configuration and print its result",
                               description="Train one configuration. Unset options follow the protocol "
                                           "(--protocol author: the seed paper's author's code; paper: "
-                                          "the seed paper's text; ma2020: the cited work).")
+                                          "the seed paper's text; ma2020: the cited work; successors: the "
+                                          "cited work's, with the loss's own paper's regularisation, noise "
+                                          "rule and parameters).")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper")
     p.add_argument("--loss", default="ce", help=", ".join(LOSS_NAMES))
     p.add_argument("--variant", choices=VARIANTS, help="loss form (default: the protocol's)")
@@ -83,7 +85,11 @@ def _add_train(subparsers) -> None:
     p.add_argument("--test-subset", type=int)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     for name in _LOSS_PARAM_FLAGS:
-        p.add_argument(f"--{name}", type=float, help=f"loss parameter {name} (LOSSES.md)")
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"loss parameter {name} (LOSSES.md)")
+    p.add_argument("--weight-decay", type=float, help="the optimizer's L2 weight decay (default: the protocol's)")
+    p.add_argument("--l1", type=float, help="delta of the L1 term delta * sum |theta| over every parameter, added "
+                                            "to the loss before the gradient clip (ANL, JAL: 5e-5 with weight "
+                                            "decay 0; default: the protocol's)")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help=_DOWNLOAD_HELP)
     p.add_argument("--out", help="run folder (default: runs/<run name>)")
@@ -144,7 +150,9 @@ def _add_grid(subparsers) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: the paper's grid in three forms (the author's code, the paper's "
                         "text, the cited work's losses); quick: the same scaled down (<= 10 min on a "
-                        "2-core CPU); author: the author's code alone; ma2020: the cited work's protocol")
+                        "2-core CPU); author: the author's code alone; ma2020: the cited work's protocol; "
+                        "successors: APL's successors and baselines, each loss as its own paper trains it, "
+                        "symmetric and asymmetric noise (successors_quick: scaled down, <= 10 min on 2 cores)")
     p.add_argument("--data-dir", default=os.environ.get("APL_DATA_DIR", "data"),
                    help="folder holding cifar-10-batches-py (default $APL_DATA_DIR or data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help=_DOWNLOAD_HELP)
@@ -157,8 +165,10 @@ def _add_grid(subparsers) -> None:
                       help="keep finished runs, resume interrupted ones (default)")
     mode.add_argument("--fresh", dest="fresh", action="store_true",
                       help="delete this grid's runs and manifest first")
-    p.add_argument("--losses", nargs="+", help=f"subset of {','.join(GRID_LOSSES)}")
-    p.add_argument("--noise", nargs="+", help="subset of 0.0,0.2,0.4,0.6,0.8")
+    p.add_argument("--losses", nargs="+", help=f"subset of the preset's losses ({','.join(GRID_LOSSES)}; "
+                                                f"successors: {','.join(SUCCESSOR_LOSSES)})")
+    p.add_argument("--noise", nargs="+", help="subset of the preset's noise rates, in every noise family that has "
+                                               "them (0.0,0.2,0.4,0.6,0.8; successors also asymmetric 0.1-0.4)")
     p.add_argument("--variants", nargs="+", help="subset of the preset's forms, by variant "
                                                  "(author,paper,ma2020 for paper and quick)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")

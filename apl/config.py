@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from apl.data import NORMALIZATIONS
 from apl.losses import BACKENDS
-from apl.losses.spec import LOSS_NAMES, VARIANTS, canonical_name, spec_for
+from apl.losses.spec import APL_NAMES, LOSS_NAMES, VARIANTS, Kind, canonical_name, spec_for
 from apl.models import MODEL_INITS, MODEL_NAMES
 from apl.noise import ASYMMETRIC_NOISE_TYPES, NOISE_TYPES
 from apl.presets import PROTOCOLS, WEIGHT_PARAMS
@@ -46,6 +46,25 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _successor_params(loss: str, variant: str, params: dict, spec) -> dict:
+    """``params`` with every parameter the successor ``loss`` takes filled in from its resolved
+    ``spec``: the weights of a sum (unless ``lam`` is given) and each shape parameter that
+    :func:`apl.losses.spec.spec_for` accepts for it (it refuses those a loss does not take)."""
+    out = dict(params)
+    if spec.passive != Kind.NONE and "lam" not in params:
+        out.setdefault("alpha", spec.alpha)
+        out.setdefault("beta", spec.beta)
+    for name in ("gamma", "q", "a", "m", "min_prob"):
+        if name in out:
+            continue
+        try:
+            spec_for(loss, variant=variant, **{**params, name: getattr(spec, name)})
+        except ValueError:  # not a parameter of this loss
+            continue
+        out[name] = getattr(spec, name)
+    return out
 
 
 @dataclass
@@ -122,6 +141,8 @@ class TrainConfig:
         spec = spec_for(self.loss, variant=self.variant, **params)  # raises on a bad combination
         if spec.uses_gamma:  # the resolved gamma is part of the run's identity, never an implicit default
             params.setdefault("gamma", spec.gamma)
+        if self.loss not in APL_NAMES:  # a successor's defaults are its paper's values: the record says them
+            params = _successor_params(self.loss, self.variant, params, spec)
         self.loss_params = dict(sorted(params.items()))
 
         if self.noise_type not in NOISE_TYPES:
@@ -187,16 +208,25 @@ class TrainConfig:
     def from_protocol(cls, protocol: str, **overrides) -> TrainConfig:
         """A config following ``protocol`` (:data:`apl.presets.PROTOCOLS`), ``overrides`` last.
 
+        Where the protocol has a setting for the loss (the successors' protocol), the loss's own
+        paper's regularisation and noise rule come before ``overrides``, and the loss parameters it
+        sets for the family of the noise type (epsilon-softmax's) fill those ``loss_params`` lacks.
         The protocol's default loss weights apply unless ``loss_params`` names a weight.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
         rules = PROTOCOLS[protocol]
-        base = {**rules.fields, **overrides}
+        loss = overrides.get("loss", cls.loss)
+        known = isinstance(loss, str) and canonical_name(loss) in LOSS_NAMES  # else __post_init__ names it
+        base = {**rules.fields, **(rules.loss_fields(loss) if known else {}), **overrides}
         params = dict(base.get("loss_params") or {})
-        loss = base.get("loss", cls.loss)
-        if isinstance(loss, str) and not params.keys() & set(WEIGHT_PARAMS):
-            params.update(rules.loss_weights.get(canonical_name(loss), {}))
+        if known:
+            weighted = bool(params.keys() & set(WEIGHT_PARAMS))
+            for k, v in rules.noise_params(loss, base["noise_type"]).items():
+                if k not in WEIGHT_PARAMS or not weighted:
+                    params.setdefault(k, v)
+            if not weighted:
+                params.update(rules.loss_weights.get(canonical_name(loss), {}))
         base["loss_params"] = params
         return cls(**base)
 
@@ -214,6 +244,12 @@ class TrainConfig:
     def ma2020(cls, **overrides) -> TrainConfig:
         """The cited work's protocol (:data:`apl.presets.MA2020_PROTOCOL`), ``overrides`` last."""
         return cls.from_protocol("ma2020", **overrides)
+
+    @classmethod
+    def successors(cls, **overrides) -> TrainConfig:
+        """The successors' protocol (:data:`apl.presets.SUCCESSORS_PROTOCOL`: the cited work's, each
+        loss with its own paper's regularisation, noise rule and parameters), ``overrides`` last."""
+        return cls.from_protocol("successors", **overrides)
 
     # ------------------------------------------------------------------ (de)serialisation
 

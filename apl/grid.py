@@ -15,7 +15,7 @@ from apl.data import ensure_cifar10
 from apl.devices import parse_devices
 from apl.errors import OutputError, RunInUse, RunsFailed
 from apl.plan import ENGINES, plan_grid
-from apl.presets import GRID_LOSSES, get_preset
+from apl.presets import get_preset
 from apl.ray_engine import check_options, run_ray
 from apl.records import Manifest, environment, finished_result, run_summary, utc_now
 from apl.runner import Progress, run_parallel, run_sequential
@@ -68,7 +68,7 @@ def run_grid(preset: str, data_dir, out, *, seeds: int | None = None, devices: s
         preset=preset, command=command or f"python -m apl grid --preset {preset} --out {out}",
         started_at=utc_now(), data_dir=str(Path(data_dir).absolute()),
         seeds=list(range(max(c.seed for c in plan) + 1)),
-        losses=sorted({c.loss for c in plan}, key=GRID_LOSSES.index),
+        losses=sorted({c.loss for c in plan}, key=get_preset(preset).losses.index),
         noise=sorted({c.noise for c in plan}), variants=sorted({c.variant for c in plan}),
         forms=[[v, p] for v, p in get_preset(preset).forms if variants is None or v in variants],
         overrides=dict(sorted((overrides or {}).items())), sweep=dict(sweep or {}), engine=engine,

@@ -46,6 +46,22 @@ def test_a_focal_loss_records_its_gamma():
     assert TrainConfig(loss="ce", variant="paper").loss_params == {}
 
 
+def test_a_successor_records_the_parameters_it_trains_with():
+    """A successor's defaults are its paper's CIFAR-10 values: the config writes them out (so a run's
+    record says them and a changed default is another run); given ones are kept; APL's losses are as
+    before (their run names stay)."""
+    assert TrainConfig(loss="anl-ce", variant="ma2020").loss_params == {"alpha": 5.0, "beta": 5.0, "min_prob": 1e-7}
+    assert TrainConfig(loss="nce+agce", variant="ma2020").loss_params == {"a": 6.0, "alpha": 1.0, "beta": 4.0,
+                                                                          "q": 1.5}
+    assert TrainConfig(loss="efl", variant="ma2020", loss_params={"m": 1e3}).loss_params == {"gamma": 0.1, "m": 1e3}
+    assert TrainConfig(loss="jal-fl", variant="ma2020", loss_params={"lam": 0.5}).loss_params == {
+        "a": 30.0, "gamma": 0.5, "lam": 0.5}
+    assert TrainConfig(loss="nmae", variant="ma2020").loss_params == {}
+    assert TrainConfig(loss="gce", variant="ma2020").loss_params == TrainConfig(loss="nce+rce").loss_params == {}
+    with pytest.raises(ValueError, match="min_prob"):
+        TrainConfig(loss="nce+agce", variant="ma2020", loss_params={"min_prob": 1e-6})
+
+
 def test_run_name():
     assert re.fullmatch(r"nce\+rce_paper_sym0\.6_s0_[0-9a-f]{8}",
                         TrainConfig.paper(loss="nce+rce", noise=0.6).run_name())

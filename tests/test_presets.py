@@ -6,12 +6,15 @@ from dataclasses import fields
 import pytest
 
 from apl.config import TrainConfig
-from apl.losses.spec import AUTHOR_LAMBDA, PAPER_LAMBDA, spec_for
+from apl.losses.spec import AUTHOR_LAMBDA, LOSS_NAMES, PAPER_LAMBDA, spec_for
 from apl.plan import preset_config
 from apl.presets import (
     FORMS,
     GRID_LOSSES,
+    GRID_NOISE,
     GRID_VARIANTS,
+    NOISE_FAMILIES,
+    NOISE_RULES,
     PRESETS,
     PROTOCOLS,
     WEIGHT_PARAMS,
@@ -35,6 +38,21 @@ def test_protocols_and_presets_name_only_config_fields():
         assert preset.forms and set(preset.forms) <= set(FORMS)
         variants = [v for v, _ in preset.forms]
         assert len(set(variants)) == len(variants) and set(variants) <= set(GRID_VARIANTS)  # one protocol per variant
+
+
+def test_every_protocols_paper_settings_are_config_fields_noise_rules_and_valid_losses():
+    for protocol in PROTOCOLS.values():
+        for loss, setting in protocol.settings.items():
+            assert set(setting.fields) <= CONFIG_FIELDS and setting.noise_rule in NOISE_RULES, loss
+            for family in NOISE_FAMILIES:
+                cfg = TrainConfig(**{**protocol.fields, **protocol.loss_fields(loss), "loss": loss,
+                                     "noise_type": protocol.noise_type(loss, family),
+                                     "loss_params": protocol.noise_params(loss, protocol.noise_type(loss, family))})
+                assert cfg.loss == loss
+    for name, preset in PRESETS.items():
+        assert set(preset.losses) <= set(LOSS_NAMES) and set(preset.noise) <= set(NOISE_FAMILIES), name
+        assert preset.report in ("paper", "successors"), name
+    assert PRESETS["paper"].losses == GRID_LOSSES and PRESETS["quick"].noise == {"symmetric": GRID_NOISE}
 
 
 def test_every_preset_builds_every_cell_of_the_grid():
