@@ -12,18 +12,23 @@ written under an earlier definition of the runs (:func:`apl.records.is_current`)
 and the README names them.
 
 Tables are deterministic: the same run records give byte-identical table files.
+
+A grid of the successors' presets gets their own report instead (:mod:`apl.report.successors`:
+a table and a figure per noise family).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from apl.losses.spec import APL_NAMES
 from apl.paper import SOURCES
-from apl.presets import GRID_LOSSES
+from apl.presets import GRID_LOSSES, PRESETS
 from apl.records import is_current, load_manifest, load_run_records
 from apl.report.cells import group_runs, reported_variants
 from apl.report.figures import FIGURE1_LOSSES, FIGURE_NOISE, epoch_figure, noise_figure
 from apl.report.readme import render_readme
 from apl.report.stamp import Stamp
+from apl.report.successors import make_successor_report
 from apl.report.sweep import split_sweep, sweep_figures
 from apl.report.tables import RENDERERS
 
@@ -49,6 +54,14 @@ def make_report(runs, out, *, reference: str = "auto", command: str | None = Non
             f"; the {len(stale)} there were written by an earlier version (their names do not "
             f"match their configs): run the grid again" if stale else ""))
     manifest = load_manifest(runs)
+    if _report_kind(records, manifest) == "successors":
+        if reference != "auto":
+            raise ValueError(f"--reference {reference} is for the paper's grid; the successors' report compares "
+                             "with the successors' published numbers (apl/successor_numbers.json)")
+        return make_successor_report(records, manifest, Path(out), figures=figures,
+                                     command=command or f"python -m apl report --runs {runs} --out {out}",
+                                     notes=[f"Left out: {len(stale)} run record(s) written by an earlier "
+                                            f"version: {', '.join(stale)}."] if stale else [])
     records, sweep = split_sweep(records, manifest)  # a sweep: Table 1 shows one run per cell
     if reference == "auto":
         reference = "ma2020" if (manifest or {}).get("preset") == "ma2020" else "paper"
@@ -101,3 +114,12 @@ def make_report(runs, out, *, reference: str = "auto", command: str | None = Non
                                     notes, groups, forms), encoding="utf-8")
     written.append(readme)
     return sorted(written)
+
+
+def _report_kind(records: list[dict], manifest: dict | None) -> str:
+    """``"successors"`` for a grid of a successors preset (or, without a manifest, runs of a loss
+    outside the paper's forms), else ``"paper"``."""
+    preset = PRESETS.get((manifest or {}).get("preset") or "")
+    if preset is not None:
+        return preset.report
+    return "successors" if any(r["loss"] not in APL_NAMES for r in records) else "paper"

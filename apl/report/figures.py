@@ -22,7 +22,7 @@ from apl.records import read_number
 from apl.report.cells import curve, loss_label, noise_heading
 
 __all__ = ["FIGURE_NOISE", "FIGURE1_LOSSES", "EPOCH_PANELS", "CHANCE", "line_style", "stamp_figure", "save_figure",
-           "draw_epoch_figure", "epoch_figure", "noise_figure"]
+           "chance_handle", "accuracy_figure", "finish_figure", "draw_epoch_figure", "epoch_figure", "noise_figure"]
 
 #: The noise rate of Figures 1 and 2 (the paper's captions).
 FIGURE_NOISE = 0.6
@@ -44,7 +44,8 @@ def line_style(loss: str, i: int) -> dict:
     return dict(color=f"C{i}", linestyle="--" if "+" in loss else "-", linewidth=1.6)
 
 
-def _chance_handle() -> Line2D:
+def chance_handle() -> Line2D:
+    """The legend entry of the chance line."""
     return Line2D([], [], color="0.45", linestyle=":", linewidth=1.0)
 
 
@@ -64,14 +65,15 @@ def stamp_figure(fig, stamp: list[str]) -> None:
     fig.text(0.01, 0.01, "\n".join(stamp), fontsize=6.2, va="bottom", ha="left", wrap=True)
 
 
-def _new_figure(title: str, stamp: list[str]):
+def accuracy_figure(title: str, stamp: list[str]):
+    """A one-panel test-accuracy figure titled ``title``, with the chance line and ``stamp``: ``(fig, ax)``."""
     fig = Figure(figsize=(8.0, 5.6), dpi=150)
     ax = _axes(fig, (0.09, 0.19, 0.66, 0.72), title, "test accuracy (%)")
     stamp_figure(fig, stamp)
     return fig, ax
 
 
-def _finish(fig, ax, handles, labels, stem: Path) -> list[Path]:
+def finish_figure(fig, ax, handles, labels, stem: Path) -> list[Path]:
     """Legend right of ``ax``, then the PNG and PDF of ``stem``."""
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
               frameon=False)
@@ -101,7 +103,7 @@ def draw_epoch_figure(number: int, losses, variant: str, cells, stamp: list[str]
         ax.set_xlabel("epoch")
     stamp_figure(fig, stamp)
     handles, labels = panels[-1].get_legend_handles_labels()
-    panels[-1].legend(handles + [_chance_handle()], labels + ["chance (10%)"], loc="upper left",
+    panels[-1].legend(handles + [chance_handle()], labels + ["chance (10%)"], loc="upper left",
                       bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return fig
 
@@ -122,7 +124,7 @@ def epoch_figure(number: int, losses, variant: str, cells, stamp: list[str], out
 
 def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Path) -> list[Path]:
     """Figure 3: final test accuracy vs noise rate, ``reference``'s published numbers as crosses."""
-    fig, ax = _new_figure(f"Figure 3: test accuracy vs noise rate (final epoch), "
+    fig, ax = accuracy_figure(f"Figure 3: test accuracy vs noise rate (final epoch), "
                           f"form {variant}", stamp)
     handles, labels = [], []
     for i, loss in enumerate(GRID_LOSSES):
@@ -138,11 +140,11 @@ def noise_figure(variant: str, cells, reference: str, stamp: list[str], out: Pat
         if pts or ref:  # one legend entry per loss, also when only the published points exist
             handles.append(Line2D([], [], marker="o", markersize=4, **style))
             labels.append(loss_label(loss) + ("" if pts else " (no runs)"))
-    handles.append(_chance_handle())
+    handles.append(chance_handle())
     labels.append("chance (10%)")
     handles.append(Line2D([], [], linestyle="none", marker="x", color="black"))
     labels.append("× published:\n" + ("the paper's Table 1" if reference == "paper"
                                         else "cited work's protocol"))
     ax.set_xticks(list(GRID_NOISE), [noise_heading(n) for n in GRID_NOISE])
     ax.set_xlabel("symmetric noise rate η")
-    return _finish(fig, ax, handles, labels, out / f"figure3_{variant}")
+    return finish_figure(fig, ax, handles, labels, out / f"figure3_{variant}")

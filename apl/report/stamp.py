@@ -17,7 +17,7 @@ _MODEL_NAMES = {"paper": "PaperCNN", "ma2020": "MaCNN"}
 _INIT_NAMES = {"kaiming": "Kaiming init", "torch": "PyTorch default init"}
 _NORMALIZE_NAMES = {"cifar": "CIFAR-10 mean/std normalisation", "half": "Normalize(0.5, 0.5)"}
 #: Presets that run their protocols unchanged (no overrides of their own).
-_FULL_PRESETS = ("paper", "author", "ma2020")
+_FULL_PRESETS = ("paper", "author", "ma2020", "successors")
 
 
 def describe_protocol(configs: list[dict]) -> str:

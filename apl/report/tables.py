@@ -8,16 +8,17 @@ from apl.presets import GRID_LOSSES
 from apl.report.cells import METRICS, loss_label, noise_heading, table_rows
 from apl.report.stamp import Stamp
 
-__all__ = ["render_markdown", "render_csv", "render_latex", "RENDERERS"]
+__all__ = ["DASH", "two_decimals", "our_cell", "render_markdown", "render_csv", "render_latex", "RENDERERS"]
 
-_DASH = "—"
+#: What a cell without a number shows.
+DASH = "—"
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                 "^": r"\textasciicircum{}", "—": "---", "−": "$-$", "–": "--", "±": r"$\pm$",
                 "η": r"$\eta$", "Δ": r"$\Delta$"}
 
 
-def _two_decimals(x: float | None, signed: bool = False) -> str:
+def two_decimals(x: float | None, signed: bool = False) -> str:
     """``x`` with two decimals ("" for None); a rounded negative zero prints as +0.00."""
     if x is None:
         return ""
@@ -25,11 +26,11 @@ def _two_decimals(x: float | None, signed: bool = False) -> str:
     return "+0.00" if s == "-0.00" else s
 
 
-def _our_cell(row: dict, pm: str) -> str:
+def our_cell(row: dict, pm: str) -> str:
     """Our number of a row: mean, ``pm`` and std with several seeds, a dash without runs."""
     if row["mean"] is None:
-        return _DASH
-    return _two_decimals(row["mean"]) + (f"{pm}{_two_decimals(row['std'])}" if row["std"] is not None else "")
+        return DASH
+    return two_decimals(row["mean"]) + (f"{pm}{two_decimals(row['std'])}" if row["std"] is not None else "")
 
 
 def _rows_by_cell(cells, metric: str, stamp: Stamp) -> dict:
@@ -53,10 +54,10 @@ def render_markdown(variant: str, cells, stamp: Stamp) -> str:
             line = [loss_label(loss)]
             for noise, with_ref in stamp.columns():
                 r = rows[(loss, noise)]
-                line.append(_our_cell(r, " ± "))
+                line.append(our_cell(r, " ± "))
                 if with_ref:
-                    line += [_two_decimals(r["reference"]) or _DASH,
-                             _two_decimals(r["diff"], signed=True) or _DASH]
+                    line += [two_decimals(r["reference"]) or DASH,
+                             two_decimals(r["diff"], signed=True) or DASH]
             out.append("| " + " | ".join(line) + " |")
     return "\n".join(out) + "\n"
 
@@ -70,9 +71,9 @@ def render_csv(variant: str, cells, stamp: Stamp) -> str:
     for metric in METRICS:
         for r in table_rows(cells, metric, stamp.reference):
             w.writerow([variant, metric, r["loss"], f"{r['noise']:.1f}", r["n"],
-                        " ".join(map(str, r["seeds"])), _two_decimals(r["mean"]),
-                        _two_decimals(r["std"]), _two_decimals(r["reference"]), stamp.reference,
-                        _two_decimals(r["diff"], signed=True)])
+                        " ".join(map(str, r["seeds"])), two_decimals(r["mean"]),
+                        two_decimals(r["std"]), two_decimals(r["reference"]), stamp.reference,
+                        two_decimals(r["diff"], signed=True)])
     return buf.getvalue()
 
 
@@ -109,10 +110,10 @@ def render_latex(variant: str, cells, stamp: Stamp) -> str:
             line = [_tex(loss_label(loss))]
             for noise, with_ref in cols:
                 r = rows[(loss, noise)]
-                line.append(_tex(_our_cell(r, "±")))
+                line.append(_tex(our_cell(r, "±")))
                 if with_ref:
-                    line += [_two_decimals(r["reference"]) or "---",
-                             _two_decimals(r["diff"], signed=True) or "---"]
+                    line += [two_decimals(r["reference"]) or "---",
+                             two_decimals(r["diff"], signed=True) or "---"]
             out.append(" & ".join(line) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
     return "\n".join(out)
