@@ -13,6 +13,11 @@
 #                             -> runs/quick/, paper_figures/quick/
 #   ./reproduce.sh --preset author   the author's code alone -> runs/author/, paper_figures/author/
 #   ./reproduce.sh --preset ma2020   the cited work's own protocol -> runs/ma2020/, paper_figures/ma2020/
+#   ./reproduce.sh --preset successors   APL's successors (ALFs, ANL, JAL, epsilon-softmax) and its
+#                             baselines, each as its own paper trains it, symmetric and asymmetric
+#                             noise -> runs/successors/, paper_figures/successors/
+#   ./reproduce.sh --quick --preset successors   the same scaled down (<= 10 min on 2 CPU cores)
+#                             -> runs/successors_quick/, paper_figures/successors_quick/
 #
 # Options:
 #   --data-dir D    folder holding cifar-10-batches-py (default $APL_DATA_DIR, else data);
@@ -47,6 +52,7 @@ need_value() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "apl: error: $1 needs a val
 absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
 
 preset=paper
+quick=0
 data_dir="$(absolute "${APL_DATA_DIR:-$ROOT/data}")"
 out="$ROOT"
 seeds=""
@@ -55,7 +61,7 @@ mode=--resume
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) preset=quick ;;
+    --quick) quick=1 ;;
     --preset) need_value "$@"; preset="$2"; shift ;;
     --data-dir) need_value "$@"; data_dir="$(absolute "$2")"; shift ;;
     --out) need_value "$@"; out="$(absolute "$2")"; shift ;;
@@ -70,10 +76,19 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# --quick picks the quick variant of the preset (the paper's grid by default).
+if [ "$quick" = 1 ]; then
+  case "$preset" in
+    paper|quick) preset=quick ;;
+    successors|successors_quick) preset=successors_quick ;;
+    *) echo "apl: error: preset '$preset' has no quick variant (--quick runs paper or successors)" >&2; exit "$APL_STATUS_USAGE" ;;
+  esac
+fi
 case "$preset" in
   paper) figures="$out/paper_figures" ;;
-  quick|author|ma2020) figures="$out/paper_figures/$preset" ;;
-  *) echo "apl: error: unknown preset '$preset' (use paper, quick, author or ma2020)" >&2; exit "$APL_STATUS_USAGE" ;;
+  quick|author|ma2020|successors|successors_quick) figures="$out/paper_figures/$preset" ;;
+  *) echo "apl: error: unknown preset '$preset' (use paper, quick, author, ma2020, successors or successors_quick)" >&2
+     exit "$APL_STATUS_USAGE" ;;
 esac
 runs="$out/runs/$preset"
 cd "$ROOT"
