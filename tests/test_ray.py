@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +26,8 @@ from conftest import assert_same_records, comparable_record, run_results
 
 from apl.cli import main
 from apl.config import TrainConfig
-from apl.data import write_cifar10_folder
-from apl.errors import NO_RAY
+from apl.data import FOLDER, write_cifar10_folder
+from apl.errors import NO_RAY, DataError
 from apl.grid import run_grid
 from apl.plan import plan_grid
 from apl.ray_engine import _storage_problem, check_options
@@ -166,6 +168,35 @@ def test_ray_grid_gives_the_in_process_records_and_names_each_node(cluster, data
                                   "cpu", 1, None))
     assert outcome["kind"] == "failed" and str(tmp_path / "elsewhere") in outcome["payload"]
     assert outcome["node"]["id"] in outcome["payload"] or outcome["node"]["id"][:12] in outcome["payload"]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.ray
+@requires_ray
+def test_data_no_task_can_load_stops_the_grid_once_and_the_driver_names_a_damaged_result(cluster, data, reference,
+                                                                                         tmp_path, caplog):
+    """Damaged data stops a Ray grid with that one error (no run marked failed); a damaged result, which a
+    task sets aside and trains again, is named by the driver (a task's own output is not shown)."""
+    bad = write_cifar10_folder(tmp_path / "bad", n_train=50, n_test=20, seed=0)
+    (bad / FOLDER / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch is not a CIFAR-10 file"):
+        run_grid("quick", bad, tmp_path / "stopped", overrides=TINY, progress=False, engine="ray",
+                 ray_options={"address": cluster.address}, **SUBSET)
+    statuses = [e["status"] for e in load_manifest(tmp_path / "stopped")["runs"].values()]
+    assert "interrupted" in statuses and set(statuses) <= {"interrupted", "pending"}
+
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    result = sorted((out / "runs").glob("*/result.json"))[0]
+    record = json.loads(result.read_text())
+    record["final_test_acc"] += 10  # still parses: only its checksum knows
+    result.write_text(json.dumps(record, indent=1))
+    with caplog.at_level(logging.WARNING, logger="apl"):
+        run_grid("quick", data, out, overrides=TINY, progress=False, engine="ray",
+                 ray_options={"address": cluster.address}, **SUBSET)
+    assert f"{result} is damaged: its bytes do not match the checksum" in caplog.text
+    assert (result.parent / "result.json.damaged").exists()
+    _assert_same_records(out, reference)
 
 
 @pytest.mark.usefixtures("one_thread")
