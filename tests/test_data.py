@@ -101,6 +101,42 @@ def test_malformed_files(tmp_path):
         load_cifar10(tmp_path, download=False)
 
 
+def test_files_naming_numpy_1s_module_path_are_read(tmp_path):
+    """The official files name numpy.core (numpy 1): the arrays-only unpickler reads them without a
+    warning (one that names anything else is refused: tests/test_misuse.py)."""
+    write_cifar10_folder(tmp_path, 50, 10, seed=0)
+    batch = tmp_path / FOLDER / "data_batch_1"
+    # numpy 1's module path, as in the official files: still read
+    batch.write_bytes(batch.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    assert b"numpy.core.multiarray" in batch.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_cifar10(tmp_path, download=False).train_x.shape == (50, 32, 32, 3)
+
+
+def test_a_missing_folder_is_downloaded_unless_said_not_or_in_docker(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    tried = []
+
+    def offline(root, **kwargs):
+        tried.append(root)
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.delenv("APL_IN_DOCKER", raising=False)
+    for download, attempts in [(None, 1), (True, 1), (False, 0)]:
+        tried.clear()
+        with pytest.raises(DataNotFoundError):
+            load_cifar10(tmp_path / "none", download=download)
+        assert len(tried) == attempts, download
+    monkeypatch.setenv("APL_IN_DOCKER", "1")  # in the image: only when asked for
+    for download, attempts in [(None, 0), (True, 1), (False, 0)]:
+        tried.clear()
+        with pytest.raises(DataNotFoundError, match="-v /path/on/host:"):
+            load_cifar10(tmp_path / "none", download=download)
+        assert len(tried) == attempts, download
+
+
 def _unmark(root):
     """Drop the synthetic marker: the folder now looks like a (non-official) CIFAR-10 copy."""
     meta_path = root / FOLDER / "batches.meta"
