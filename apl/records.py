@@ -145,8 +145,8 @@ def load_run_records(root) -> list[dict]:
 
     Each record is the run's ``result.json`` with ``_run`` (the run folder's name) added.
     Raises ``ValueError`` when the folder does not exist, :class:`~apl.errors.DamagedFile` naming
-    every record that is damaged (:func:`read_result`, :func:`verify_result`) or lacks a field the
-    report needs: none of them is ever reported.
+    every record that cannot be read, lacks a field the report needs or does not match its checksum
+    (:func:`verify_result`): none of them is ever reported.
     """
     root = Path(root)
     if not root.is_dir():
@@ -154,14 +154,21 @@ def load_run_records(root) -> list[dict]:
     records, damaged = [], []
     for path in sorted(_runs_dir(root).glob(f"*/{RESULT_FILE}")):
         try:
-            record = read_result(path.parent)
-            verify_result(path.parent)
-        except DamagedFile as e:
-            damaged.append(str(e))
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            damaged.append(f"cannot read run record {path}: {e}")
+            continue
+        if not isinstance(record, dict):
+            damaged.append(f"run record {path} is not a JSON object")
             continue
         missing = [k for k in _REQUIRED_KEYS if k not in record]
         if missing:
-            damaged.append(f"{path} lacks {', '.join(missing)}")
+            damaged.append(f"run record {path} lacks {', '.join(missing)}")
+            continue
+        try:
+            verify_result(path.parent)
+        except DamagedFile as e:
+            damaged.append(str(e))
             continue
         record["_run"] = path.parent.name
         records.append(record)
