@@ -327,7 +327,11 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every error ends in one line and its status
+        if isinstance(e, BrokenPipeError):  # stdout's reader left: what is still buffered goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if debug_requested(args.debug):
             traceback.print_exc()
-        print(error_line(e), file=sys.stderr, flush=True)
+        line = error_line(e)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
         return exit_status(e)

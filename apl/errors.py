@@ -118,6 +118,8 @@ def exit_status(error: BaseException) -> int:
         return error.status
     if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C, or one outside a run's safe points
         return INTERRUPTED + signal.SIGINT
+    if isinstance(error, BrokenPipeError):  # the reader of the output left (``| head``): as SIGPIPE ends tools
+        return INTERRUPTED + signal.SIGPIPE
     if isinstance(error, ValueError):
         return USAGE
     if isinstance(error, OSError):  # a write the disk refused: full, read-only, a folder gone
@@ -125,10 +127,12 @@ def exit_status(error: BaseException) -> int:
     return INTERNAL
 
 
-def error_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str | None:
     """``error`` as the one line a command prints: ``apl: error: <message>``, with a way out where the
-    message has none of its own."""
+    message has none of its own; None for a reader that left (nothing to say, and no one to say it to)."""
     message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, BrokenPipeError):
+        return None
     if isinstance(error, AplError):
         return f"apl: error: {message}"
     if isinstance(error, KeyboardInterrupt):

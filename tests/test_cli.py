@@ -1,11 +1,14 @@
 """The command line (apl.cli): ``apl train`` end to end, ``apl grid`` dry run, one-line errors."""
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from apl.cli import main
-from apl.errors import NO_DATA
+from apl.errors import INTERRUPTED, NO_DATA
 from apl.records import RESULT_FILE
 
 # --------------------------------------------------------------------------- train
@@ -92,3 +95,13 @@ def test_report_rebuilds_the_committed_quick_tables(tmp_path, capsys):
     readme = (tmp_path / "README.md").read_text()
     assert f"`python -m apl report --runs {quick / 'run_records'} --out {tmp_path}`" in readme
     assert main(["report", "--runs", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """``python -m apl grid --dry-run | head -1``: the status of a SIGPIPE, and nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "apl", "grid", "--preset", "paper", "--seeds", "30", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout.readline().strip()  # more than a pipe holds follows: the command is still writing
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == INTERRUPTED + signal.SIGPIPE and err == "", err

@@ -191,6 +191,13 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen) -> Path:
     raise AssertionError(f"no {pattern} under {folder} within 120 s")
 
 
+def _ctrl_c_at_once(proc: subprocess.Popen, scene: dict) -> None:
+    """Ctrl-C 0.3 s after the start: while Python loads torch (or, on a machine that loads it faster, in the
+    run, which stops at its first safe point: the same status and one line either way)."""
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+
+
 def _ctrl_c_after_epoch_1(proc: subprocess.Popen, scene: dict) -> None:
     _wait_for("checkpoint.pt", Path(scene["out"]), proc)
     proc.send_signal(signal.SIGINT)
@@ -338,6 +345,8 @@ MISTAKES = {
         TRAIN, (), INTERRUPTED + signal.SIGINT, "stopped by SIGINT at a safe point", faults=_SLOW,
         during=_ctrl_c_after_epoch_1, writes=None, check=lambda scene, stderr: _stopped_after_epoch_1(
             Path(scene["out"]))),
+    "ctrl-c-while-starting": Mistake(
+        TRAIN, (), INTERRUPTED + signal.SIGINT, "interrupted", during=_ctrl_c_at_once, writes=None),
     "second-ctrl-c": Mistake(
         GRID, (), INTERRUPTED + signal.SIGINT, "interrupted at once (a second Ctrl-C)",
         faults={"APL_FAULT_BATCH_DELAY": "1.0"}, during=_ctrl_c_twice, writes=None, check=_manifest_says_interrupted),
