@@ -59,6 +59,7 @@ STATUS_TABLE = (
     (str(BUSY), "the run is being trained by another process: run again once it ends"),
     (f"{INTERRUPTED + signal.SIGINT}, {INTERRUPTED + signal.SIGTERM}",
      "stopped by Ctrl-C or SIGTERM: run the same command again to resume"),
+    (str(INTERRUPTED + signal.SIGPIPE), "the reader of the output left (e.g. | head); nothing is said"),
 )
 
 
