@@ -273,11 +273,13 @@ def _add_report(subparsers) -> None:
     p = subparsers.add_parser(
         "report", help="tables and figures from a grid's run records (no training)",
         description="Write Table 1 (md/csv/tex), Figures 1-3 (png/pdf) and a README for "
-                    "each form of the grid, from <runs>/runs/*/result.json alone.")
+                    "each form of the grid, from <runs>/runs/*/result.json alone; for a successors "
+                    "grid, a table (md/csv) and a figure per noise family and a README.")
     p.add_argument("--runs", required=True, help="the grid's output folder (holds runs/)")
     p.add_argument("--out", required=True, help="folder for tables and figures")
     p.add_argument("--reference", default="auto", choices=REFERENCES,
-                   help="published numbers to compare with (auto: by the grid's preset)")
+                   help="published numbers to compare with (auto: by the grid's preset; a successors "
+                        "grid takes auto alone: apl/successor_numbers.json)")
     p.add_argument("--no-figures", action="store_true", help="tables and README only")
     _add_debug(p)
     p.set_defaults(func=_run_report)
