@@ -2,17 +2,20 @@
 //
 // The forward runs the op below autograd and, when the logits need a gradient, attaches an
 // AplLossBackward node to the loss, written like PyTorch's generated ones: the saved tensors
-// (logits, target, stats, batch, weight) and the scalar arguments as plain members, so a step
-// pays no Python and no per-call bookkeeping beyond the node itself. Its apply calls
-// apl::apl_loss_backward, whose own autograd formula only raises: second derivatives are not
-// supported (LOSSES.md, "The fused operator").
+// (logits, target, stats, batch, weight) and the scalar arguments (LossArgs) as plain members,
+// so a step pays no Python and no per-call bookkeeping beyond the node itself. Its apply calls
+// apl::apl_loss_backward, whose own gradient is an Error node: second derivatives are not
+// supported (LOSSES.md, "The fused operator"). Plain nodes, not torch::autograd::Function, so the
+// functorch transforms (torch.func.grad, vjp, jacrev) run through them too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -22,34 +25,30 @@
 
 namespace apl {
 
-Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive, double alpha,
-                      double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                      const std::optional<at::Tensor>& weight, double smoothing) {
+using OptTensor = std::optional<at::Tensor>;
+
+Outputs call_apl_loss(const at::Tensor& logits, const at::Tensor& target, const LossArgs& args,
+                      const OptTensor& weight) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("apl::apl_loss", "")
-                       .typed<Outputs(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double,
-                                      double, int64_t, int64_t, const std::optional<at::Tensor>&, double)>();
-  return op.call(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight, smoothing);
+                       .typed<Outputs(const at::Tensor&, const at::Tensor& APL_SCALAR_TYPES, const OptTensor&)>();
+  return op.call(logits, target APL_LOSS_ARGS_EXPANDED, weight);
+}
+
+at::Tensor call_apl_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& stats, const at::Tensor& batch, const LossArgs& args,
+                                  const OptTensor& weight) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("apl::apl_loss_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor& APL_SCALAR_TYPES, const OptTensor&)>();
+  return op.call(grad_loss, logits, target, stats, batch APL_LOSS_ARGS_EXPANDED, weight);
 }
 
 namespace {
 
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-at::Tensor call_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
-                         double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                         const OptTensor& weight, double smoothing) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("apl::apl_loss_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, int64_t, double, double, double, double, int64_t,
-                                         int64_t, const OptTensor&, double)>();
-  return op.call(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                 ignore_index, weight, smoothing);
-}
 
 // The gradient of apl_loss's loss output with respect to the logits.
 struct AplLossBackward : public torch::autograd::TraceableFunction {
@@ -58,9 +57,8 @@ struct AplLossBackward : public torch::autograd::TraceableFunction {
     variable_list out(1);
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
     const at::Tensor w = weight_.unpack();
-    out[0] = call_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(), active,
-                           passive, alpha, beta, gamma, q, reduction, ignore_index,
-                           w.defined() ? OptTensor(w) : std::nullopt, smoothing);
+    out[0] = call_apl_loss_backward(grads[0], logits_.unpack(), target_.unpack(), stats_.unpack(), batch_.unpack(),
+                                    args, w.defined() ? OptTensor(w) : std::nullopt);
     return out;
   }
   std::string name() const override { return "AplLossBackward"; }
@@ -70,23 +68,21 @@ struct AplLossBackward : public torch::autograd::TraceableFunction {
   }
 
   SavedVariable logits_, target_, stats_, batch_, weight_;
-  int64_t active = 0, passive = 0, reduction = 0, ignore_index = 0;
-  double alpha = 0, beta = 0, gamma = 0, q = 0, smoothing = 0;
+  LossArgs args{};
 };
 
-Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                          double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                          const OptTensor& weight, double smoothing) {
+Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target APL_SCALAR_PARAMS,
+                          const OptTensor& weight) {
   TORCH_CHECK_VALUE(!weight.has_value() || !weight->defined() || !weight->requires_grad(),
                     "apl_loss: weight must not require grad (the fused operator has no gradient for it); pass "
                     "weight.detach()");
   TORCH_CHECK(!torch::autograd::isFwGradDefined(logits),
               "apl_loss: forward-mode AD is not supported by the fused operator; use apl.losses.reference_loss");
+  const LossArgs args = APL_LOSS_ARGS_IN_SCOPE;
   Outputs out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = call_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight,
-                        smoothing);
+    out = call_apl_loss(logits, target, args, weight);
   }
   if (torch::autograd::compute_requires_grad(logits)) {
     auto node = c10::make_intrusive<AplLossBackward>();
@@ -96,41 +92,30 @@ Outputs apl_loss_autograd(const at::Tensor& logits, const at::Tensor& target, in
     node->stats_ = SavedVariable(std::get<1>(out), false);
     node->batch_ = SavedVariable(std::get<2>(out), false);
     node->weight_ = SavedVariable(weight, false);
-    node->active = active, node->passive = passive, node->reduction = reduction, node->ignore_index = ignore_index;
-    node->alpha = alpha, node->beta = beta, node->gamma = gamma, node->q = q, node->smoothing = smoothing;
+    node->args = args;
     torch::autograd::set_history(std::get<0>(out), node);
   }
   return out;
 }
 
-// apl_loss_backward under autograd: computes the gradient, and any attempt to differentiate
-// it again raises.
-class AplLossBackwardFunction : public torch::autograd::Function<AplLossBackwardFunction> {
- public:
-  static variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad_loss,
-                               const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
-                               const at::Tensor& batch, int64_t active, int64_t passive, double alpha, double beta,
-                               double gamma, double q, int64_t reduction, int64_t ignore_index, const OptTensor& weight,
-                               double smoothing) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return {call_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q, reduction,
-                          ignore_index, weight, smoothing)};
-  }
-
-  static variable_list backward(torch::autograd::AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "apl: the fused loss does not support double backward (second derivatives); "
-                "use apl.losses.reference_loss for higher-order gradients");
-    return {};
-  }
-};
-
+// apl_loss_backward under autograd: computes the gradient; differentiating it again raises.
 at::Tensor apl_loss_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                      const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
-                                      double alpha, double beta, double gamma, double q, int64_t reduction,
-                                      int64_t ignore_index, const OptTensor& weight, double smoothing) {
-  return AplLossBackwardFunction::apply(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma, q,
-                                        reduction, ignore_index, weight, smoothing)[0];
+                                      const at::Tensor& stats, const at::Tensor& batch APL_SCALAR_PARAMS,
+                                      const OptTensor& weight) {
+  const LossArgs args = APL_LOSS_ARGS_IN_SCOPE;
+  at::Tensor grad;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grad = call_apl_loss_backward(grad_loss, logits, target, stats, batch, args, weight);
+  }
+  if (torch::autograd::compute_requires_grad(grad_loss, logits)) {
+    auto node = c10::make_intrusive<torch::autograd::Error>(
+        "apl: the fused loss does not support double backward (second derivatives); use "
+        "apl.losses.reference_loss for higher-order gradients",
+        torch::autograd::collect_next_edges(grad_loss, logits));
+    torch::autograd::set_history(grad, node);
+  }
+  return grad;
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
-// The apl operator library: schemas, the argument checks and the launch plan shared by the CPU
-// and CUDA kernels. Kernels: csrc/cpu/, csrc/cuda/. Math:
-// csrc/loss_row.h. Formulas: LOSSES.md.
+// The apl operator library: schemas, the argument checks, the device-neutral entries (check, layout,
+// then the device's row paths) and the launch plan every device follows. Kernels: csrc/cpu/,
+// csrc/cuda/. Math: csrc/loss_row.h. Formulas: LOSSES.md.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -47,7 +48,7 @@ std::vector<int64_t> positions_shape(const at::Tensor& logits) {
   return shape;
 }
 
-bool is_distribution(const at::Tensor& target, double smoothing) {
+bool is_soft(const at::Tensor& target, double smoothing) {
   return at::isFloatingType(target.scalar_type()) || smoothing != 0;
 }
 
@@ -58,22 +59,45 @@ static std::string kinds_text(int64_t active, int64_t passive) {
   return text;
 }
 
+static bool uses_kind(const LossArgs& args, int kind) { return args.active == kind || args.passive == kind; }
+
+// The parameters each kind takes, in apl.losses.spec.LossSpec's words.
+static void check_parameters(const LossArgs& args) {
+  TORCH_CHECK_VALUE(std::isfinite(args.alpha) && std::isfinite(args.beta),
+                    "apl_loss: alpha and beta must be finite, got ", args.alpha, ", ", args.beta);
+  TORCH_CHECK_VALUE(std::isfinite(args.gamma) && args.gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ",
+                    args.gamma);
+  if (uses_kind(args, row::GCE) || uses_kind(args, row::NGCE)) {
+    TORCH_CHECK_VALUE(args.q > 0 && args.q <= 1, "apl_loss: q must be in (0, 1], got ", args.q);
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(args.q) && args.q > 0, "apl_loss: q must be a finite number > 0, got ", args.q);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(args.a), "apl_loss: a must be finite, got ", args.a);
+  TORCH_CHECK_VALUE(!uses_kind(args, row::AUL) || args.a > 1, "apl_loss: AUL needs a > 1, got a=", args.a);
+  TORCH_CHECK_VALUE(!(uses_kind(args, row::AGCE) || uses_kind(args, row::AEL)) || args.a > 0,
+                    "apl_loss: AGCE and AEL need a > 0, got a=", args.a);
+  TORCH_CHECK_VALUE(std::isfinite(args.m) && args.m >= 0, "apl_loss: m must be a finite number >= 0, got ", args.m);
+  TORCH_CHECK_VALUE(args.min_prob > 0 && args.min_prob < 1, "apl_loss: min_prob must be in (0, 1), got ",
+                    args.min_prob);
+}
+
 // Probability targets (the logits' shape) or label smoothing: the kinds and options
-// loss_row.h's distribution path defines, in the reference's words (LOSSES.md "Soft targets").
-static void check_distribution_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                                    int64_t ignore_index, const std::optional<at::Tensor>& weight, double smoothing) {
+// loss_row.h's soft-target path defines, in the reference's words (LOSSES.md "Soft targets").
+static void check_soft_args(const at::Tensor& logits, const at::Tensor& target, const LossArgs& args,
+                            const std::optional<at::Tensor>& weight) {
+  const double smoothing = args.label_smoothing;
   TORCH_CHECK_VALUE(std::isfinite(smoothing) && smoothing >= 0 && smoothing <= 1,
                     "apl_loss: label_smoothing must be in [0, 1], got ", smoothing);
-  const int a = static_cast<int>(active), p = static_cast<int>(passive);
+  const int a = static_cast<int>(args.active), p = static_cast<int>(args.passive);
   TORCH_CHECK_VALUE(smoothing == 0 || row::takes_smoothing(a, p),
                     "apl_loss: label_smoothing is defined for ce alone (F.cross_entropy's semantics), got ",
-                    kinds_text(active, passive));
+                    kinds_text(args.active, args.passive));
   if (!at::isFloatingType(target.scalar_type())) return;
   TORCH_CHECK_VALUE(
-      row::takes_distribution(a) && row::takes_distribution(p),
+      row::takes_soft(a) && row::takes_soft(p),
       "apl_loss: probability targets are defined for CE, MAE and RCE terms (LOSSES.md \"Soft targets\"); ",
-      kinds_text(active, passive), " has no principled extension to them: pass class indices");
-  TORCH_CHECK_VALUE(ignore_index == kDefaultIgnoreIndex, "apl_loss: ignore_index=", ignore_index,
+      kinds_text(args.active, args.passive), " has no principled extension to them: pass class indices");
+  TORCH_CHECK_VALUE(args.ignore_index == kDefaultIgnoreIndex, "apl_loss: ignore_index=", args.ignore_index,
                     " applies to class-index targets; probability targets have no ignored rows");
   TORCH_CHECK_VALUE(!weight.has_value() || !weight->defined() || (a == row::CE && p == row::NONE),
                     "apl_loss: per-class weights with probability targets are defined for ce alone "
@@ -85,9 +109,8 @@ static void check_distribution_args(const at::Tensor& logits, const at::Tensor& 
                     logits.sizes(), ", got ", target.sizes());
 }
 
-void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int64_t active, int64_t passive,
-                        double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                        const std::optional<at::Tensor>& weight, double smoothing) {
+void check_forward_args(const at::Tensor& logits, const at::Tensor& target, const LossArgs& args,
+                        const std::optional<at::Tensor>& weight) {
   TORCH_CHECK_VALUE(logits.dim() >= 2, "apl_loss: logits must be 2-D (N, C) or (N, C, d1, ..., dK), got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "apl_loss: logits must be a floating tensor, got dtype ",
@@ -96,13 +119,13 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                     "apl_loss: logits dtype ", dt, " is not supported (float16, bfloat16, float32, float64)");
   TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl_loss: logits need at least 2 classes, got C=", logits.size(1));
-  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "apl_loss: active kind ", active,
+  TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(args.active)), "apl_loss: active kind ", args.active,
                     " is not a loss kind (1..", row::NUM_KINDS - 1, ")");
-  TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(passive)), "apl_loss: passive kind ", passive, " (",
-                    kind_name(passive),
-                    ") is not supported by the fused operator; the passive "
-                    "term must be NONE, CE, FL, FL_DETACHED, MAE, RCE, GCE, MAE_AUTHOR or RCE_AUTHOR");
-  check_distribution_args(logits, target, active, passive, ignore_index, weight, smoothing);
+  TORCH_CHECK_VALUE(row::valid_passive(static_cast<int>(args.passive)), "apl_loss: passive kind ", args.passive, " (",
+                    kind_name(args.passive),
+                    ") is not supported by the fused operator; the passive term must be a per-row kind (not "
+                    "NCE_PAPER or NFL_PAPER, whose batch statistic scales the active term)");
+  check_soft_args(logits, target, args, weight);
   if (!at::isFloatingType(target.scalar_type())) {
     if (logits.dim() == 2) {
       TORCH_CHECK_VALUE(target.dim() == 1, "apl_loss: target must be 1-D (N,), got shape ", target.sizes());
@@ -122,12 +145,9 @@ void check_forward_args(const at::Tensor& logits, const at::Tensor& target, int6
                     " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(logits.is_contiguous(), "apl_loss: logits must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(target.is_contiguous(), "apl_loss: target must be contiguous (call .contiguous())");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta), "apl_loss: alpha and beta must be finite, got ", alpha,
-                    ", ", beta);
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "apl_loss: gamma must be finite and >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(q > 0 && q <= 1, "apl_loss: q must be in (0, 1], got ", q);
-  TORCH_CHECK_VALUE(row::valid_reduction(reduction), "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-                    reduction);
+  check_parameters(args);
+  TORCH_CHECK_VALUE(row::valid_reduction(args.reduction),
+                    "apl_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", args.reduction);
   check_weight(weight, logits);
 }
 
@@ -151,7 +171,7 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
   at::Tensor bad = at::logical_and(at::logical_or(target.lt(0), target.ge(num_classes)), target.ne(ignore_index));
   if (bad.any().item<bool>()) {
     const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    target_out_of_range(target[i].item<int64_t>(), i, num_classes, ignore_index);
+    target_out_of_range(target.reshape({-1})[i].item<int64_t>(), i, num_classes, ignore_index);
   }
 }
 
@@ -175,21 +195,6 @@ int64_t positions_per_sample(const at::Tensor& logits) {
   return d;
 }
 
-// contiguous: for one sample (N = 1) the reshape alone is a strided view
-at::Tensor as_rows(const at::Tensor& logits) {
-  return logits.movedim(1, -1).reshape({-1, logits.size(1)}).contiguous();
-}
-
-at::Tensor target_as_rows(const at::Tensor& target) {
-  return at::isFloatingType(target.scalar_type()) ? as_rows(target) : target.reshape({-1});
-}
-
-at::Tensor grad_from_rows(const at::Tensor& grad_rows, const at::Tensor& logits) {
-  std::vector<int64_t> moved = positions_shape(logits);
-  moved.push_back(logits.size(1));
-  return grad_rows.view(moved).movedim(-1, 1).contiguous();
-}
-
 LaunchPlan launch_plan(int64_t active, int64_t reduction) {
   const int a = static_cast<int>(active), r = static_cast<int>(reduction);
   return LaunchPlan{1 + int64_t(row::needs_batch_step(a, r)), 1 + int64_t(row::needs_backward_batch_step(a, r))};
@@ -199,7 +204,7 @@ static std::atomic<int64_t> steps_run{0};
 
 void count_step() { steps_run.fetch_add(1, std::memory_order_relaxed); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits, int64_t reduction) {
+Outputs empty_outputs(const at::Tensor& logits, int64_t reduction) {
   const auto acc_options = logits.options().dtype(acc_type_of(logits.scalar_type()));
   const int64_t rows = logits.numel() / logits.size(1);
   at::Tensor loss = reduction == row::RED_NONE ? at::empty(positions_shape(logits), logits.options())
@@ -207,17 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& l
   return {loss, at::empty({rows, kNumStats}, acc_options), at::empty({kNumBatch}, acc_options)};
 }
 
-at::Tensor weight_for(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
-  if (!weight.has_value() || !weight->defined()) return at::Tensor();
-  return weight->to(acc_type_of(logits.scalar_type())).contiguous();
-}
-
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& stats, const at::Tensor& batch, int64_t active, int64_t passive,
-                         double alpha, double beta, double gamma, double q, int64_t reduction, int64_t ignore_index,
-                         const std::optional<at::Tensor>& weight, double smoothing) {
-  check_forward_args(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight,
-                     smoothing);
+                         const at::Tensor& stats, const at::Tensor& batch, const LossArgs& args,
+                         const std::optional<at::Tensor>& weight) {
+  check_forward_args(logits, target, args, weight);
   const int64_t n = logits.numel() / logits.size(1);  // rows: one per position
   const at::ScalarType acc = acc_type_of(logits.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumStats,
@@ -236,7 +234,7 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
                     " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()), "apl_loss_backward: grad_loss must be floating, got ",
                     grad_loss.scalar_type());
-  if (reduction == row::RED_NONE) {
+  if (args.reduction == row::RED_NONE) {
     const std::vector<int64_t> shape = positions_shape(logits);
     TORCH_CHECK_VALUE(grad_loss.sizes() == at::IntArrayRef(shape), "apl_loss_backward: grad_loss must have shape ",
                       at::IntArrayRef(shape), " for reduction='none', got ", grad_loss.sizes());
@@ -247,7 +245,96 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, 
   }
 }
 
-static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
+// ---------------------------------------------------------------- the entries
+namespace {
+
+const DeviceKernels& kernels_for(const at::Tensor& logits) {
+#ifdef APL_WITH_CUDA
+  if (logits.is_cuda()) return cuda_kernels();
+#endif
+  return cpu_kernels();
+}
+
+// For a device that does not read the (N, C, d1, ..., dK) layout: a transposed copy (N * D, C)
+// of the logits (and of probability targets), the gradient copied back into the logits' layout.
+// contiguous: for one sample (N = 1) the reshape alone is a strided view
+at::Tensor as_rows(const at::Tensor& logits) {
+  return logits.movedim(1, -1).reshape({-1, logits.size(1)}).contiguous();
+}
+
+at::Tensor target_as_rows(const at::Tensor& target) {
+  return at::isFloatingType(target.scalar_type()) ? as_rows(target) : target.reshape({-1});
+}
+
+at::Tensor grad_from_rows(const at::Tensor& grad_rows, const at::Tensor& logits) {
+  std::vector<int64_t> moved = positions_shape(logits);
+  moved.push_back(logits.size(1));
+  return grad_rows.view(moved).movedim(-1, 1).contiguous();
+}
+
+// A checked call as its device sees it: probability targets and weights in the accumulation
+// dtype (no copy when they already are), the targets' range checked on the host where that is
+// free (the CPU) or asked for (sync_target_check; CUDA's kernels assert on the device otherwise).
+Call make_call(const at::Tensor& logits, const at::Tensor& target, const LossArgs& args,
+               const std::optional<at::Tensor>& weight, bool soft) {
+  const at::ScalarType acc = acc_type_of(logits.scalar_type());
+  const bool probs = at::isFloatingType(target.scalar_type());
+  Call call;
+  call.logits = logits;
+  call.target = probs ? target.to(acc).contiguous() : target;
+  call.weight = weight.has_value() && weight->defined() ? weight->to(acc).contiguous() : at::Tensor();
+  call.args = args;
+  call.soft = soft;
+  call.C = logits.size(1);
+  call.D = positions_per_sample(logits);
+  call.rows = logits.numel() / call.C;
+  if (!probs && (logits.is_cpu() || sync_target_check())) check_target_range(target, call.C, args.ignore_index);
+  return call;
+}
+
+Outputs forward(const at::Tensor& logits, const at::Tensor& target, const LossArgs& args,
+                const std::optional<at::Tensor>& weight) {
+  const bool soft = is_soft(target, args.label_smoothing);
+  const DeviceKernels& device = kernels_for(logits);
+  if (logits.dim() > 2 && !device.reads_layout(logits, soft)) {
+    Outputs out = forward(as_rows(logits), target_as_rows(target), args, weight);
+    if (args.reduction == row::RED_NONE) std::get<0>(out) = std::get<0>(out).view(positions_shape(logits));
+    return out;
+  }
+  return device.forward(make_call(logits, target, args, weight, soft));
+}
+
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                    const at::Tensor& stats, const at::Tensor& batch, const LossArgs& args,
+                    const std::optional<at::Tensor>& weight) {
+  const bool soft = is_soft(target, args.label_smoothing);
+  const DeviceKernels& device = kernels_for(logits);
+  if (logits.dim() > 2 && !device.reads_layout(logits, soft)) {
+    const at::Tensor g = args.reduction == row::RED_NONE ? grad_loss.reshape({-1}) : grad_loss;
+    return grad_from_rows(backward(g, as_rows(logits), target_as_rows(target), stats, batch, args, weight), logits);
+  }
+  return device.backward(grad_loss, stats, batch, make_call(logits, target, args, weight, soft));
+}
+
+// apl::apl_loss on CPU and CUDA tensors: check, then the device's row paths.
+Outputs apl_loss_entry(const at::Tensor& logits, const at::Tensor& target APL_SCALAR_PARAMS,
+                       const std::optional<at::Tensor>& weight) {
+  const LossArgs args = APL_LOSS_ARGS_IN_SCOPE;
+  check_forward_args(logits, target, args, weight);
+  const c10::OptionalDeviceGuard guard(logits.device());
+  return forward(logits, target, args, weight);
+}
+
+at::Tensor apl_loss_backward_entry(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& stats, const at::Tensor& batch APL_SCALAR_PARAMS,
+                                   const std::optional<at::Tensor>& weight) {
+  const LossArgs args = APL_LOSS_ARGS_IN_SCOPE;
+  check_backward_args(grad_loss, logits, target, stats, batch, args, weight);
+  const c10::OptionalDeviceGuard guard(logits.device());
+  return backward(grad_loss, logits, target, stats, batch, args, weight);
+}
+
+std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
   TORCH_CHECK_VALUE(row::valid_active(static_cast<int>(active)), "_launch_counts: active kind ", active,
                     " is not a loss kind");
   TORCH_CHECK_VALUE(row::valid_reduction(reduction), "_launch_counts: reduction must be 0, 1 or 2, got ", reduction);
@@ -255,29 +342,47 @@ static std::vector<int64_t> launch_counts(int64_t active, int64_t reduction) {
   return {p.forward, p.backward};
 }
 
-static int64_t steps_run_so_far() { return steps_run.load(std::memory_order_relaxed); }
+int64_t steps_run_so_far() { return steps_run.load(std::memory_order_relaxed); }
 
-static std::vector<std::string> kind_names() { return {std::begin(kKindNames), std::end(kKindNames)}; }
+std::vector<std::string> kind_names() { return {std::begin(kKindNames), std::end(kKindNames)}; }
 
-static std::vector<int64_t> layout() { return {kNumStats, kNumBatch}; }
+std::vector<std::string> scalar_arg_names() {
+#define APL_ARG_STRING(type, name, schema) #name,
+  return {APL_SCALAR_ARGS(APL_ARG_STRING)};
+#undef APL_ARG_STRING
+}
+
+std::vector<int64_t> layout() { return {kNumStats, kNumBatch}; }
+
+}  // namespace
 
 TORCH_LIBRARY(apl, m) {
-  m.def(
-      "apl_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, "
-      "float gamma, float q, int reduction, int ignore_index, Tensor? weight=None, float label_smoothing=0.0) "
-      "-> (Tensor loss, Tensor stats, Tensor batch)");
-  m.def(
-      "apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch, "
-      "int active, int passive, float alpha, float beta, float gamma, float q, int reduction, "
-      "int ignore_index, Tensor? weight=None, float label_smoothing=0.0) -> Tensor");
+  m.def("apl_loss(Tensor logits, Tensor target" APL_SCALAR_SCHEMA
+        ", Tensor? weight=None) -> (Tensor loss, Tensor stats, Tensor batch)");
+  m.def("apl_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, Tensor batch" APL_SCALAR_SCHEMA
+        ", Tensor? weight=None) -> Tensor");
   // Host-side helpers (no tensors): the step plan, the step counter, the debug switch.
   m.def("_launch_counts(int active, int reduction) -> int[]", &launch_counts);
-  // The ABI Python mirrors: the loss kinds' names by code, and (NUM_STATS, NUM_BATCH).
+  // The ABI Python mirrors: the loss kinds' names by code, the scalar arguments' names in schema
+  // order, and (NUM_STATS, NUM_BATCH).
   m.def("_kind_names() -> str[]", &kind_names);
+  m.def("_scalar_args() -> str[]", &scalar_arg_names);
   m.def("_layout() -> int[]", &layout);
   m.def("_steps_run() -> int", &steps_run_so_far);
   m.def("_set_sync_target_check(bool enabled) -> bool", &set_sync_target_check);
   m.def("_sync_target_check() -> bool", &sync_target_check);
 }
+
+TORCH_LIBRARY_IMPL(apl, CPU, m) {
+  m.impl("apl_loss", &apl_loss_entry);
+  m.impl("apl_loss_backward", &apl_loss_backward_entry);
+}
+
+#ifdef APL_WITH_CUDA
+TORCH_LIBRARY_IMPL(apl, CUDA, m) {
+  m.impl("apl_loss", &apl_loss_entry);
+  m.impl("apl_loss_backward", &apl_loss_backward_entry);
+}
+#endif
 
 }  // namespace apl

@@ -18,7 +18,24 @@
 namespace apl {
 namespace {
 
-constexpr Py_ssize_t kNumScalarArgs = 9;  // apl.fused.op_args: active .. ignore_index, label_smoothing
+// The scalar arguments' count; apl.fused.OpArgs is a named tuple of exactly these fields, in
+// APL_SCALAR_ARGS order (it is built from torch.ops.apl._scalar_args()).
+#define APL_ARG_ONE(type, name, schema) +1
+constexpr Py_ssize_t kNumScalarArgs = 0 APL_SCALAR_ARGS(APL_ARG_ONE);
+#undef APL_ARG_ONE
+
+int64_t as_scalar(PyObject* obj, int64_t*) { return PyLong_AsLongLong(obj); }
+double as_scalar(PyObject* obj, double*) { return PyFloat_AsDouble(obj); }
+
+// An OpArgs tuple as LossArgs, field by field in APL_SCALAR_ARGS order.
+LossArgs parse_args(PyObject* tuple) {
+  LossArgs args;
+  Py_ssize_t i = 0;
+#define APL_ARG_PARSE(type, name, schema) args.name = as_scalar(PyTuple_GET_ITEM(tuple, i++), &args.name);
+  APL_SCALAR_ARGS(APL_ARG_PARSE)
+#undef APL_ARG_PARSE
+  return args;
+}
 
 // A torch.Tensor or nn.Parameter, not a subclass with a __torch_function__ of its own.
 bool is_plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
@@ -34,12 +51,8 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
       (weighted && !is_plain_tensor(py_weight)))
     Py_RETURN_NOTIMPLEMENTED;
   TORCH_CHECK_TYPE(PyTuple_Check(py_args) && PyTuple_GET_SIZE(py_args) == kNumScalarArgs,
-                   "apl._C.loss: args must be the tuple of apl.fused.op_args");
-  int64_t ints[4];
-  double reals[5];
-  const int int_at[4] = {0, 1, 6, 7}, real_at[5] = {2, 3, 4, 5, 8};
-  for (int i = 0; i < 4; ++i) ints[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(py_args, int_at[i]));
-  for (int i = 0; i < 5; ++i) reals[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(py_args, real_at[i]));
+                   "apl._C.loss: args must be an apl.fused.OpArgs");
+  const LossArgs args = parse_args(py_args);
   if (PyErr_Occurred()) return nullptr;
   const at::Tensor& logits = THPVariable_Unpack(py_logits);
   at::Tensor target = THPVariable_Unpack(py_target);
@@ -51,8 +64,7 @@ PyObject* loss(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t argc) {
     // as apl.fused.apply: integer targets of any width, any layout
     if (at::isIntegralType(target.scalar_type(), /*includeBool=*/false) && target.scalar_type() != at::kLong)
       target = target.to(at::kLong);
-    result = std::get<0>(call_apl_loss(logits.contiguous(), target.contiguous(), ints[0], ints[1], reals[0], reals[1],
-                                       reals[2], reals[3], ints[2], ints[3], weight, reals[4]));
+    result = std::get<0>(call_apl_loss(logits.contiguous(), target.contiguous(), args, weight));
   }
   return THPVariable_Wrap(std::move(result));
   END_HANDLE_TH_ERRORS

@@ -19,7 +19,7 @@ import torch
 import apl.losses.fused as fused
 from apl.config import TrainConfig
 from apl.data import load_cifar10, write_cifar10_folder
-from apl.losses.spec import APL_NAMES, SUCCESSOR_NAMES, VARIANTS
+from apl.losses.spec import APL_NAMES, SUCCESSOR_NAMES, VARIANTS, Kind, LossSpec
 
 #: The target value of ignored rows (as F.cross_entropy's default).
 IGNORE_INDEX = -100
@@ -41,11 +41,10 @@ LOSS_CASES = [(name, variant) for name in APL_NAMES for variant in VARIANTS] + \
     [(name, "ma2020") for name in SUCCESSOR_NAMES]
 
 
-def require_fused_spec(spec) -> None:
-    """Skip, with the reason, where the fused operator does not compute ``spec`` yet."""
-    reason = fused.unsupported_reason(spec)
-    if reason:
-        pytest.skip(reason)
+def op_args(spec=None, reduction="mean", ignore_index=IGNORE_INDEX, **replaced):
+    """The operator's scalar arguments (``apl.fused.OpArgs``) of ``spec`` (CE when None), any field
+    replaced by name, also by values the public API refuses (to test the operator's own checks)."""
+    return fused.op_args(spec or LossSpec(Kind.CE), reduction, ignore_index)._replace(**replaced)
 
 
 #: Tests of the compiled operator: skipped, with the reason, where the extension is not built.

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import BACKENDS, LOSS_CASES, require_fused_spec
+from conftest import BACKENDS, LOSS_CASES
 
 import apl.losses.functional as AF
 import apl.losses.fused as fused
@@ -51,10 +51,7 @@ def _step_matches_eager(loss_of, compile_backend="aot_eager"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_every_module_compiles_fullgraph(name, variant, backend):
-    loss_fn = get_loss(name, variant=variant, backend=backend if backend == "reference" else "auto",
-                       ignore_index=-100)
-    if backend == "fused":
-        require_fused_spec(loss_fn.spec)
+    loss_fn = get_loss(name, variant=variant, backend=backend, ignore_index=-100)
     _step_matches_eager(loss_fn)
 
 

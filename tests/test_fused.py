@@ -23,24 +23,24 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import IGNORE_INDEX as IGNORE
-from conftest import random_batch, requires_cuda, requires_fused, requires_two_gpus
+from conftest import op_args, random_batch, requires_cuda, requires_fused, requires_two_gpus
 from torch.autograd import DeviceType
 
 import apl.losses.fused as fused
 from apl.losses import get_loss, reference_loss
-from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, spec_for
+from apl.losses.spec import LOSS_NAMES, RCE_A, VARIANTS, Kind, LossSpec, rce_scale, spec_for
 
 pytestmark = requires_fused
 
 REPO = Path(__file__).resolve().parents[1]
 REDUCTIONS = ("none", "mean", "sum")
 # Every kind as the active term alone, then the APL sums (both weightings) and SCE.
-SINGLE = [LossSpec(k) for k in fused.SUPPORTED_ACTIVE]
+SINGLE = [LossSpec(k) for k in Kind if k != Kind.NONE]
 SUMS = [spec_for(n, variant=v) for n in ("nce+mae", "nce+rce", "nfl+mae", "nfl+rce")
         for v in VARIANTS] + [spec_for("sce")]
 ALL_SPECS = SINGLE + SUMS
 # Kinds with detached weights: their autograd gradient is by definition not the derivative.
-DETACHED = (Kind.FL_DETACHED, Kind.NFL_MA2020)
+DETACHED = (Kind.FL_DETACHED, Kind.NFL_MA2020, Kind.NNFL, Kind.EFL)
 # Every loss name with each variant that changes its spec (ce, gce, sce have one form).
 NAME_VARIANTS = [(n, v) for n in LOSS_NAMES for v in VARIANTS if v == "ma2020" or spec_for(n, variant=v) != spec_for(n)]
 # Tolerance of the operator against the float64 reference, by logits dtype (half types: the
@@ -68,11 +68,14 @@ def class_weights(c, seed, dtype=torch.float64):
     return (10 ** (2 * torch.rand(c, generator=g, dtype=torch.float64) - 1)).to(dtype)
 
 
-def weight_scale(spec):
-    """Size of the gradient coefficients of a spec: |alpha| + |beta| (x A for RCE terms)."""
-    a = abs(spec.alpha) * (RCE_A if spec.active in (Kind.RCE, Kind.RCE_AUTHOR) else 1.0)
-    b = abs(spec.beta) * (RCE_A if spec.passive in (Kind.RCE, Kind.RCE_AUTHOR) else 1.0)
-    return a + b
+def weight_scale(spec, c):
+    """Size of the gradient coefficients of a spec at C classes: |alpha| + |beta|, each times its term's
+    constant (A for the RCE kinds, A (C - 1) / 4 for NRCE)."""
+    def size(kind):
+        if kind == Kind.NRCE:
+            return rce_scale(kind, c)
+        return RCE_A if kind in (Kind.RCE, Kind.RCE_AUTHOR) else 1.0
+    return abs(spec.alpha) * size(spec.active) + abs(spec.beta) * size(spec.passive)
 
 
 def run_both(spec, z, target, reduction, dtype, device="cpu", ref_dtype=torch.float64):
@@ -118,7 +121,7 @@ def check_parity(spec, n, c, reduction, dtype, seed, device="cpu"):
     assert lf.dtype == dtype and gf.dtype == dtype
     what = f"{spec_id(spec)} N={n} C={c} {reduction} {dtype} {device}"
     assert_scaled_close(lf, lr, tol, 1.0, "loss " + what)
-    assert_scaled_close(gf, gr, tol, per_row * weight_scale(spec), "grad " + what)
+    assert_scaled_close(gf, gr, tol, per_row * weight_scale(spec, c), "grad " + what)
 
 
 # --------------------------------------------------------------------------- parity
@@ -180,7 +183,7 @@ def test_parity_half_types(spec, dtype, device):
             assert lf.dtype == dtype and gf.dtype == dtype
             what = f"{spec_id(spec)} N={len(target)} C={z.shape[1]} {reduction} {dtype} {device}"
             assert_scaled_close(lf, lr, tol, 1.0, "loss " + what)
-            assert_scaled_close(gf, gr, tol, per_row * weight_scale(spec), "grad " + what)
+            assert_scaled_close(gf, gr, tol, per_row * weight_scale(spec, z.shape[1]), "grad " + what)
 
 
 # Rows per class count C in the shape sweep: few on the CPU (the reference's time), more on a GPU
@@ -211,7 +214,7 @@ def test_parity_hypothesis():
 
     @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
     @hypothesis.given(n=st.integers(1, 40), c=st.integers(2, 70), seed=st.integers(0, 2**31 - 1),
-                      active=st.sampled_from(fused.SUPPORTED_ACTIVE),
+                      active=st.sampled_from([k for k in Kind if k != Kind.NONE]),
                       passive=st.sampled_from(fused.SUPPORTED_PASSIVE),
                       alpha=st.floats(-2, 10), beta=st.floats(-2, 10), gamma=st.sampled_from([0.0, 0.5, 2.0]),
                       q=st.sampled_from([0.1, 0.7, 1.0]), reduction=st.sampled_from(REDUCTIONS))
@@ -220,7 +223,7 @@ def test_parity_hypothesis():
         z, target = random_batch(n, c, seed, **MIXED)
         (lf, gf), (lr, gr), per_row = run_both(spec, z, target, reduction, torch.float64)
         assert_scaled_close(lf, lr, 1e-9, 1.0, "loss")
-        assert_scaled_close(gf, gr, 1e-9, per_row * max(weight_scale(spec), 1.0), "grad")
+        assert_scaled_close(gf, gr, 1e-9, per_row * max(weight_scale(spec, c), 1.0), "grad")
 
     prop()
 
@@ -247,8 +250,7 @@ def _op_args(spec, reduction, dtype=torch.float64, n=8, c=5, seed=0, device="cpu
     z = torch.randn(n, c, generator=g, dtype=dtype).to(device).requires_grad_()
     target = torch.randint(0, c, (n,), generator=g)
     target[1] = IGNORE
-    args = (z, target.to(device), int(spec.active), int(spec.passive), spec.alpha, spec.beta, spec.gamma, spec.q,
-            fused.REDUCTION_CODES[reduction], IGNORE)
+    args = (z, target.to(device), *op_args(spec, reduction))
     return args + (class_weights(c, seed + 1, dtype).to(device),) if weighted else args
 
 
@@ -299,8 +301,7 @@ def test_meta_tensors(reduction, shape):
     t = torch.empty(6, device="meta", dtype=torch.int64)
     out = fused.fused_loss(z, t, spec_for("nce+rce"), reduction)
     assert out.device.type == "meta" and out.shape == shape and out.dtype == torch.bfloat16
-    loss, stats, batch = torch.ops.apl.apl_loss(z, t, 4, 9, 1.0, 1.0, 0.5, 0.7, fused.REDUCTION_CODES[reduction],
-                                                IGNORE)
+    loss, stats, batch = torch.ops.apl.apl_loss(z, t, *op_args(spec_for("nce+rce"), reduction))
     assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.bfloat16
     assert stats.device.type == "meta" and stats.shape == (6, fused.NUM_STATS) and stats.dtype == torch.float32
     assert batch.device.type == "meta" and batch.dim() == 1 and batch.dtype == torch.float32
@@ -431,7 +432,7 @@ def test_ignore_index(spec, ignore_index, device):
         (loss, grad), (loss_other, grad_other) = results
         what = f"{spec_id(spec)} ignore_index={ignore_index} {reduction} {device}"
         assert_scaled_close(loss, ref.detach(), TOL[torch.float64], 1.0, "loss " + what)
-        grad_scale = weight_scale(spec) / (n_valid if reduction == "mean" else 1)
+        grad_scale = weight_scale(spec, z.shape[1]) / (n_valid if reduction == "mean" else 1)
         assert_scaled_close(grad, xr.grad, TOL[torch.float64], grad_scale, "grad " + what)
         assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored])), what
         if reduction == "none":
@@ -507,9 +508,9 @@ def test_cpu_isa_variants(capability, isa):
 
 # --------------------------------------------------------------------------- bad input
 
-def _call(z, t, active=1, passive=0, alpha=1.0, beta=0.0, gamma=0.5, q=0.7, reduction=1, ignore_index=IGNORE,
-          weight=None):
-    return torch.ops.apl.apl_loss(z, t, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight)
+def _call(z, t, weight=None, **scalars):
+    """torch.ops.apl.apl_loss with CE's arguments, the named ones replaced."""
+    return torch.ops.apl.apl_loss(z, t, *op_args()._replace(**scalars), weight)
 
 
 Z = torch.randn(4, 3)
@@ -519,7 +520,7 @@ T = torch.tensor([0, 1, 2, 0])
 @pytest.mark.parametrize("args,match", [
     ((Z, torch.tensor([0, 1, 3, 0])), r"target 3 \(row 2\) is out of range for C=3"),
     ((Z, torch.tensor([0, -1, 2, 0])), r"target -1 \(row 1\) is out of range"),
-    ((Z, torch.tensor([0, -100, 2, 0]), 1, 0, 1.0, 0.0, 0.5, 0.7, 1, -1), r"target -100 .*ignore_index=-1"),
+    ((Z, torch.tensor([0, -100, 2, 0]), dict(ignore_index=-1)), r"target -100 .*ignore_index=-1"),
     ((Z.long(), T), "logits must be a floating tensor"),
     ((Z, T.float()), "target must be an int64 tensor"),
     ((Z, T.int()), "target must be an int64 tensor"),
@@ -530,26 +531,32 @@ T = torch.tensor([0, 1, 2, 0])
     ((Z[:, :1], T * 0), r"at least 2 classes"),
     ((torch.randn(3, 4).t(), T), "logits must be contiguous"),
     ((Z, torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])[::2]), "target must be contiguous"),
-    ((Z, T, 0), "active kind 0 is not a loss kind"),
-    ((Z, T, len(Kind)), f"active kind {len(Kind)} is not a loss kind"),
-    ((Z, T, 1, 4, 1.0, 1.0), r"passive kind 4 \(NCE_MA2020\) is not supported"),
-    ((Z, T, 1, 7, 1.0, 1.0), r"passive kind 7 \(NFL_PAPER\) is not supported"),
-    ((Z, T, 2, 0, 1.0, 0.0, -0.5), "gamma must be finite and >= 0"),
-    ((Z, T, 10, 0, 1.0, 0.0, 0.5, 0.0), r"q must be in \(0, 1\]"),
-    ((Z, T, 10, 0, 1.0, 0.0, 0.5, 1.5), r"q must be in \(0, 1\]"),
-    ((Z, T, 1, 0, float("inf")), "alpha and beta must be finite"),
-    ((Z, T, 1, 0, 1.0, 0.0, 0.5, 0.7, 3), "reduction must be 0"),
+    ((Z, T, dict(active=0)), "active kind 0 is not a loss kind"),
+    ((Z, T, dict(active=len(Kind))), f"active kind {len(Kind)} is not a loss kind"),
+    ((Z, T, dict(passive=6, beta=1.0)), r"passive kind 6 \(NCE_PAPER\) is not supported"),
+    ((Z, T, dict(passive=7, beta=1.0)), r"passive kind 7 \(NFL_PAPER\) is not supported"),
+    ((Z, T, dict(active=2, gamma=-0.5)), "gamma must be finite and >= 0"),
+    ((Z, T, dict(active=10, q=0.0)), r"q must be in \(0, 1\]"),
+    ((Z, T, dict(active=10, q=1.5)), r"q must be in \(0, 1\]"),
+    ((Z, T, dict(active=int(Kind.NGCE), q=1.5)), r"q must be in \(0, 1\]"),
+    ((Z, T, dict(active=int(Kind.AGCE), q=0.0, a=1.0)), r"q must be a finite number > 0"),
+    ((Z, T, dict(active=int(Kind.AUL), a=1.0)), r"AUL needs a > 1"),
+    ((Z, T, dict(active=int(Kind.AEL), a=0.0)), r"AGCE and AEL need a > 0"),
+    ((Z, T, dict(active=int(Kind.ECE), m=-1.0)), r"m must be a finite number >= 0"),
+    ((Z, T, dict(active=int(Kind.NNCE), min_prob=0.0)), r"min_prob must be in \(0, 1\)"),
+    ((Z, T, dict(alpha=float("inf"))), "alpha and beta must be finite"),
+    ((Z, T, dict(reduction=3)), "reduction must be 0"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_op_rejects_bad_input(args, match):
     """The operator itself raises ValueError naming the problem (before reading the logits)."""
     with pytest.raises(ValueError, match=match):
-        _call(*args)
+        _call(*args[:2], **(args[2] if len(args) > 2 else {}))
 
 
 def test_backward_op_rejects_bad_input():
     """apl_loss_backward checks its stats, batch and gradient shapes and dtypes and the target range."""
     loss, stats, batch = _call(Z, T)
-    tail = (1, 0, 1.0, 0.0, 0.5, 0.7, 1, IGNORE)
+    tail = op_args()
     backward = torch.ops.apl.apl_loss_backward
     with pytest.raises(ValueError, match="stats must have shape"):
         backward(loss, Z, T, stats[:, :5].contiguous(), batch, *tail)
@@ -562,7 +569,7 @@ def test_backward_op_rejects_bad_input():
     with pytest.raises(ValueError, match="grad_loss must be a scalar"):
         backward(torch.ones(4), Z, T, stats, batch, *tail)
     with pytest.raises(ValueError, match=r"grad_loss must have shape \[4\]"):
-        backward(torch.ones(()), Z, T, stats, batch, 1, 0, 1.0, 0.0, 0.5, 0.7, 0, IGNORE)
+        backward(torch.ones(()), Z, T, stats, batch, *op_args(reduction="none"))
     with pytest.raises(ValueError, match="out of range"):
         backward(loss, Z, torch.tensor([0, 1, 5, 0]), stats, batch, *tail)
 
@@ -580,7 +587,7 @@ def test_wrapper_rejects_bad_input():
         fused.fused_loss(Z, T, spec, "avg")
     with pytest.raises(ValueError, match="LossSpec"):
         fused.fused_loss(Z, T, "nce+rce")
-    unsupported = LossSpec(Kind.CE, Kind.NCE_MA2020, 1.0, 1.0)
+    unsupported = LossSpec(Kind.CE, Kind.NFL_PAPER, 1.0, 1.0)
     assert not fused.supports(unsupported) and all(fused.supports(s) for s in ALL_SPECS)
     with pytest.raises(ValueError, match="passive term"):
         fused.fused_loss(Z, T, unsupported)
@@ -623,7 +630,7 @@ def check_weighted_parity(spec, n, c, reduction, seed, device="cpu"):
         per_row /= float(w[target[target != IGNORE]].sum())
     what = f"{device} weighted {spec_id(spec)} N={n} C={c} {reduction}"
     assert_scaled_close(lf.detach().cpu(), lr.detach(), 1e-10, 1.0, "loss " + what)
-    assert_scaled_close(x1.grad.cpu(), x2.grad, 1e-10, per_row * weight_scale(spec), "grad " + what)
+    assert_scaled_close(x1.grad.cpu(), x2.grad, 1e-10, per_row * weight_scale(spec, c), "grad " + what)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -682,7 +689,7 @@ def test_all_weight_zero_mean_is_nan():
 def test_bad_weight_is_rejected(weight, match):
     """By the operator itself and by the Python wrapper, as ValueError naming the problem."""
     with pytest.raises(ValueError, match=match):
-        _call(Z, T, 1, 0, 1.0, 0.0, 0.5, 0.7, 1, IGNORE, weight)
+        _call(Z, T, weight)
     with pytest.raises(ValueError, match=match):
         fused.fused_loss(Z, T, spec_for("ce"), weight=weight)
 
@@ -692,7 +699,7 @@ def test_weight_requiring_grad_is_rejected():
     rather than a silently missing gradient."""
     w = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match="weight must not require grad"):
-        _call(Z, T, 1, 0, 1.0, 0.0, 0.5, 0.7, 1, IGNORE, w)
+        _call(Z, T, w)
     with pytest.raises(ValueError, match="weight must not require grad"):
         fused.fused_loss(Z, T, spec_for("ce"), weight=w)
     with pytest.raises(ValueError, match="weight must not require grad"):

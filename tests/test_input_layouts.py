@@ -9,7 +9,7 @@ statistics over every position of the batch).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, LOSS_CASES, require_fused_spec, requires_fused, value_and_grad
+from conftest import BACKENDS, LOSS_CASES, op_args, requires_fused, value_and_grad
 
 import apl.functional as AF
 from apl.losses import get_loss
@@ -72,8 +72,6 @@ def test_every_loss_computes_positions_as_rows(name, variant, backend):
     shape = (2, 6, 3, 4)
     z, y = seg_batch(shape, seed=5)
     rows = z.movedim(1, -1).reshape(-1, shape[1])
-    if backend == "fused":
-        require_fused_spec(spec_for(name, variant=variant))
     for reduction in ("mean", "none"):
         module = get_loss(name, num_classes=shape[1], variant=variant, reduction=reduction, backend=backend)
         got_value, got_grad = value_and_grad(module, z, y)
@@ -136,6 +134,6 @@ def test_operator_layout_paths_agree_with_rows(c, dtype, n, hw):
 @requires_fused
 def test_operator_opcheck_on_the_segmentation_layout():
     z, y = seg_batch((2, 4, 3, 5), seed=11)
-    for reduction in (0, 1):
-        args = (z.requires_grad_(), y, 6, 9, 0.6, 0.4, 2.0, 0.7, reduction, IGNORE, None)
+    for reduction in ("none", "mean"):
+        args = (z.requires_grad_(), y, *op_args(spec_for("nce+rce", variant="paper"), reduction), None)
         torch.library.opcheck(torch.ops.apl.apl_loss.default, args)

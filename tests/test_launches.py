@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LOSS_CASES, require_fused_spec, requires_fused
+from conftest import LOSS_CASES, requires_fused
 
 import apl.losses.fused as fused
 from apl.losses import get_loss
@@ -25,7 +25,6 @@ def _steps() -> int:
 @pytest.mark.parametrize("name,variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_steps_per_call_follow_the_plan(name, variant, reduction):
     """A module's forward and backward run exactly the steps launch_counts states."""
-    require_fused_spec(spec_for(name, variant=variant))
     loss_fn = get_loss(name, variant=variant, reduction=reduction, backend="fused")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 10, generator=g, requires_grad=True)
@@ -47,7 +46,6 @@ def test_launch_goals(name, variant, reduction):
     loss), one launch backward (two for NFL (paper) 'none', the only loss whose backward needs a
     batch sum of the upstream gradient)."""
     spec = spec_for(name, variant=variant)
-    require_fused_spec(spec)
     forward, backward = fused.launch_counts(spec, reduction)
     assert forward == (1 if reduction == "none" and not spec.batch_level else 2)
     assert backward == (2 if spec.active == Kind.NFL_PAPER and reduction == "none" else 1)

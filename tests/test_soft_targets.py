@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, requires_fused, value_and_grad
+from conftest import BACKENDS, op_args, requires_fused, value_and_grad
 
 import apl.functional as AF
 import apl.losses.fused as fused
@@ -208,8 +208,8 @@ def test_fused_distribution_path_reads_the_segmentation_layout(shape, dtype, dev
 def test_every_kind_pair_takes_probabilities_in_the_operator_as_in_the_spec():
     """The operator's rule (csrc/loss_row.h takes_distribution) is apl.losses.spec's SOFT_TARGET_KINDS."""
     z, probs, _ = soft_batch(3, 4, seed=1, dtype=torch.float64, device="cpu")
-    for active, passive in itertools.product(fused.SUPPORTED_ACTIVE, fused.SUPPORTED_PASSIVE):
-        spec = LossSpec(active, passive, 1.0, 0.0 if passive == Kind.NONE else 1.0)
+    for active, passive in itertools.product(list(Kind)[1:], fused.SUPPORTED_PASSIVE):
+        spec = LossSpec(active, passive, 1.0, 0.0 if passive == Kind.NONE else 1.0, a=6.0)
         defined = spec.soft_target_kinds
         assert defined == (active in SOFT_TARGET_KINDS and passive in SOFT_TARGET_KINDS + (Kind.NONE,))
         try:
@@ -231,8 +231,9 @@ def test_operator_opcheck_on_distribution_targets(reduction, device):
     cases = [(z, probs, int(Kind.CE), int(Kind.RCE), 0.0), (z, y, int(Kind.CE), int(Kind.NONE), 0.1),
              (seg, seg_probs, int(Kind.MAE), int(Kind.NONE), 0.0)]
     for logits, target, active, passive, smoothing in cases:
-        args = (logits.clone().requires_grad_(), target, active, passive, 1.0, 0.5, 0.0, 0.7, reduction, IGNORE, None,
-                smoothing)
+        scalars = op_args(reduction=("none", "mean", "sum")[reduction])._replace(
+            active=active, passive=passive, beta=0.5, gamma=0.0, label_smoothing=smoothing)
+        args = (logits.clone().requires_grad_(), target, *scalars, None)
         torch.library.opcheck(torch.ops.apl.apl_loss.default, args)
         loss, stats, batch_terms = torch.ops.apl.apl_loss(*args)
         grad_loss = torch.randn(loss.shape, dtype=loss.dtype, device=device)

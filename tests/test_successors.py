@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BACKENDS, random_batch, require_fused_spec, value_and_grad
+from conftest import BACKENDS, random_batch, value_and_grad
 
 import apl.functional as AF
 from apl.losses import get_loss, reference_loss
@@ -64,8 +64,6 @@ def _golden_rows():
 def test_the_official_classes_reference_values(name, params, y0, y2, backend):
     z = torch.tensor([[0.5, -1.0, 2.0, 0.0]] * 2, dtype=torch.float64)
     loss_fn = get_loss(name, num_classes=4, reduction="none", backend=backend, **params)
-    if backend == "fused":
-        require_fused_spec(loss_fn.spec)
     got = loss_fn(z, torch.tensor([0, 2]))
     torch.testing.assert_close(got, torch.tensor([y0, y2], dtype=torch.float64), rtol=0, atol=1.5e-6)
 
@@ -78,8 +76,6 @@ def test_get_loss_with_an_official_config_is_the_official_loss(name, config, c, 
     its clamps, detached factors and hidden constants included."""
     z, t = random_batch(48, c, seed=c + len(name), scale=3.0)
     loss_fn = get_loss(name, num_classes=c, backend=backend, **config)
-    if backend == "fused":
-        require_fused_spec(loss_fn.spec)
     got = value_and_grad(loss_fn, z, t)
     want = value_and_grad(lambda x, y: official_loss(name, x, y, **config), z, t)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
@@ -122,8 +118,6 @@ def test_eps_softmax_freezes_rows_far_from_right(backend):
     m = 1e5
     z = torch.tensor([[0.0, 20.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)  # p_0 ~ 2e-9 ; p_0 ~ 0.1
     loss_fn = get_loss("ece", num_classes=3, m=m, reduction="none", backend=backend)
-    if backend == "fused":
-        require_fused_spec(loss_fn.spec)
     value, grad = value_and_grad(loss_fn, z, torch.tensor([0, 0]))
     assert value[0].item() == pytest.approx(-math.log(1e-8), rel=1e-12)
     assert torch.all(grad[0] == 0) and torch.all(grad[1] != 0)
@@ -136,8 +130,6 @@ def test_nnce_gives_no_gradient_below_min_prob(backend):
     """Classes with p_k <= min_prob add v_k = 0 and get no gradient of their own through the clamp."""
     z = torch.tensor([[0.0, 1.0, -40.0, 0.5]], dtype=torch.float64)  # p_2 ~ 1e-18 < 1e-7
     loss_fn = get_loss("nnce", num_classes=4, reduction="sum", backend=backend)
-    if backend == "fused":
-        require_fused_spec(loss_fn.spec)
     _, grad = value_and_grad(loss_fn, z, torch.tensor([1]))
     want = value_and_grad(lambda x, y: official_loss("nnce", x, y), z, torch.tensor([1]))[1]
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-15)

@@ -16,17 +16,19 @@ are checked on the device (an assert), or on the host with a named ``ValueError`
 registered here.
 
 Supported: logits float16/bfloat16/float32/float64 (half types computed in float32), any C >= 2,
-any :class:`~apl.losses.spec.LossSpec` whose passive term is NONE, CE, FL, FL_DETACHED, MAE, RCE,
-GCE, MAE_AUTHOR or RCE_AUTHOR (every loss of :func:`apl.losses.spec.spec_for`), label smoothing, and
-probability targets for the losses LOSSES.md "Soft targets" extends (a second row path of the
-same operator: csrc/loss_row.h, "distribution targets"). Works with ``torch.compile(fullgraph=True)``,
-on meta tensors and with ``torch.library.opcheck``. Double backward is not supported: it raises.
+any :class:`~apl.losses.spec.LossSpec` whose passive term is not a paper form (every loss of
+:func:`apl.losses.spec.spec_for`), label smoothing, and probability targets for the losses LOSSES.md
+"Soft targets" extends (a second row path of the same operator: csrc/loss_row.h, "soft targets").
+Works with ``torch.compile(fullgraph=True)``, the ``torch.func`` transforms (``grad``, ``vjp``,
+``jacrev``, ``vmap``), on meta tensors and with ``torch.library.opcheck``. Double backward is not
+supported: it raises.
 
 Importing this module never fails: :func:`is_available` tells whether the extension is built.
 """
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -42,16 +44,15 @@ from apl.losses.checks import (
 from apl.losses.spec import Kind, LossSpec
 
 __all__ = ["is_available", "unavailable_reason", "cuda_available", "cuda_launch_problem", "supports",
-           "unsupported_reason",
+           "unsupported_reason", "OpArgs",
            "fused_loss", "op_args", "apply", "launch_counts", "set_sync_target_check", "sync_target_check",
            "NUM_STATS", "NUM_BATCH", "REDUCTION_CODES"]
 
 #: ``reduction`` string -> the operator's integer code.
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-#: Passive kinds the operator accepts (they need no normaliser and no batch statistic).
-SUPPORTED_ACTIVE = tuple(k for k in Kind if Kind.NONE < k <= Kind.RCE_AUTHOR)
-SUPPORTED_PASSIVE = (Kind.NONE, Kind.CE, Kind.FL, Kind.FL_DETACHED, Kind.MAE, Kind.RCE, Kind.GCE, Kind.MAE_AUTHOR,
-                     Kind.RCE_AUTHOR)
+#: Passive kinds the operator accepts: every kind but the paper forms', whose batch statistic scales the
+#: active term.
+SUPPORTED_PASSIVE = tuple(k for k in Kind if k not in (Kind.NCE_PAPER, Kind.NFL_PAPER))
 
 #: Beside the extension, the torch release it was built against (setup.py writes it with the build).
 _BUILD_RECORD = Path(__file__).resolve().parent.parent / "_C_build.json"
@@ -82,13 +83,26 @@ else:
                         f"`pip install --no-build-isolation -e .`"
 
 
+def _spec_values(spec: LossSpec, reduction: str, ignore_index: int) -> dict:
+    """Every scalar argument of the operator by its schema name (csrc/ops.h APL_SCALAR_ARGS)."""
+    return dict(active=int(spec.active), passive=int(spec.passive), alpha=float(spec.alpha), beta=float(spec.beta),
+                gamma=float(spec.gamma), q=float(spec.q), a=float(spec.a), m=float(spec.m),
+                min_prob=float(spec.min_prob), label_smoothing=float(spec.smoothing),
+                reduction=REDUCTION_CODES[reduction], ignore_index=int(ignore_index))
+
+
 def _abi_mismatch() -> str:
-    """Why the built extension cannot serve this apl.losses.spec ('' when its loss kinds are Kind's)."""
+    """Why the built extension cannot serve this apl.losses.spec ('' when its loss kinds are Kind's and
+    its scalar arguments the ones :func:`op_args` fills)."""
     built = list(torch.ops.apl._kind_names())
     ours = [k.name for k in Kind]
     if built != ours or any(k.value != i for i, k in enumerate(Kind)):
         return (f"the extension apl._C was built from other sources (its loss kinds {built} are not "
                 f"apl.losses.spec.Kind {ours}); rebuild it with `pip install --no-build-isolation -e .`")
+    names = sorted(torch.ops.apl._scalar_args()) if hasattr(torch.ops.apl, "_scalar_args") else None
+    if names != sorted(_spec_values(LossSpec(Kind.CE), "mean", -100)):
+        return (f"the extension apl._C was built from other sources (its scalar arguments {names} are not the ones "
+                f"apl.losses.fused fills); rebuild it with `pip install --no-build-isolation -e .`")
     return ""
 
 
@@ -103,6 +117,9 @@ NUM_STATS, NUM_BATCH = (tuple(int(v) for v in torch.ops.apl._layout()) if _C is 
 _AVAILABLE = _C is not None
 _CUDA_BUILT = _AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("apl::apl_loss", "CUDA")
 _OP = torch.ops.apl.apl_loss.default if _AVAILABLE else None
+#: The operator's scalar arguments as one named tuple, in the schema's order (taken from the extension:
+#: csrc/ops.h APL_SCALAR_ARGS is the one list): what :func:`op_args` returns and :func:`apply` takes.
+OpArgs = namedtuple("OpArgs", tuple(torch.ops.apl._scalar_args()) if _AVAILABLE else ())
 
 
 def is_available() -> bool:
@@ -154,14 +171,13 @@ def cuda_launch_problem(device) -> str:
 def _probe(device: str) -> None:
     """One row of CE through the operator on ``device``, synchronised: raises if it cannot run."""
     x = torch.zeros(1, 2, device=device)
-    _OP(x, torch.zeros(1, dtype=torch.int64, device=device), int(Kind.CE), int(Kind.NONE), 1.0, 0.0, 0.0, 0.7,
-        REDUCTION_CODES["mean"], -100, None)
+    _OP(x, torch.zeros(1, dtype=torch.int64, device=device), *op_args(LossSpec(Kind.CE)), None)
     torch.cuda.synchronize(device)
 
 
 def supports(spec: LossSpec) -> bool:
     """True when the operator computes ``spec``: any active kind, a passive kind of
-    :data:`SUPPORTED_PASSIVE` (every sum :func:`apl.losses.spec.spec_for` builds)."""
+    :data:`SUPPORTED_PASSIVE` (every loss :func:`apl.losses.spec.spec_for` builds)."""
     return not unsupported_reason(spec)
 
 
@@ -169,9 +185,6 @@ def unsupported_reason(spec: LossSpec) -> str:
     """Why the operator does not compute ``spec`` ('' when it does)."""
     if not isinstance(spec, LossSpec):
         return f"spec must be an apl.losses.spec.LossSpec, got {type(spec).__name__}"
-    if spec.active not in SUPPORTED_ACTIVE:
-        return (f"the fused operator does not compute {spec.active.name} yet (supported active kinds: "
-                f"{', '.join(k.name for k in SUPPORTED_ACTIVE)})")
     if spec.passive not in SUPPORTED_PASSIVE:
         return (f"the fused operator does not support {spec.passive.name} as the passive term (supported: "
                 f"{', '.join(k.name for k in SUPPORTED_PASSIVE)})")
@@ -206,33 +219,53 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_apl_loss(logits, target, active, passive, alpha, beta, gamma, q, reduction, ignore_index, weight=None,
-                   label_smoothing=0.0):
+def _scalars_and_weight(args: tuple, weight) -> tuple[OpArgs, torch.Tensor | None]:
+    """The scalar arguments of a call of either operator and its weight (the schema's last argument,
+    positional or by keyword)."""
+    n = len(OpArgs._fields)
+    return OpArgs(*args[:n]), (args[n] if len(args) > n else weight)
+
+
+def _fake_apl_loss(logits, target, *args, weight=None):
     """Shapes and dtypes of ``apl_loss``'s outputs: loss [] (or the positions' shape (N, d1, ...,
     dK) for 'none'), stats [rows, NUM_STATS] (a row per position), batch [NUM_BATCH]."""
+    scalars, weight = _scalars_and_weight(args, weight)
     torch._check(logits.dim() >= 2, lambda: "apl_loss: logits must be (N, C) or (N, C, d1, ..., dK)")
     torch._check(target.dim() == logits.dim() - (0 if target.is_floating_point() else 1),
                  lambda: "apl_loss: target must be (N,) or (N, d1, ..., dK), or probabilities of the logits' shape")
     if weight is not None:  # as the C++ check, for meta and fake tensors
         validate_weight(weight.detach(), logits)
     positions = (logits.shape[0], *logits.shape[2:])
-    loss = logits.new_empty(positions if reduction == 0 else ())
+    loss = logits.new_empty(positions if scalars.reduction == 0 else ())
     stats = logits.new_empty((logits.numel() // logits.shape[1], NUM_STATS), dtype=_stats_dtype(logits.dtype))
     batch = logits.new_empty((NUM_BATCH,), dtype=_stats_dtype(logits.dtype))
     return loss, stats, batch
 
 
-def _fake_apl_loss_backward(grad_loss, logits, target, stats, batch, active, passive, alpha, beta, gamma,
-                            q, reduction, ignore_index, weight=None, label_smoothing=0.0):
+def _fake_apl_loss_backward(grad_loss, logits, target, stats, batch, *args, weight=None):
     """``apl_loss_backward`` returns a gradient shaped like the logits."""
     return torch.empty_like(logits)
 
 
+def _vmap_by_sample(op):
+    """A torch.func.vmap rule for ``op``: the call once per sample of the vmapped dimension, outputs stacked
+    (a loss's batch statistic and reduction belong to each sample's own batch, so samples are not merged)."""
+    def rule(info, in_dims, *args):
+        outputs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outputs)), (0,) * len(outputs[0])
+        return torch.stack(outputs), 0
+    return rule
+
+
 if _C is not None:
-    # Shapes for torch.compile, meta tensors and opcheck. The autograd formula is registered in
-    # C++ (csrc/autograd.cpp), keeping Python out of the training step.
+    # Shapes for torch.compile, meta tensors and opcheck; vmap rules for torch.func. The autograd
+    # formula is registered in C++ (csrc/autograd.cpp), keeping Python out of the training step.
     torch.library.register_fake("apl::apl_loss", _fake_apl_loss)
     torch.library.register_fake("apl::apl_loss_backward", _fake_apl_loss_backward)
+    torch.library.register_vmap("apl::apl_loss", _vmap_by_sample(torch.ops.apl.apl_loss.default))
+    torch.library.register_vmap("apl::apl_loss_backward", _vmap_by_sample(torch.ops.apl.apl_loss_backward.default))
 
 
 def _require_built() -> None:
@@ -248,19 +281,15 @@ def _require(spec: LossSpec, reduction: str, ignore_index: int = -100) -> None:
         raise ValueError(f"{reason}; use apl.losses.reference_loss")
 
 
-def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> tuple:
-    """The operator's scalar arguments for ``spec``, checked (``ValueError`` naming the problem):
-    build them once and pass them to :func:`apply` on every call."""
+def op_args(spec: LossSpec, reduction: str = "mean", ignore_index: int = -100) -> OpArgs:
+    """The operator's scalar arguments for ``spec`` (an :data:`OpArgs`), checked (``ValueError`` naming the
+    problem): build them once and pass them to :func:`apply` on every call."""
     _require_built()
     _require(spec, reduction, ignore_index)
-    return (int(spec.active), int(spec.passive), float(spec.alpha), float(spec.beta), float(spec.gamma),
-            float(spec.q), REDUCTION_CODES[reduction], ignore_index, float(spec.smoothing))
+    return OpArgs(**_spec_values(spec, reduction, ignore_index))
 
 
-_REDUCTION_ARG, _SMOOTHING_ARG = 6, 8  # where op_args puts them (the schema takes weight before smoothing)
-
-
-def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
+def apply(logits: torch.Tensor, target: torch.Tensor, args: OpArgs,
           weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fused loss with the scalar arguments of :func:`op_args`: the per-call path of the
     modules and functions. The operator itself checks the tensors (``ValueError``).
@@ -275,7 +304,7 @@ def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
         else:
             rows, rows_target, shape = positions_as_rows(logits, target)
             loss = apply(rows, rows_target, args, weight)
-            return loss.reshape(shape) if args[_REDUCTION_ARG] == REDUCTION_CODES["none"] else loss
+            return loss.reshape(shape) if args.reduction == REDUCTION_CODES["none"] else loss
     if not torch.compiler.is_compiling():  # eager: straight to the dispatcher (csrc/python_module.cpp)
         loss = _C.loss(logits, target, args, weight)
         if loss is not NotImplemented:
@@ -286,7 +315,7 @@ def apply(logits: torch.Tensor, target: torch.Tensor, args: tuple,
         raise ValueError(f"weight must be a torch.Tensor of per-class weights or None, got {type(weight).__name__}")
     if target.dtype != torch.int64 and target.dtype in INDEX_DTYPES:
         target = target.long()
-    return _OP(logits.contiguous(), target.contiguous(), *args[:_SMOOTHING_ARG], weight, args[_SMOOTHING_ARG])[0]
+    return _OP(logits.contiguous(), target.contiguous(), *args, weight)[0]
 
 
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",

@@ -46,18 +46,18 @@ struct BackwardBlock {
   int64_t D = 1, row0 = 0;  // as ForwardBlock
 };
 
-// Rows with distribution targets (loss_row.h, "distribution targets"): `probs` laid out as the
+// Rows with soft targets (loss_row.h, "soft targets"): `probs` laid out as the
 // logits for probability targets, else nullptr and `target` (class indices, the one-hot,
 // ignore_index rows skipped); `weight` (C) or nullptr. D = 1: the block's rows x C. D > 1: the
 // (N, C, D) layout as ForwardBlock's, `logits` and `probs` the tensors' starts, `target` the
 // block's first row's.
 template <typename T>
-struct DistRows {
+struct SoftRows {
   const T* logits;
   const T* probs;
   const int64_t* target;
   int64_t rows, C, ignore_index;
-  row::DistCoefs<T> coefs;
+  row::SoftCoefs<T> coefs;
   const T* weight;
   int64_t D = 1, row0 = 0;
 };
@@ -67,11 +67,11 @@ struct RowKernels {
   void (*forward_f64)(const ForwardBlock<double>&);
   void (*backward_f32)(const BackwardBlock<float>&);
   void (*backward_f64)(const BackwardBlock<double>&);
-  // distribution targets: forward(rows, stats out), backward(rows, stats, grad_rows, grad_stride, grad out)
-  void (*dist_forward_f32)(const DistRows<float>&, float*);
-  void (*dist_forward_f64)(const DistRows<double>&, double*);
-  void (*dist_backward_f32)(const DistRows<float>&, const float*, const float*, int64_t, float*);
-  void (*dist_backward_f64)(const DistRows<double>&, const double*, const double*, int64_t, double*);
+  // soft targets: forward(rows, stats out), backward(rows, stats, grad_rows, grad_stride, grad out)
+  void (*soft_forward_f32)(const SoftRows<float>&, float*);
+  void (*soft_forward_f64)(const SoftRows<double>&, double*);
+  void (*soft_backward_f32)(const SoftRows<float>&, const float*, const float*, int64_t, float*);
+  void (*soft_backward_f64)(const SoftRows<double>&, const double*, const double*, int64_t, double*);
   const char* isa;
 };
 

@@ -39,6 +39,7 @@ struct VecMath {
   // row quantities must carry that to the loss and the gradient, never a finite number.
   static inline V exp(V x) { return V::blendv(x.exp_u20(), x, x != x); }
   static inline V log(V x) { return x.log(); }
+  static inline V log1p(V x) { return x.log1p(); }
   static inline V expm1(V x) { return x.expm1(); }
   // expm1 on [-ln 2, 0] only: its Taylor series to the degree whose remainder is under 0.1 ulp
   // there (|x|^n / (n+1)! relative), one FMA per degree, far cheaper than Sleef's full-range
@@ -204,6 +205,20 @@ inline void store_lane_stats(const Vectorized<T>* st, const bool* valid, int64_t
       for (int j = 0; j < row::NUM_STATS; ++j) out[r * row::NUM_STATS + j] = T(0);
 }
 
+// Whether some class k < y has z_k == z_y (epsilon-softmax's tie rule: the first maximum is the argmax).
+template <typename T>
+inline bool tie_before(const T* z, int64_t y) {
+  for (int64_t k = 0; k < y; ++k)
+    if (z[k] == z[y]) return true;
+  return false;
+}
+
+// The third pass's sums (loss_row.h pass3) as six vector accumulators: active s0..s2, passive s0..s2.
+template <typename T>
+inline Acc<6, T> pass3_acc(const row::RowExtra<Vectorized<T>>& e) {
+  return Acc<6, T>{{e.t[0].s0, e.t[0].s1, e.t[0].s2, e.t[1].s0, e.t[1].s1, e.t[1].s2}};
+}
+
 template <typename T>
 void forward_rows_serial(const ForwardBlock<T>& a) {
   using Vec = Vectorized<T>;
@@ -211,17 +226,17 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
   constexpr int64_t W = Vec::size();
   const row::LossParams<T>& p = a.params;
   const int64_t C = a.C;
-  const bool want_zsum = row::needs_zsum(p);
+  const bool want_zsum = row::needs_zsum(p), want_top = row::needs_argmax(p);
   const Vec zero(T(0));
   for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
     const int64_t rows = std::min<int64_t>(W, a.rows - i0);
     bool valid[W];
     // Ignored and missing lanes get a neutral row (m = 0, sum = 1) and are discarded.
-    Lanes<T> m, s, zsum, zy;
+    Lanes<T> m, s, zsum, zy, tie;
     for (int64_t r = 0; r < W; ++r) {
       const int64_t y = r < rows ? a.target[i0 + r] : a.ignore_index;
       valid[r] = r < rows && y != a.ignore_index;
-      m.v[r] = T(0), s.v[r] = T(1), zsum.v[r] = T(0), zy.v[r] = T(0);
+      m.v[r] = T(0), s.v[r] = T(1), zsum.v[r] = T(0), zy.v[r] = T(0), tie.v[r] = T(0);
       if (!valid[r]) continue;
       const T* z = a.logits + (i0 + r) * C;
       const RowView<T> row(z, C, y);
@@ -241,14 +256,15 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
       }
       m.v[r] = mr;
       zy.v[r] = z[y];
+      if (want_top && z[y] == mr && tie_before(z, y)) tie.v[r] = T(1);
     }
-    const row::RowSums<Vec> sums{m.load(), s.load(), zsum.load()};
+    const Vec top = want_top ? row::argmax_flag<M>(zy.load(), m.load(), tie.load()) : zero;
+    const row::RowSums<Vec> sums{m.load(), s.load(), zsum.load(), top};
     const row::RowBasics<Vec> basics = row::basics_from_sums<M>(sums, zy.load());
-    row::RowExtra<Vec> extra{zero, zero, zero, zero, zero};
-    const bool rce = row::needs_rce_pass(p), nfl = row::needs_nfl_pass(p);
-    if (rce || nfl) {
+    row::RowExtra<Vec> extra{{row::zero_sums(zero), row::zero_sums(zero)}};
+    if (row::needs_pass3(p)) {
       // pass 3 needs each row's basics as scalars
-      Lanes<T> lane_m, lane_lsum, lane_shift, lane_one_minus_py, extra_sums[5];
+      Lanes<T> lane_m, lane_lsum, lane_shift, lane_one_minus_py, extra_sums[6];
       lane_m.store(basics.m), lane_lsum.store(basics.lsum), lane_shift.store(basics.shift),
           lane_one_minus_py.store(basics.one_minus_py);
       for (auto& lane : extra_sums) lane.store(zero);
@@ -258,25 +274,17 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
         row::RowBasics<T> row_basics{};
         row_basics.m = lane_m.v[r], row_basics.lsum = lane_lsum.v[r], row_basics.shift = lane_shift.v[r],
         row_basics.one_minus_py = lane_one_minus_py.v[r];
-        if (rce) {  // clamped and unclamped probability mass of the classes != y
-          const auto acc = row.template sum<3>([&](Vec v) {
-            Acc<3, T> t;
-            row::rce_terms<M>(v, row_basics, t.v[0], t.v[1], t.v[2]);
-            return t;
-          });
-          for (int j = 0; j < 3; ++j) extra_sums[j].v[r] = hsum(acc.v[j]);
-        }
-        if (nfl) {  // NFL_MA2020: sum_{k != y} w_k log p_k and sum_{k != y} w_k
-          const auto acc = row.template sum<2>([&](Vec v) {
-            Acc<2, T> t;
-            row::nfl_terms<M>(v, row_basics, p.gamma, t.v[0], t.v[1]);
-            return t;
-          });
-          for (int j = 0; j < 2; ++j) extra_sums[3 + j].v[r] = hsum(acc.v[j]);
-        }
+        const Vec vm(row_basics.m), vlsum(row_basics.lsum);
+        const auto acc = row.template sum<6>([&](Vec v) {
+          row::RowExtra<Vec> e{{row::zero_sums(zero), row::zero_sums(zero)}};
+          row::pass3<M>(p, v, M::exp((v - vm) - vlsum), row_basics, e);
+          return pass3_acc(e);
+        });
+        for (int j = 0; j < 6; ++j) extra_sums[j].v[r] = hsum(acc.v[j]);
       }
-      extra = row::RowExtra<Vec>{extra_sums[0].load(), extra_sums[1].load(), extra_sums[2].load(), extra_sums[3].load(),
-                                 extra_sums[4].load()};
+      for (int t = 0; t < 2; ++t)
+        extra.t[t] =
+            row::TermSums<Vec>{extra_sums[3 * t].load(), extra_sums[3 * t + 1].load(), extra_sums[3 * t + 2].load()};
     }
     Vec st[row::NUM_STATS];
     row::row_stats<M>(st, basics, sums, extra, p, static_cast<T>(C));
@@ -284,13 +292,14 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
   }
 }
 
-template <bool kMask, bool kW, typename T>
-inline void write_row_grad(const T* z, int64_t C, const row::RowGrad<T>& g, T gamma, T* out) {
+template <unsigned F, typename T>
+inline void write_row_grad(const T* z, int64_t C, const row::RowGrad<T>& g, const row::LossParams<T>& p,
+                           unsigned present, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t k = 0;
-  for (; k + W <= C; k += W) row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k)).store(out + k);
-  if (k < C) row::grad_not_target<kMask, kW, VecMath<T>>(g, gamma, Vec::loadu(z + k, C - k)).store(out + k, C - k);
+  for (; k + W <= C; k += W) row::grad_not_target<F, VecMath<T>>(g, p, present, Vec::loadu(z + k)).store(out + k);
+  if (k < C) row::grad_not_target<F, VecMath<T>>(g, p, present, Vec::loadu(z + k, C - k)).store(out + k, C - k);
 }
 
 template <typename T>
@@ -298,31 +307,26 @@ void backward_rows_serial(const BackwardBlock<T>& a) {
   using Vec = Vectorized<T>;
   const row::LossParams<T>& p = a.params;
   const int64_t C = a.C;
-  const bool mask = row::uses(p, row::RCE);
-  const bool wterm = p.active == row::NFL_MA2020;
-  for (int64_t i = 0; i < a.rows; ++i) {
-    const T* z = a.logits + i * C;
-    T* out = a.grad + i * C;
-    const int64_t y = a.target[i];
-    if (y == a.ignore_index) {
-      int64_t k = 0;
-      for (; k + Vec::size() <= C; k += Vec::size()) Vec(T(0)).store(out + k);
-      for (; k < C; ++k) out[k] = T(0);
-      continue;
+  const unsigned present = row::grad_features(p);
+  row::with_grad_features(present, [&](auto features) {
+    constexpr unsigned F = decltype(features)::value;
+    for (int64_t i = 0; i < a.rows; ++i) {
+      const T* z = a.logits + i * C;
+      T* out = a.grad + i * C;
+      const int64_t y = a.target[i];
+      if (y == a.ignore_index) {
+        int64_t k = 0;
+        for (; k + Vec::size() <= C; k += Vec::size()) Vec(T(0)).store(out + k);
+        for (; k < C; ++k) out[k] = T(0);
+        continue;
+      }
+      const T g_row = a.grad_rows[i * a.grad_stride];
+      const row::RowGrad<T> g = row::row_grad<row::ScalarMath<T>>(a.stats + i * row::NUM_STATS, p, static_cast<T>(C),
+                                                                  g_row, a.scale, a.batch_coef);
+      write_row_grad<F>(z, C, g, p, present, out);
+      out[y] = g.grad_y;
     }
-    const T g_row = a.grad_rows[i * a.grad_stride];
-    const row::RowGrad<T> g = row::row_grad<row::ScalarMath<T>>(a.stats + i * row::NUM_STATS, p, static_cast<T>(C),
-                                                                g_row, a.scale, a.batch_coef);
-    if (mask && wterm)
-      write_row_grad<true, true>(z, C, g, p.gamma, out);
-    else if (mask)
-      write_row_grad<true, false>(z, C, g, p.gamma, out);
-    else if (wterm)
-      write_row_grad<false, true>(z, C, g, p.gamma, out);
-    else
-      write_row_grad<false, false>(z, C, g, p.gamma, out);
-    out[y] = g.grad_y;
-  }
+  });
 }
 
 // ------------------------------------------------------------ rows in lanes (forward, few classes)
@@ -410,37 +414,36 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
     // pass 2: sum_{k != y} exp(z_k - m)  (and sum (z_k - m) for NCE_MA2020); the exps are kept
     // for pass 3, which then needs no exp of its own
     Vec s[2] = {zero, zero}, zsum[2] = {zero, zero};
-    const bool want_zsum = row::needs_zsum(p);
-    const bool rce = row::needs_rce_pass(p), nfl = row::needs_nfl_pass(p);
+    const bool want_zsum = row::needs_zsum(p), pass3 = row::needs_pass3(p);
     for (k = 0; k < C; ++k) {
       const Vec out = blk.is_target(k);
       const Vec d = blk.col(k) - m;
       const Vec e = M::exp(d);
-      if (rce || nfl) e.store(exps + k * W);
+      if (pass3) e.store(exps + k * W);
       s[k & 1] = s[k & 1] + Vec::blendv(e, zero, out);
       if (want_zsum) zsum[k & 1] = zsum[k & 1] + Vec::blendv(d, zero, out);
     }
-    const row::RowSums<Vec> sums{m, s[0] + s[1], zsum[0] + zsum[1]};
-    const row::RowBasics<Vec> basics = row::basics_from_sums<M>(sums, blk.zy);
-    row::RowExtra<Vec> extra{zero, zero, zero, zero, zero};
-    const Vec inv_s = Vec(T(1)) / sums.sum_ny;  // q_k = exp(z_k - m) / sum
-    if (rce) {
-      for (int64_t k = 0; k < C; ++k) {
-        const Vec out = blk.is_target(k);
-        Vec val, mass, outside;
-        row::rce_terms_q<M>(Vec::loadu(exps + k * W) * inv_s, basics, val, mass, outside);
-        extra.rce_value = extra.rce_value + Vec::blendv(val, zero, out);
-        extra.rce_mass = extra.rce_mass + Vec::blendv(mass, zero, out);
-        extra.rce_outside = extra.rce_outside + Vec::blendv(outside, zero, out);
-      }
+    Vec top = zero;
+    if (row::needs_argmax(p)) {  // y is the argmax unless a logit before it equals it (rare: checked then)
+      Vec tie = zero;
+      if ((blk.zy == m).zero_mask() != (1 << W) - 1)
+        for (k = 0; k < C; ++k) tie = tie | ((blk.col(k) == blk.zy) & (Vec(static_cast<T>(k)) < blk.yv) & Vec(T(1)));
+      top = row::argmax_flag<M>(blk.zy, m, tie);
     }
-    if (nfl) {
-      for (int64_t k = 0; k < C; ++k) {
+    const row::RowSums<Vec> sums{m, s[0] + s[1], zsum[0] + zsum[1], top};
+    const row::RowBasics<Vec> basics = row::basics_from_sums<M>(sums, blk.zy);
+    row::RowExtra<Vec> extra{{row::zero_sums(zero), row::zero_sums(zero)}};
+    if (pass3) {
+      const Vec inv_s = Vec(T(1)) / sums.sum_ny;  // q_k = exp(z_k - m) / sum
+      for (k = 0; k < C; ++k) {
         const Vec out = blk.is_target(k);
-        Vec wlogp, w;
-        row::nfl_terms_q<M>(blk.col(k), Vec::loadu(exps + k * W) * inv_s, basics, p.gamma, wlogp, w);
-        extra.nfl_norm = extra.nfl_norm + Vec::blendv(wlogp, zero, out);
-        extra.nfl_wsum = extra.nfl_wsum + Vec::blendv(w, zero, out);
+        row::RowExtra<Vec> e{{row::zero_sums(zero), row::zero_sums(zero)}};
+        row::pass3<M>(p, blk.col(k), Vec::loadu(exps + k * W) * inv_s, basics, e);
+        for (int t = 0; t < 2; ++t) {
+          extra.t[t].s0 = extra.t[t].s0 + Vec::blendv(e.t[t].s0, zero, out);
+          extra.t[t].s1 = extra.t[t].s1 + Vec::blendv(e.t[t].s1, zero, out);
+          extra.t[t].s2 = extra.t[t].s2 + Vec::blendv(e.t[t].s2, zero, out);
+        }
       }
     }
     Vec st[row::NUM_STATS];
@@ -481,8 +484,8 @@ inline void lane_grads(const BackwardBlock<T>& a, int64_t i0, int64_t rows, row:
 }
 
 // One block of up to W rows anywhere in the layout (it may straddle two samples).
-template <bool kMask, bool kW, typename T>
-void backward_positions_block(const BackwardBlock<T>& a, int64_t i0) {
+template <unsigned F, typename T>
+void backward_positions_block(const BackwardBlock<T>& a, int64_t i0, unsigned present) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t C = a.C, D = a.D;
@@ -493,7 +496,7 @@ void backward_positions_block(const BackwardBlock<T>& a, int64_t i0) {
   const int64_t first = a.row0 + i0, n = first / D, d = first % D;
   const bool one_sample = d + blk.rows <= D;
   for (int64_t k = 0; k < C; ++k) {
-    Vec v = row::grad_not_target<kMask, kW, VecMath<T>>(g, a.params.gamma, blk.col(k));
+    Vec v = row::grad_not_target<F, VecMath<T>>(g, a.params, present, blk.col(k));
     v = Vec::blendv(Vec::blendv(v, g.grad_y, yv == Vec(static_cast<T>(k))), Vec(T(0)), invalid);
     if (one_sample) {
       v.store(a.grad + (n * C + k) * D + d, blk.rows);
@@ -507,8 +510,8 @@ void backward_positions_block(const BackwardBlock<T>& a, int64_t i0) {
 
 // kGroup full blocks of one sample at a time, so each class is visited once per kGroup * W
 // consecutive positions (whole cache lines in and out, instead of a half line per stream).
-template <bool kMask, bool kW, typename T>
-void backward_positions_in_lanes(const BackwardBlock<T>& a) {
+template <unsigned F, typename T>
+void backward_positions_in_lanes(const BackwardBlock<T>& a, unsigned present) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t kGroup = 4;
@@ -517,7 +520,7 @@ void backward_positions_in_lanes(const BackwardBlock<T>& a) {
   while (i0 < a.rows) {
     const int64_t first = a.row0 + i0, n = first / D, d = first % D;
     if (i0 + kGroup * W > a.rows || d + kGroup * W > D) {
-      backward_positions_block<kMask, kW>(a, i0);
+      backward_positions_block<F>(a, i0, present);
       i0 += W;
       continue;
     }
@@ -529,7 +532,7 @@ void backward_positions_in_lanes(const BackwardBlock<T>& a) {
     for (int64_t k = 0; k < C; ++k) {
       const Vec kv(static_cast<T>(k));
       for (int64_t b = 0; b < kGroup; ++b) {
-        Vec v = row::grad_not_target<kMask, kW, VecMath<T>>(g[b], a.params.gamma, Vec::loadu(z + k * D + b * W));
+        Vec v = row::grad_not_target<F, VecMath<T>>(g[b], a.params, present, Vec::loadu(z + k * D + b * W));
         v = Vec::blendv(Vec::blendv(v, g[b].grad_y, yv[b] == kv), Vec(T(0)), invalid[b]);
         v.store(out + k * D + b * W);
       }
@@ -543,21 +546,15 @@ void backward_positions_in_lanes(const BackwardBlock<T>& a) {
 template <typename T>
 void backward_block(const BackwardBlock<T>& a) {
   if (a.D == 1) return backward_rows_serial(a);
-  const bool mask = row::uses(a.params, row::RCE), wterm = a.params.active == row::NFL_MA2020;
-  if (mask && wterm)
-    backward_positions_in_lanes<true, true>(a);
-  else if (mask)
-    backward_positions_in_lanes<true, false>(a);
-  else if (wterm)
-    backward_positions_in_lanes<false, true>(a);
-  else
-    backward_positions_in_lanes<false, false>(a);
+  const unsigned present = row::grad_features(a.params);
+  row::with_grad_features(present,
+                          [&](auto features) { backward_positions_in_lanes<decltype(features)::value>(a, present); });
 }
 
-// ------------------------------------------------------------ distribution targets
+// ------------------------------------------------------------ soft targets
 // One row at a time, classes in the lanes: pass 1 the max, pass 2 sum_k exp(z_k - m), pass 3
-// loss_row.h's dist_terms with the target built per vector (the probabilities, or the one-hot
-// of the class index, smoothed); the backward is one pass of dist_grad.
+// loss_row.h's soft_terms with the target built per vector (the probabilities, or the one-hot
+// of the class index, smoothed); the backward is one pass of soft_grad.
 
 // sum over a row's C classes of f(k, n), the vector at k with n valid lanes (n < W only for
 // the last, whose other lanes are cleared), in chunks as RowView::sum.
@@ -585,10 +582,10 @@ inline Acc<NA, T> class_sum(int64_t C, const F& f) {
 
 // The vectors of one row: logits, target distribution and class weights at k (n lanes).
 template <typename T>
-struct DistRowVectors {
+struct SoftRowVectors {
   using Vec = Vectorized<T>;
   static constexpr int64_t W = Vec::size();
-  const DistRows<T>& a;
+  const SoftRows<T>& a;
   const T* z;
   const T* probs;  // this row's, or nullptr
   int64_t y;       // the class index (probabilities: -1)
@@ -603,60 +600,60 @@ struct DistRowVectors {
       const T lane_of_y = static_cast<T>(y >= k && y < k + W ? y - k : -1);
       b = Vec::blendv(Vec(T(0)), Vec(T(1)), Vec::arange(T(0), T(1)) == Vec(lane_of_y));
     }
-    return row::dist_target<VecMath<T>>(b, a.coefs);
+    return row::soft_target<VecMath<T>>(b, a.coefs);
   }
   inline Vec weight(int64_t k, int64_t n) const { return a.weight != nullptr ? load(a.weight + k, n) : Vec(T(1)); }
 };
 
 template <typename T>
-inline bool dist_row_ignored(const DistRows<T>& a, int64_t i) {
+inline bool soft_row_ignored(const SoftRows<T>& a, int64_t i) {
   return a.probs == nullptr && a.target[i] == a.ignore_index;
 }
 
 template <typename T>
-void dist_forward_rows(const DistRows<T>& a, T* stats) {
+void soft_forward_rows(const SoftRows<T>& a, T* stats) {
   using Vec = Vectorized<T>;
   using M = VecMath<T>;
   const int64_t C = a.C;
   for (int64_t i = 0; i < a.rows; ++i) {
     T* st = stats + i * row::NUM_STATS;
     std::fill(st, st + row::NUM_STATS, T(0));
-    if (dist_row_ignored(a, i)) continue;
-    const DistRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
+    if (soft_row_ignored(a, i)) continue;
+    const SoftRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
                                         a.probs != nullptr ? int64_t(-1) : a.target[i]};
     const RowView<T> view(row_vectors.z, C, -1);  // no class left out
     const T m = view.max();
     const Vec vm(m);
     const T lsum = std::log(hsum(view.template sum<1>([&](Vec v) { return Acc<1, T>{{M::exp(v - vm)}}; }).v[0]));
     const auto acc = class_sum<6, T>(C, [&](int64_t k, int64_t n) {
-      const auto d = row::dist_terms<M>(row_vectors.logits(k, n), row_vectors.target(k, n), row_vectors.weight(k, n), m,
+      const auto d = row::soft_terms<M>(row_vectors.logits(k, n), row_vectors.target(k, n), row_vectors.weight(k, n), m,
                                         lsum, a.coefs);
       return Acc<6, T>{{d.ce, d.ce_mass, d.mae_abs, d.mae_sign, d.rce_value, d.rce_mass}};
     });
-    const row::DistSums<T> sums{hsum(acc.v[0]), hsum(acc.v[1]), hsum(acc.v[2]),
+    const row::SoftSums<T> sums{hsum(acc.v[0]), hsum(acc.v[1]), hsum(acc.v[2]),
                                 hsum(acc.v[3]), hsum(acc.v[4]), hsum(acc.v[5])};
-    const T denom = row::dist_mean_share(a.weight, a.target, i);
-    row::dist_row_stats(st, m, lsum, sums, a.coefs, denom);
+    const T denom = row::soft_mean_share(a.weight, a.target, i);
+    row::soft_row_stats(st, m, lsum, sums, a.coefs, denom);
   }
 }
 
 template <typename T>
-void dist_backward_rows(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+void soft_backward_rows(const SoftRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t C = a.C;
   for (int64_t i = 0; i < a.rows; ++i) {
     T* out = grad + i * C;
-    if (dist_row_ignored(a, i)) {
+    if (soft_row_ignored(a, i)) {
       std::fill(out, out + C, T(0));
       continue;
     }
-    const DistRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
+    const SoftRowVectors<T> row_vectors{a, a.logits + i * C, a.probs != nullptr ? a.probs + i * C : nullptr,
                                         a.probs != nullptr ? int64_t(-1) : a.target[i]};
-    const row::DistGrad<T> g = row::dist_row_grad(stats + i * row::NUM_STATS, a.coefs, grad_rows[i * grad_stride]);
+    const row::SoftGrad<T> g = row::soft_row_grad(stats + i * row::NUM_STATS, a.coefs, grad_rows[i * grad_stride]);
     for (int64_t k = 0; k < C; k += W) {
       const int64_t n = std::min<int64_t>(W, C - k);
-      const Vec v = row::dist_grad<VecMath<T>>(g, row_vectors.logits(k, n), row_vectors.target(k, n),
+      const Vec v = row::soft_grad<VecMath<T>>(g, row_vectors.logits(k, n), row_vectors.target(k, n),
                                                row_vectors.weight(k, n), a.coefs);
       if (n == W)
         v.store(out + k);
@@ -677,7 +674,7 @@ struct PositionBlock {
   bool direct;   // one sample, W positions: plain loads and stores
   int64_t base;  // offset of class 0 of the first position (direct)
 
-  PositionBlock(const DistRows<T>& a, int64_t i0)
+  PositionBlock(const SoftRows<T>& a, int64_t i0)
       : C(a.C), D(a.D), first(a.row0 + i0), rows(std::min<int64_t>(W, a.rows - i0)) {
     direct = rows == W && first % D + W <= D;
     base = (first / D) * C * D + first % D;
@@ -699,7 +696,7 @@ struct PositionBlock {
 
 // The lanes' class index (-1 where probabilities, ignored or missing) and validity.
 template <typename T>
-inline Vectorized<T> position_targets(const DistRows<T>& a, int64_t i0, int64_t rows, bool* valid) {
+inline Vectorized<T> position_targets(const SoftRows<T>& a, int64_t i0, int64_t rows, bool* valid) {
   alignas(64) T y[Vectorized<T>::size()];
   for (int64_t r = 0; r < Vectorized<T>::size(); ++r) {
     const int64_t t = a.probs == nullptr && r < rows ? a.target[i0 + r] : -1;
@@ -710,16 +707,16 @@ inline Vectorized<T> position_targets(const DistRows<T>& a, int64_t i0, int64_t 
 }
 
 template <typename T>
-inline Vectorized<T> position_target(const DistRows<T>& a, const PositionBlock<T>& blk, const Vectorized<T>& y,
+inline Vectorized<T> position_target(const SoftRows<T>& a, const PositionBlock<T>& blk, const Vectorized<T>& y,
                                      int64_t k) {
   using Vec = Vectorized<T>;
   const Vec b =
       a.probs != nullptr ? blk.load(a.probs, k) : Vec::blendv(Vec(T(0)), Vec(T(1)), y == Vec(static_cast<T>(k)));
-  return row::dist_target<VecMath<T>>(b, a.coefs);
+  return row::soft_target<VecMath<T>>(b, a.coefs);
 }
 
 template <typename T>
-void dist_forward_positions(const DistRows<T>& a, T* stats) {
+void soft_forward_positions(const SoftRows<T>& a, T* stats) {
   using Vec = Vectorized<T>;
   using M = VecMath<T>;
   constexpr int64_t W = Vec::size();
@@ -733,22 +730,22 @@ void dist_forward_positions(const DistRows<T>& a, T* stats) {
     Vec s = zero;
     for (int64_t k = 0; k < a.C; ++k) s = s + M::exp(blk.load(a.logits, k) - m);
     const Vec lsum = M::log(s);
-    row::DistSums<Vec> sums{zero, zero, zero, zero, zero, zero};
+    row::SoftSums<Vec> sums{zero, zero, zero, zero, zero, zero};
     for (int64_t k = 0; k < a.C; ++k) {
       const Vec w = a.weight != nullptr ? Vec(a.weight[k]) : one;
-      sums.add(row::dist_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs));
+      sums.add(row::soft_terms<M>(blk.load(a.logits, k), position_target(a, blk, y, k), w, m, lsum, a.coefs));
     }
     alignas(64) T denom[W];
-    for (int64_t r = 0; r < W; ++r) denom[r] = valid[r] ? row::dist_mean_share(a.weight, a.target, i0 + r) : T(1);
+    for (int64_t r = 0; r < W; ++r) denom[r] = valid[r] ? row::soft_mean_share(a.weight, a.target, i0 + r) : T(1);
     Vec st[row::NUM_STATS];
     for (auto& v : st) v = zero;
-    row::dist_row_stats(st, m, lsum, sums, a.coefs, Vec::loadu(denom));
+    row::soft_row_stats(st, m, lsum, sums, a.coefs, Vec::loadu(denom));
     store_lane_stats(st, valid, blk.rows, stats + i0 * row::NUM_STATS);
   }
 }
 
 template <typename T>
-void dist_backward_positions(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+void soft_backward_positions(const SoftRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec zero(T(0)), one(T(1));
@@ -756,45 +753,45 @@ void dist_backward_positions(const DistRows<T>& a, const T* stats, const T* grad
     const PositionBlock<T> blk(a, i0);
     bool valid[W];
     const Vec y = position_targets(a, i0, blk.rows, valid);
-    Lanes<T> columns[row::NUM_DIST_STATS], g_row, invalid;
+    Lanes<T> columns[row::NUM_SOFT_STATS], g_row, invalid;
     for (int64_t r = 0; r < W; ++r) {
-      for (int j = 0; j < row::NUM_DIST_STATS; ++j)
+      for (int j = 0; j < row::NUM_SOFT_STATS; ++j)
         columns[j].v[r] = valid[r] ? stats[(i0 + r) * row::NUM_STATS + j] : T(0);
       g_row.v[r] = valid[r] ? grad_rows[(i0 + r) * grad_stride] : T(0);
       invalid.v[r] = valid[r] ? T(0) : T(1);
     }
-    Vec st[row::NUM_DIST_STATS];
-    for (int j = 0; j < row::NUM_DIST_STATS; ++j) st[j] = columns[j].load();
-    const row::DistGrad<Vec> g = row::dist_row_grad(st, a.coefs, g_row.load());
+    Vec st[row::NUM_SOFT_STATS];
+    for (int j = 0; j < row::NUM_SOFT_STATS; ++j) st[j] = columns[j].load();
+    const row::SoftGrad<Vec> g = row::soft_row_grad(st, a.coefs, g_row.load());
     const Vec skip = invalid.load() == one;
     for (int64_t k = 0; k < a.C; ++k) {
       const Vec w = a.weight != nullptr ? Vec(a.weight[k]) : one;
-      const Vec v = row::dist_grad<VecMath<T>>(g, blk.load(a.logits, k), position_target(a, blk, y, k), w, a.coefs);
+      const Vec v = row::soft_grad<VecMath<T>>(g, blk.load(a.logits, k), position_target(a, blk, y, k), w, a.coefs);
       blk.store(grad, k, Vec::blendv(v, zero, skip));
     }
   }
 }
 
 template <typename T>
-void dist_forward(const DistRows<T>& a, T* stats) {
+void soft_forward(const SoftRows<T>& a, T* stats) {
   if (a.D > 1)
-    dist_forward_positions(a, stats);
+    soft_forward_positions(a, stats);
   else
-    dist_forward_rows(a, stats);
+    soft_forward_rows(a, stats);
 }
 
 template <typename T>
-void dist_backward(const DistRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
+void soft_backward(const SoftRows<T>& a, const T* stats, const T* grad_rows, int64_t grad_stride, T* grad) {
   if (a.D > 1)
-    dist_backward_positions(a, stats, grad_rows, grad_stride, grad);
+    soft_backward_positions(a, stats, grad_rows, grad_stride, grad);
   else
-    dist_backward_rows(a, stats, grad_rows, grad_stride, grad);
+    soft_backward_rows(a, stats, grad_rows, grad_stride, grad);
 }
 
 inline RowKernels table(const char* isa) {
   return RowKernels{&forward_block<float>,   &forward_block<double>, &backward_block<float>,
-                    &backward_block<double>, &dist_forward<float>,   &dist_forward<double>,
-                    &dist_backward<float>,   &dist_backward<double>, isa};
+                    &backward_block<double>, &soft_forward<float>,   &soft_forward<double>,
+                    &soft_backward<float>,   &soft_backward<double>, isa};
 }
 
 }  // namespace APL_ISA_NS
