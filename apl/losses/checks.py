@@ -90,8 +90,9 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     ``ignore_index``, or a floating (N, C) tensor of probabilities (values not checked, as
     ``F.cross_entropy``); ``reduction`` is known. NaN logits are *not* an error: they give a
     NaN loss. ``check_range=False`` skips the range check (it costs a device sync on GPU);
-    under ``torch.compile`` it is skipped too (a data-dependent branch would split the graph),
-    as PyTorch's own losses leave it to their kernels.
+    under ``torch.compile`` and for a target batched by ``torch.func.vmap`` it is skipped too (a
+    data-dependent branch would split the graph, or fail under vmap), as PyTorch's own losses leave it
+    to their kernels.
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("logits and target must be torch.Tensors")
@@ -119,7 +120,8 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, *, reduction: st
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     target = target.long()
-    if check_range and n > 0 and target.device.type != "meta" and not torch.compiler.is_compiling():
+    if check_range and n > 0 and target.device.type != "meta" and not torch.compiler.is_compiling() \
+            and not torch._C._functorch.is_functorch_wrapped_tensor(target):  # vmap: no data-dependent branch
         bad = ((target < 0) | (target >= c)) & (target != ignore_index)
         if bool(bad.any()):
             first = int(target[bad][0])

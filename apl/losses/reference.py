@@ -74,7 +74,8 @@ class _Rows:
 
     @_lazy
     def onehot(self) -> torch.Tensor:
-        return F.one_hot(self.target, self.num_classes).bool()
+        # a comparison, not F.one_hot: it has no data-dependent check, so it runs under torch.func.vmap
+        return torch.arange(self.num_classes, device=self.target.device) == self.target.unsqueeze(1)
 
     @_lazy
     def log_p(self) -> torch.Tensor:
@@ -109,8 +110,8 @@ class _Rows:
     @_lazy
     def label_entropy(self) -> torch.Tensor:
         """H of the non-ignored targets' class frequencies; ln C when one class (or none) occurs."""
-        counts = torch.zeros(self.num_classes, dtype=self.z.dtype, device=self.z.device)
-        counts.scatter_add_(0, self.target, self.valid.to(self.z.dtype))
+        # the histogram as a sum of the one-hot rows (out of place, so torch.func.vmap batches it)
+        counts = (self.onehot & self.valid.unsqueeze(1)).to(self.z.dtype).sum(dim=0)
         pi = counts / self.n_valid.clamp(min=1)
         entropy = -torch.xlogy(pi, pi).sum()
         single_class = (counts > 0).sum() <= 1
