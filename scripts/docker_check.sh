@@ -228,9 +228,9 @@ if [ "$cifar10" = skip ]; then
   status=0
   run "$tag" ./reproduce.sh --quick > "$out/nodata.log" 2>&1 || status=$?
   errors="$(grep -c '^apl: error:' "$out/nodata.log" || true)"
-  if [ "$status" = 2 ] && [ "$errors" = 1 ] && grep -q -- '-v /path/on/host:/data:ro' "$out/nodata.log" \
+  if [ "$status" = 3 ] && [ "$errors" = 1 ] && grep -q -- '-v /path/on/host:/data:ro' "$out/nodata.log" \
      && ! grep -q Traceback "$out/nodata.log"; then
-    step "run without data" ok $(( $(now) - t0 )) "exit 2, one message (in $out/nodata.log)"
+    step "run without data" ok $(( $(now) - t0 )) "exit 3 (no data), one message (in $out/nodata.log)"
   else
     step "run without data" FAILED $(( $(now) - t0 )) "exit $status, $errors error lines; see $out/nodata.log"; failed=1
   fi
