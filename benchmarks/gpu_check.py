@@ -11,9 +11,9 @@ time box (:mod:`benchmarks.gpu_steps`):
   ``torch.compile``d reference (``dynamic=True``: one compile per loss and dtype) and, for CE,
   ``F.cross_entropy``, in float32 and bfloat16, median ms (``time_steps`` of
   benchmarks/bench_losses.py), achieved GB/s and the fraction of the GPU's peak memory
-  bandwidth; then the (N, C, H, W) segmentation layout and distribution targets (probability
-  targets, CE label smoothing) in float32; a contender that runs out of memory or takes too
-  long is skipped with the reason;
+  bandwidth; then the (N, C, H, W) segmentation layout, soft targets (probability targets, CE
+  label smoothing), the batch step at 262,144 and 33M rows and the CUDA row groups at 128 x 10,
+  in float32; a contender that runs out of memory or takes too long is skipped with the reason;
 - ``launches``: CUDA kernels per forward and per backward call of the fused operator
   (``torch.profiler``), for every loss x variant x reduction, against
   ``apl.fused.launch_counts(spec, reduction)`` where that exists;

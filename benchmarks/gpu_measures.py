@@ -30,11 +30,18 @@ BENCH_CS = (10, 1000, 32000, 128000)
 QUICK_BENCH_CS = (10, 32000)
 BENCH_DTYPES = ("float32", "bfloat16")
 #: F.cross_entropy's segmentation layout (N, C, H, W): the kernels read it in place on the CPU and
-#: through a transposed copy on CUDA, whose cost this measures.
+#: on CUDA a thread per position; this measures it against the same positions as rows.
 SEGMENTATION_SHAPE = (4, 21, 256, 256)
 SEGMENTATION_LOSSES = ("CE", "NCE+RCE (ma2020)")
 #: Shape of the distribution-target rows: the fused operator's distribution path, timed nowhere else on a GPU.
 SOFT_SHAPE = (4096, 1000)
+#: The batch step's shapes: segmentation-sized (262,144 rows) and 33M rows (two classes, to keep the
+#: logits and stats in memory), where a single block would be latency-bound.
+BATCH_STEP_SHAPES = ((262_144, 10), (33_554_432, 2))
+#: The small-C shape at which the CUDA row groups are compared (CIFAR-10's classes), and the groups:
+#: threads per row forced (0: the launch plan's own choice) and their labels.
+ROW_GROUP_SHAPE = (128, 10)
+ROW_GROUPS = {0: "plan", 1: "thread per row", 16: "16 lanes", 32: "warp per row"}
 #: Shape of the kernel-launch count (C <= 1024: the warp-per-row kernel).
 LAUNCH_SHAPE = (512, 1000)
 #: Training modes timed one after another in one process: (name, amp, compile, channels_last).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from apl.jsonio import jsonable, save_text
 from benchmarks.bench_losses import fmt_ms, markdown_header, markdown_row, ratio
-from benchmarks.gpu_measures import BYTES_MODEL, FULL_TEST, FULL_TRAIN, LAUNCH_SHAPE, STEPS
+from benchmarks.gpu_measures import BYTES_MODEL, FULL_TEST, FULL_TRAIN, LAUNCH_SHAPE, ROW_GROUPS, STEPS
 
 __all__ = ["write_report", "render_markdown"]
 
@@ -131,7 +131,7 @@ def render_markdown(results: dict) -> str:
 
     if bench and bench.get("segmentation"):
         lines += ["## Segmentation layout: forward + backward, median ms, float32", "",
-                  "`fused`: the (N, C, H, W) logits as users pass them (on CUDA through a transposed copy); "
+                  "`fused`: the (N, C, H, W) logits as users pass them (read in place); "
                   "`fused on rows`: the same positions already laid out as (N*H*W, C).", ""]
         lines += _shape_table(bench["segmentation"], ("fused", "fused on rows", "F.cross_entropy"),
                               (("fused/F.ce", "fused", "F.cross_entropy"),)) + [""]
@@ -143,6 +143,22 @@ def render_markdown(results: dict) -> str:
         lines += _shape_table(bench["soft"], ("fused", "reference", "F.cross_entropy"),
                               (("reference/fused", "reference", "fused"), ("fused/F.ce", "fused", "F.cross_entropy"))) \
             + [""]
+
+    if bench and bench.get("batch_step"):
+        lines += ["## Batch step: forward alone, median ms, float32", "",
+                  "CE with `reduction=\"none\"` is the row kernel alone; `\"mean\"` adds the batch step (a block "
+                  "per 4096 rows, the last combining); `batch step` is their difference; NCE (paper) adds its "
+                  "label histogram.", ""]
+        lines += _shape_table(bench["batch_step"], ("CE none", "CE mean", "batch step", "NCE (paper) mean"),
+                              (("step/row pass", "batch step", "CE none"),)) + [""]
+
+    if bench and bench.get("row_groups"):
+        lines += ["## CUDA row groups at small C: forward + backward, median ms, float32", "",
+                  "CE with each group of threads per row forced; `plan` is the launch plan's own choice "
+                  "(16 lanes at C = 10).", ""]
+        groups = tuple(ROW_GROUPS.values())
+        lines += _shape_table(bench["row_groups"], groups,
+                              tuple((f"{g}/plan", g, "plan") for g in groups[1:])) + [""]
 
     launches = steps.get("launches")
     if launches and launches.get("rows"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from apl.config import TrainConfig
 from apl.plan import plan_grid
 from benchmarks.gpu_measures import (
+    BATCH_STEP_SHAPES,
     BENCH_CS,
     BENCH_DTYPES,
     BENCH_LOSSES,
@@ -29,6 +30,7 @@ from benchmarks.gpu_measures import (
     QUICK_BENCH_CS,
     QUICK_BENCH_LOSSES,
     QUICK_EPOCH_MODES,
+    ROW_GROUP_SHAPE,
     SEGMENTATION_LOSSES,
     SEGMENTATION_SHAPE,
     SHARED_MODE,
@@ -161,6 +163,8 @@ def step_bench(args, out_dir: Path, peak) -> dict:
               "max_step_s": 1.0, "compile_reserve_s": 15.0, "peak_gbps": peak,
               "segmentation_shape": list(SEGMENTATION_SHAPE), "segmentation_losses": list(SEGMENTATION_LOSSES),
               "soft_shape": list(SOFT_SHAPE),
+              "batch_step_shapes": [list(shape) for shape in BATCH_STEP_SHAPES],
+              "row_group_shape": list(ROW_GROUP_SHAPE),
               # The worker stops starting rows a little before the hard limit, to write its results.
               "budget_s": max(1.0, args.bench_timeout - 10)}
     st = _run_worker_step("bench", params, out_dir, args.bench_timeout)

@@ -2,8 +2,9 @@
 benchmarks.gpu_workers STEP PARAMS_JSON OUT``, started by ``benchmarks.gpu_check``).
 
 - ``bench``: forward + backward of the fused operator and its contenders per loss, dtype and shape
-  (:func:`worker_bench`), then the segmentation layout (:func:`segmentation_rows`) and the
-  distribution targets (:func:`soft_rows`), whose contenders are bench_losses.py's;
+  (:func:`worker_bench`), then the segmentation layout (:func:`segmentation_rows`), the soft
+  targets (:func:`soft_rows`), whose contenders are bench_losses.py's, the batch step at large N
+  (:func:`batch_step_rows`) and the CUDA row groups at small C (:func:`row_group_rows`);
 - ``launches``: CUDA kernels per forward and backward call, by ``torch.profiler``, against
   ``apl.fused.launch_counts`` (:func:`worker_launches`).
 
@@ -31,10 +32,17 @@ from benchmarks.bench_losses import (
     time_steps,
     with_cross_entropy,
 )
-from benchmarks.gpu_measures import achieved_gbps, fraction_of_peak, loss_bytes, run_worker, save_results
+from benchmarks.gpu_measures import (
+    ROW_GROUPS,
+    achieved_gbps,
+    fraction_of_peak,
+    loss_bytes,
+    run_worker,
+    save_results,
+)
 
-__all__ = ["bench_specs", "worker_bench", "segmentation_rows", "soft_rows", "count_kernels", "loss_variants",
-           "worker_launches"]
+__all__ = ["bench_specs", "worker_bench", "segmentation_rows", "soft_rows", "batch_step_rows", "row_group_rows",
+           "count_kernels", "loss_variants", "worker_launches"]
 
 
 def bench_specs() -> dict:
@@ -106,6 +114,8 @@ def worker_bench(p: dict, out: Path) -> None:
     result["rows"] = rows
     result["segmentation"] = segmentation_rows(p, specs, device, deadline)
     result["soft"] = soft_rows(p, device, deadline)
+    result["batch_step"] = batch_step_rows(p, device, deadline)
+    result["row_groups"] = row_group_rows(p, device, deadline)
     save_results(out, result)
 
 
@@ -157,6 +167,75 @@ def soft_rows(p, device, deadline) -> list:
         del logits, target
         _free(device)
     return rows
+
+
+def batch_step_rows(p, device, deadline) -> list:
+    """Forward alone of CE with ``reduction="none"`` (the row kernel alone), ``"mean"`` (the row kernel
+    and the batch step), and NCE (paper)'s ``"mean"`` (the batch step with its label histogram), at each
+    of ``p["batch_step_shapes"]``; ``batch step`` is the difference of the first two, float32."""
+    specs = {"CE none": (spec_for("ce"), "none"), "CE mean": (spec_for("ce"), "mean"),
+             "NCE (paper) mean": (spec_for("nce", variant="paper"), "mean")}
+    rows = []
+    for n, c in p["batch_step_shapes"]:
+        row = {"loss": "CE, NCE (paper)", "shape": [n, c], "seconds": {}, "skipped": {}}
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row["skipped"]["all"] = "time box"
+            continue
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            logits = torch.randn(n, c, device=device, generator=g)
+            target = torch.randint(0, c, (n,), device=device, generator=g)
+            for name, (spec, reduction) in specs.items():
+                row["seconds"][name] = _forward_seconds(
+                    lambda s=spec, r=reduction, x=logits, y=target: fused.fused_loss(x, y, s, r), device, p)
+            row["seconds"]["batch step"] = row["seconds"]["CE mean"] - row["seconds"]["CE none"]
+            del logits, target
+        except torch.OutOfMemoryError:
+            row["skipped"]["all"] = "out of memory"
+        _free(device)
+    return rows
+
+
+def row_group_rows(p, device, deadline) -> list:
+    """Forward + backward of CE at ``p["row_group_shape"]`` with each CUDA row group forced
+    (:data:`ROW_GROUPS`; the launch plan's own is ``plan``), float32: does the plan's pay off?"""
+    n, c = p["row_group_shape"]
+    row = {"loss": "CE", "shape": [n, c], "seconds": {}, "skipped": {}}
+    if device != "cuda":
+        row["skipped"]["all"] = "the CUDA row groups need a GPU"
+        return [row]
+    if time.monotonic() > deadline:
+        row["skipped"]["all"] = "time box"
+        return [row]
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(n, c, device=device, generator=g) * 3
+    target = torch.randint(0, c, (n,), device=device, generator=g)
+    spec = spec_for("ce")
+    for threads, label in ROW_GROUPS.items():
+        before = torch.ops.apl._set_cuda_row_group(threads)
+        try:
+            row["seconds"].update(_time_contenders({label: lambda x, y: fused.fused_loss(x, y, spec)},
+                                                   logits, target, device, p, row))
+        finally:
+            torch.ops.apl._set_cuda_row_group(before)
+    return [row]
+
+
+def _forward_seconds(fn, device, p) -> float:
+    """Median seconds of ``fn()`` without autograd, after warm-up."""
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        while len(times) < p["max_repeats"] and (len(times) < 5 or time.perf_counter() - start < p["min_time"]):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _time_contenders(contenders, logits, target, device, p, row) -> dict:

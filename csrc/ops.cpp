@@ -189,6 +189,20 @@ static bool set_sync_target_check(bool enabled) {
   return sync_target_check_flag().exchange(enabled, std::memory_order_relaxed);
 }
 
+static std::atomic<int64_t>& cuda_row_group_flag() {
+  static std::atomic<int64_t> threads{0};
+  return threads;
+}
+
+int64_t cuda_row_group_override() { return cuda_row_group_flag().load(std::memory_order_relaxed); }
+
+static int64_t set_cuda_row_group(int64_t threads) {
+  TORCH_CHECK_VALUE(threads == 0 || threads == 1 || threads == 16 || threads == 32 || threads == 512,
+                    "_set_cuda_row_group: threads per row must be 0 (the launch plan's), 1, 16, 32 or 512, got ",
+                    threads);
+  return cuda_row_group_flag().exchange(threads, std::memory_order_relaxed);
+}
+
 int64_t positions_per_sample(const at::Tensor& logits) {
   int64_t d = 1;
   for (int64_t i = 2; i < logits.dim(); ++i) d *= logits.size(i);
@@ -371,6 +385,8 @@ TORCH_LIBRARY(apl, m) {
   m.def("_steps_run() -> int", &steps_run_so_far);
   m.def("_set_sync_target_check(bool enabled) -> bool", &set_sync_target_check);
   m.def("_sync_target_check() -> bool", &sync_target_check);
+  // The GPU check's switch: the CUDA kernels' threads per row, forced (0: the launch plan's choice).
+  m.def("_set_cuda_row_group(int threads) -> int", &set_cuda_row_group);
 }
 
 TORCH_LIBRARY_IMPL(apl, CPU, m) {

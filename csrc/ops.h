@@ -107,6 +107,9 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
 // ValueError) instead of with a device-side assert. Initially on when APL_SYNC_TARGET_CHECK=1.
 bool sync_target_check();
 
+// Threads per row the CUDA kernels use when the GPU check forces them (0: the launch plan's choice).
+int64_t cuda_row_group_override();
+
 // The forward's outputs, uninitialised: the loss in the logits' dtype (positions_shape for
 // 'none', else []), stats (rows, NUM_STATS) and batch (NUM_BATCH) in the accumulation dtype.
 Outputs empty_outputs(const at::Tensor& logits, int64_t reduction);

@@ -16,6 +16,7 @@ from conftest import requires_fused
 import apl.losses.fused as fused
 from apl.plan import plan_grid
 from benchmarks import bench_losses, gpu_check, gpu_epochs, gpu_measures, gpu_report, gpu_steps, gpu_workers
+from benchmarks.gpu_measures import ROW_GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How users (and scripts/gpu_check.sh) run the check: from the checkout's root.
@@ -274,6 +275,36 @@ def test_soft_rows_time_each_contender():
     assert all(v > 0 for r in rows for v in r["seconds"].values())
     skipped = gpu_workers.soft_rows(p, "cpu", 0.0)
     assert [r["skipped"] for r in skipped] == [{"all": "time box"}] * len(soft)
+
+
+@requires_fused
+def test_batch_step_rows_time_the_row_pass_and_the_step():
+    """The batch-step timing of the bench step, run on the CPU at small shapes (on a GPU it runs at
+    gpu_measures.BATCH_STEP_SHAPES): each forward timed, the step as the difference of two."""
+    p = {"batch_step_shapes": [[64, 10], [5000, 2]], "min_time": 0.0, "max_repeats": 5}
+    rows = gpu_workers.batch_step_rows(p, "cpu", float("inf"))
+    assert [(r["shape"], r["skipped"]) for r in rows] == [([64, 10], {}), ([5000, 2], {})]
+    for r in rows:
+        s = r["seconds"]
+        assert set(s) == {"CE none", "CE mean", "NCE (paper) mean", "batch step"}
+        assert s["batch step"] == s["CE mean"] - s["CE none"] and all(s[k] > 0 for k in ("CE none", "CE mean"))
+    assert gpu_workers.batch_step_rows(p, "cpu", 0.0)[0]["skipped"] == {"all": "time box"}
+
+
+def test_row_group_rows_need_a_gpu_and_report_each_group(tmp_path):
+    """Without a GPU the row-group comparison is one skipped row; the report's table has a column per group."""
+    rows = gpu_workers.row_group_rows({"row_group_shape": [128, 10]}, "cpu", float("inf"))
+    assert rows == [{"loss": "CE", "shape": [128, 10], "seconds": {},
+                     "skipped": {"all": "the CUDA row groups need a GPU"}}]
+    bench = {"status": "ok", "rows": [], "row_groups": [{"loss": "CE", "shape": [128, 10], "skipped": {},
+                                                         "seconds": {label: 1e-4 for label in ROW_GROUPS.values()}}],
+             "batch_step": [{"loss": "CE, NCE (paper)", "shape": [262144, 10], "skipped": {},
+                             "seconds": {"CE none": 2e-3, "CE mean": 2.5e-3, "batch step": 5e-4,
+                                         "NCE (paper) mean": 3e-3}}]}
+    _, md_path = gpu_report.write_report({"environment": {}, "steps": {"bench": bench}}, tmp_path)
+    md = md_path.read_text()
+    assert "## CUDA row groups at small C" in md and "| CE | 128x10 | 0.100 |" in md
+    assert "## Batch step: forward alone" in md and "| CE, NCE (paper) | 262144x10 | 2.000 | 2.500 | 0.500 |" in md
 
 
 # --------------------------------------------------------------------------- launch counts

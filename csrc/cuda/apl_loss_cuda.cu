@@ -48,8 +48,10 @@ constexpr int kBatchThreads = 512;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops beyond this
 constexpr int64_t kSharedHistC = 12288;  // NCE_PAPER's label histogram in shared memory up to this C
 
-// Threads per row for C classes in a layout of D positions per sample (kRowBlockThreads: a block).
+// Threads per row for C classes in a layout of D positions per sample (kRowBlockThreads: a block),
+// unless the GPU check forces a group (ops.h cuda_row_group_override).
 int row_group(int64_t C, int64_t D) {
+  if (const int64_t forced = cuda_row_group_override()) return static_cast<int>(forced);
   if (D > 1 || C <= 8) return 1;
   if (C <= 16) return 16;
   if (C <= kWarpMaxC) return kWarpSize;
