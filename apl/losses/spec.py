@@ -242,9 +242,10 @@ def spec_for(name: str, *, variant: str = "ma2020", gamma: float | None = None, 
     ``label_smoothing`` is ``F.cross_entropy``'s, for ``ce`` only.
 
     The successors (:data:`SUCCESSOR_NAMES`) have one form each, their official code's (the same
-    in every variant, as ``ce``; their NCE and NFL are the cited work's), and take its parameters with its meaning (``alpha``, ``beta``, ``a``, ``q``, ``m``, ``gamma``,
-    ``min_prob``), defaulting to its CIFAR-10 config (LOSSES.md "Successors"); ``lam`` may
-    replace ``alpha``/``beta`` of a sum. A parameter the named loss does not use raises.
+    in every variant, as ``ce``; their NCE and NFL are the cited work's), and take its parameters
+    with its meaning (``alpha``, ``beta``, ``a``, ``q``, ``m``, ``gamma``, ``min_prob``), defaulting
+    to its CIFAR-10 config (LOSSES.md "Successors"); ``lam`` may replace ``alpha``/``beta`` of a
+    sum. A parameter the named loss does not use raises.
     """
     name = canonical_name(name)
     if name not in LOSS_NAMES:
