@@ -64,6 +64,16 @@ bool reads_layout(const at::Tensor& logits, bool soft) {
   return (soft || logits.size(1) <= kRowsMaxC) && (dt == at::kFloat || dt == at::kDouble);
 }
 
+// The value of a one-element CPU tensor (a reduced loss's upstream gradient) in T, read directly:
+// Tensor::item goes through the dispatcher, a few microseconds at the batch sizes people train with.
+template <typename T>
+T scalar_of(const at::Tensor& t) {
+  T value{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "apl_scalar_of",
+                                  [&] { value = static_cast<T>(*t.const_data_ptr<scalar_t>()); });
+  return value;
+}
+
 // Rows per task: enough elements (~32K) that threading pays off.
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
@@ -76,12 +86,16 @@ int64_t half_rows(int64_t C) { return std::max<int64_t>(16, 4096 / std::max<int6
 template <class AddRow>
 row::BatchSums batch_sums(int64_t N, AddRow&& add) {
   const int64_t blocks = row::batch_blocks(N);
+  row::BatchSums total = row::zero_batch_sums();
+  if (blocks == 1) {  // one block: its partial is the total (no task, no allocation on a small batch)
+    for (int64_t i = 0; i < N; ++i) add(total, i);
+    return total;
+  }
   std::vector<row::BatchSums> partials(blocks, row::zero_batch_sums());
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t i = b * row::kBatchRows, end = std::min(N, i + row::kBatchRows); i < end; ++i) add(partials[b], i);
   });
-  row::BatchSums total = row::zero_batch_sums();
   for (const row::BatchSums& part : partials) row::add_sums(total, part);
   return total;
 }
@@ -196,7 +210,7 @@ void backward_rows(const at::Tensor& grad_loss, const at::Tensor& stats, const a
     g_rows = g_tensor.const_data_ptr<acc_t>();
     g_stride = 1;
   } else {
-    g_unit = row::reduced_grad<acc_t>(red, grad_loss.item<acc_t>(), bt);
+    g_unit = row::reduced_grad<acc_t>(red, scalar_of<acc_t>(grad_loss), bt);
     g_rows = &g_unit;
     g_stride = 0;
   }
@@ -349,7 +363,7 @@ at::Tensor soft_backward(const at::Tensor& grad_loss, const at::Tensor& stats, c
       g_rows = g_tensor.const_data_ptr<scalar_t>();
       g_stride = 1;
     } else {
-      g_unit = row::reduced_grad<scalar_t>(static_cast<int>(call.args.reduction), grad_loss.item<scalar_t>(),
+      g_unit = row::reduced_grad<scalar_t>(static_cast<int>(call.args.reduction), scalar_of<scalar_t>(grad_loss),
                                            batch.const_data_ptr<scalar_t>());
     }
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();

@@ -302,29 +302,75 @@ inline void write_row_grad(const T* z, int64_t C, const row::RowGrad<T>& g, cons
   if (k < C) row::grad_not_target<F, VecMath<T>>(g, p, present, Vec::loadu(z + k, C - k)).store(out + k, C - k);
 }
 
+// Lane setup of the block of `rows` rows at i0: its gradient coefficients, the targets of its
+// lanes (-1 where ignored or missing) and the mask of those lanes.
+template <typename T>
+inline void lane_grads(const BackwardBlock<T>& a, int64_t i0, int64_t rows, row::RowGrad<Vectorized<T>>& g,
+                       Vectorized<T>& yv, Vectorized<T>& invalid) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Lanes<T> stats[row::NUM_STATS], g_row, y;
+  for (int64_t r = 0; r < W; ++r) {
+    const bool valid = r < rows && a.target[i0 + r] != a.ignore_index;
+    for (int j = 0; j < row::NUM_STATS; ++j) stats[j].v[r] = valid ? a.stats[(i0 + r) * row::NUM_STATS + j] : T(0);
+    g_row.v[r] = valid ? a.grad_rows[(i0 + r) * a.grad_stride] : T(0);
+    y.v[r] = valid ? static_cast<T>(a.target[i0 + r]) : T(-1);
+  }
+  Vec st[row::NUM_STATS];
+  for (int j = 0; j < row::NUM_STATS; ++j) st[j] = stats[j].load();
+  g = row::row_grad<VecMath<T>>(st, a.params, static_cast<T>(a.C), g_row.load(), a.scale, a.batch_coef);
+  yv = y.load();
+  invalid = yv == Vec(T(-1));
+}
+
+// A block's RowGrad<Vec> as the scalar RowGrad of each of its lanes.
+template <typename T>
+struct LaneGrads {
+  Lanes<T> m, lsum, shift, one_minus_py, q_in, q_out, q2, K, k_in, W, w_in, U, grad_y;
+  explicit LaneGrads(const row::RowGrad<Vectorized<T>>& g) {
+    m.store(g.m), lsum.store(g.lsum), shift.store(g.shift), one_minus_py.store(g.one_minus_py);
+    q_in.store(g.q_in), q_out.store(g.q_out), q2.store(g.q2), K.store(g.K), k_in.store(g.k_in);
+    W.store(g.W), w_in.store(g.w_in), U.store(g.U), grad_y.store(g.grad_y);
+  }
+  row::RowGrad<T> row(int64_t r) const {
+    return row::RowGrad<T>{m.v[r], lsum.v[r], shift.v[r], one_minus_py.v[r], q_in.v[r], q_out.v[r], q2.v[r],
+                           K.v[r], k_in.v[r], W.v[r],     w_in.v[r],         U.v[r],    grad_y.v[r]};
+  }
+};
+
+// The backward of (N, C) rows: each block of W rows' coefficients computed in the lanes (row_grad is
+// the per-row bookkeeping, as costly as a short row's element loop when scalar), then one masked pass
+// per row, classes in the lanes, whatever C (transposing a block in and out cost more than it saved).
 template <typename T>
 void backward_rows_serial(const BackwardBlock<T>& a) {
   using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const row::LossParams<T>& p = a.params;
   const int64_t C = a.C;
   const unsigned present = row::grad_features(p);
   row::with_grad_features(present, [&](auto features) {
     constexpr unsigned F = decltype(features)::value;
-    for (int64_t i = 0; i < a.rows; ++i) {
-      const T* z = a.logits + i * C;
-      T* out = a.grad + i * C;
-      const int64_t y = a.target[i];
-      if (y == a.ignore_index) {
-        int64_t k = 0;
-        for (; k + Vec::size() <= C; k += Vec::size()) Vec(T(0)).store(out + k);
-        for (; k < C; ++k) out[k] = T(0);
-        continue;
+    for (int64_t i0 = 0; i0 < a.rows; i0 += W) {
+      const int64_t rows = std::min<int64_t>(W, a.rows - i0);
+      row::RowGrad<Vec> block_grad;
+      Vec yv, invalid;
+      lane_grads(a, i0, rows, block_grad, yv, invalid);
+      const LaneGrads<T> lanes(block_grad);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const T* z = a.logits + i * C;
+        T* out = a.grad + i * C;
+        const int64_t y = a.target[i];
+        if (y == a.ignore_index) {
+          int64_t k = 0;
+          for (; k + W <= C; k += W) Vec(T(0)).store(out + k);
+          for (; k < C; ++k) out[k] = T(0);
+          continue;
+        }
+        const row::RowGrad<T> g = lanes.row(r);
+        write_row_grad<F>(z, C, g, p, present, out);
+        out[y] = g.grad_y;
       }
-      const T g_row = a.grad_rows[i * a.grad_stride];
-      const row::RowGrad<T> g = row::row_grad<row::ScalarMath<T>>(a.stats + i * row::NUM_STATS, p, static_cast<T>(C),
-                                                                  g_row, a.scale, a.batch_coef);
-      write_row_grad<F>(z, C, g, p, present, out);
-      out[y] = g.grad_y;
     }
   });
 }
@@ -462,27 +508,6 @@ void forward_block(const ForwardBlock<T>& a) {
 
 // The backward of the (N, C, D) layout: W positions in the lanes, as the forward reads them,
 // each class one vector of every lane's gradient (grad_not_target, or the target's own entry).
-// Lane setup of the block of `rows` rows at i0: its gradient coefficients, the targets of its
-// lanes (-1 where ignored or missing) and the mask of those lanes.
-template <typename T>
-inline void lane_grads(const BackwardBlock<T>& a, int64_t i0, int64_t rows, row::RowGrad<Vectorized<T>>& g,
-                       Vectorized<T>& yv, Vectorized<T>& invalid) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  Lanes<T> stats[row::NUM_STATS], g_row, y;
-  for (int64_t r = 0; r < W; ++r) {
-    const bool valid = r < rows && a.target[i0 + r] != a.ignore_index;
-    for (int j = 0; j < row::NUM_STATS; ++j) stats[j].v[r] = valid ? a.stats[(i0 + r) * row::NUM_STATS + j] : T(0);
-    g_row.v[r] = valid ? a.grad_rows[(i0 + r) * a.grad_stride] : T(0);
-    y.v[r] = valid ? static_cast<T>(a.target[i0 + r]) : T(-1);
-  }
-  Vec st[row::NUM_STATS];
-  for (int j = 0; j < row::NUM_STATS; ++j) st[j] = stats[j].load();
-  g = row::row_grad<VecMath<T>>(st, a.params, static_cast<T>(a.C), g_row.load(), a.scale, a.batch_coef);
-  yv = y.load();
-  invalid = yv == Vec(T(-1));
-}
-
 // One block of up to W rows anywhere in the layout (it may straddle two samples).
 template <unsigned F, typename T>
 void backward_positions_block(const BackwardBlock<T>& a, int64_t i0, unsigned present) {
@@ -541,8 +566,7 @@ void backward_positions_in_lanes(const BackwardBlock<T>& a, unsigned present) {
   }
 }
 
-// The backward of (N, C) rows is one masked pass per row whatever C: its per-row bookkeeping
-// (row_grad) is light, and transposing a block in and out cost more than it saved.
+// (N, C) rows: backward_rows_serial; the (N, C, D) layout: positions in the lanes.
 template <typename T>
 void backward_block(const BackwardBlock<T>& a) {
   if (a.D == 1) return backward_rows_serial(a);
