@@ -28,7 +28,8 @@ from apl.runlock import manifest_lock, run_is_locked
 __all__ = [
     "RESULT_FILE", "RESULT_CHECKSUM_FILE", "DAMAGED_SUFFIX", "MANIFEST_FILE", "utc_now", "read_number",
     "number_text", "save_result", "read_result", "verify_result", "set_aside_result", "finished_result",
-    "is_current", "load_run_records", "load_manifest", "environment", "Manifest", "run_summary",
+    "is_current", "comparable_record", "RUN_TIME_FIELDS", "EPOCH_TIME_FIELDS", "load_run_records", "load_manifest",
+    "environment", "Manifest", "run_summary",
 ]
 
 RESULT_FILE = "result.json"
@@ -134,6 +135,20 @@ def is_current(record: dict) -> bool:
         return TrainConfig.from_dict(record["config"]).run_name() == record["run_name"]
     except (KeyError, TypeError, ValueError):
         return False
+
+
+#: What differs between two equal runs: when, how long and where they ran, whether they resumed.
+RUN_TIME_FIELDS = ("wall_time_s", "finished_at", "resumed_at_epochs", "device", "num_threads")
+EPOCH_TIME_FIELDS = ("epoch_time_s", "train_time_s")
+
+
+def comparable_record(result: dict) -> dict:
+    """A run's result.json without what differs between equal runs (:data:`RUN_TIME_FIELDS`, the epochs'
+    times), its config as the run's identity: two runs of one config are the same run when these agree."""
+    record = {k: v for k, v in result.items() if k not in RUN_TIME_FIELDS and k != "config"}
+    record["identity"] = TrainConfig.from_dict(result["config"]).identity()
+    record["history"] = [{k: v for k, v in h.items() if k not in EPOCH_TIME_FIELDS} for h in result["history"]]
+    return record
 
 
 def _runs_dir(root: Path) -> Path:

@@ -26,6 +26,7 @@ module/F.cross_entropy and reference/floor.
     python -m benchmarks.bench_losses --shape 4,21,256,256   # segmentation: (N, C, H, W) logits
     python -m benchmarks.bench_losses --soft --ns 1000 --cs 10,1000   # probability targets, smoothing
     python -m benchmarks.bench_losses --soft --shape 4,21,256,256
+    python -m benchmarks.bench_losses --successors   # APL's successors against their official formulas
 
 ``--shape`` times F.cross_entropy's K-dimensional layout instead ((N, C, d1, ..., dK) logits,
 (N, d1, ..., dK) targets), as users pass it to ``fused`` (the module), ``reference`` and
@@ -36,6 +37,12 @@ module/F.cross_entropy and reference/floor.
 targets for CE, MAE, RCE and SCE, and CE with ``label_smoothing=0.1`` on class indices, through
 the module on each backend, against ``F.cross_entropy`` for the CE rows; with ``--shape``, in
 that layout (probabilities of the logits' shape).
+
+``--successors`` times APL's successors instead (LOSSES.md "Successors"), each at its CIFAR-10
+defaults: the fused operator (raw and through the module) against ``official``, an eager
+implementation of the official formula as its authors' code computes it
+(benchmarks/official_losses.py), and ``official compiled``, that under ``torch.compile``
+(``dynamic=True``: compiled once per loss).
 """
 from __future__ import annotations
 
@@ -50,7 +57,8 @@ import torch.nn.functional as F
 
 import apl.losses.fused as fused
 from apl.losses import APLLoss, reference_loss
-from apl.losses.spec import Kind, LossSpec, spec_for
+from apl.losses.spec import SUCCESSOR_NAMES, Kind, LossSpec, spec_for
+from benchmarks.official_losses import official_loss
 
 #: the --soft table's losses: (spec, whether the target is probabilities)
 SOFT_LOSSES = {
@@ -203,6 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cs", type=_int_list, default=None, help="class counts, e.g. 10,100 (overrides the presets)")
     parser.add_argument("--soft", action="store_true",
                         help="probability targets and label smoothing (the distribution path) instead")
+    parser.add_argument("--successors", nargs="*", default=None, choices=SUCCESSOR_NAMES, metavar="LOSS",
+                        help="APL's successors against their official formulas instead (all, or these of: "
+                             + ", ".join(SUCCESSOR_NAMES) + ")")
     parser.add_argument("--shape", type=_int_list, default=None,
                         help="one K-dimensional logits shape N,C,d1,...,dK (e.g. 4,21,256,256) instead of N x C")
     args = parser.parse_args(argv)
@@ -229,6 +240,8 @@ def main(argv=None) -> int:
         return layout_table(args, max_repeats)
     if args.soft:
         return soft_table(args, ns, cs, max_repeats)
+    if args.successors is not None:
+        return successors_table(args, args.successors or list(SUCCESSOR_NAMES), ns, cs, use_compile, max_repeats)
     header = ["loss", "N", "C", "fused", "module", "reference", "compiled", "F.cross_entropy", "floor",
               "reference/fused", "compiled/fused", "fused/F.ce", "module/F.ce", "reference/floor"]
     print("\n".join(markdown_header(header)))
@@ -274,6 +287,37 @@ def soft_table(args, ns: list[int], cs: list[int], max_repeats: int) -> int:
                 t_ce = t.get("F.cross_entropy")
                 row = [name, str(n), str(c), fmt_ms(t["fused"]), fmt_ms(t["reference"]), fmt_ms(t_ce),
                        ratio(t["reference"], t["fused"]), ratio(t["fused"], t_ce)]
+                print(markdown_row(row), flush=True)
+    return 0
+
+
+def successors_table(args, names: list[str], ns: list[int], cs: list[int], use_compile: bool,
+                     max_repeats: int) -> int:
+    """The ``--successors`` table: each successor's fused operator against its official formula."""
+    header = ["loss", "N", "C", "fused", "module", "official", "official compiled", "official/fused",
+              "compiled/fused"]
+    print("\n".join(markdown_header(header)))
+    for name in names:
+        spec = spec_for(name)
+        compiled = None
+        if use_compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda x, y, n=name: official_loss(n, x, y), dynamic=True)
+        for n in ns:
+            for c in cs:
+                if n * c > args.max_elements:
+                    continue
+                logits, target = random_batch(n, c, args.device)
+                contenders = {"fused": lambda x, y: fused.fused_loss(x, y, spec),
+                              "module": APLLoss(spec, backend="fused"),
+                              "official": lambda x, y, n=name: official_loss(n, x, y)}
+                if compiled is not None:
+                    contenders["official compiled"] = compiled
+                t = time_steps(contenders, logits, target, args.device, min_time=args.min_time,
+                               max_repeats=max_repeats)
+                t_fused, t_official, t_comp = t["fused"], t["official"], t.get("official compiled")
+                row = [name, str(n), str(c), fmt_ms(t_fused), fmt_ms(t["module"]), fmt_ms(t_official),
+                       fmt_ms(t_comp), ratio(t_official, t_fused), ratio(t_comp, t_fused)]
                 print(markdown_row(row), flush=True)
     return 0
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import apl.losses.fused as fused
-from apl.config import TrainConfig
 from apl.data import load_cifar10, write_cifar10_folder
 from apl.losses.spec import APL_NAMES, SUCCESSOR_NAMES, VARIANTS, Kind, LossSpec
+from apl.records import comparable_record
 
 #: The target value of ignored rows (as F.cross_entropy's default).
 IGNORE_INDEX = -100
@@ -116,19 +116,6 @@ def cifar_dir(tmp_path_factory):
 def cifar_arrays(cifar_dir):
     """The arrays of ``cifar_dir``, loaded once per session (tests must not modify them)."""
     return load_cifar10(cifar_dir, download=False)
-
-
-#: What differs between two equal runs: when, how long and where they ran, whether they resumed.
-RUN_TIME_FIELDS = ("wall_time_s", "finished_at", "resumed_at_epochs", "device", "num_threads")
-EPOCH_TIME_FIELDS = ("epoch_time_s", "train_time_s")
-
-
-def comparable_record(result: dict) -> dict:
-    """A run's result.json without what differs between equal runs, its config as the run's identity."""
-    record = {k: v for k, v in result.items() if k not in RUN_TIME_FIELDS and k != "config"}
-    record["identity"] = TrainConfig.from_dict(result["config"]).identity()
-    record["history"] = [{k: v for k, v in h.items() if k not in EPOCH_TIME_FIELDS} for h in result["history"]]
-    return record
 
 
 def run_results(out) -> dict[str, dict]:

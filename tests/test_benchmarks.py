@@ -110,3 +110,17 @@ def test_bench_losses_times_the_distribution_targets(capsys):
     _, rows = printed_table(capsys.readouterr().out)
     assert [(r[0], r[1]) for r in rows] == [(name, "2x5x3x2") for name in bench.SOFT_LOSSES]
     assert all((r[5] != "-") == r[0].startswith("CE") for r in rows)
+
+
+@requires_fused
+def test_bench_losses_times_the_successors_against_their_official_formulas(capsys):
+    assert bench.main(["--successors", "anl-ce", "ece+mae", "--ns", "8", "--cs", "3,40", "--min-time", "0",
+                       "--no-compile"]) == 0
+    header, rows = printed_table(capsys.readouterr().out)
+    assert header == ["loss", "N", "C", "fused", "module", "official", "official compiled", "official/fused",
+                      "compiled/fused"]
+    assert [(r[0], r[2]) for r in rows] == [(name, c) for name in ("anl-ce", "ece+mae") for c in ("3", "40")]
+    assert all(r[3] != "-" and r[5] != "-" and r[6] == "-" for r in rows)
+    assert bench.main(["--successors", "agce", "--ns", "4", "--cs", "5", "--min-time", "0"]) == 0
+    _, rows = printed_table(capsys.readouterr().out)
+    assert rows[0][6] != "-" and rows[0][8].endswith("x")
