@@ -17,7 +17,7 @@ from benchmarks import compare_builds
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("module", ["benchmarks.bench_losses", "benchmarks.compare_builds"])
+@pytest.mark.parametrize("module", ["benchmarks.bench_losses", "benchmarks.compare_builds", "benchmarks.rerun_records"])
 def test_the_benchmarks_run_as_modules_of_the_checkout(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -124,3 +124,12 @@ def test_bench_losses_times_the_successors_against_their_official_formulas(capsy
     assert bench.main(["--successors", "agce", "--ns", "4", "--cs", "5", "--min-time", "0"]) == 0
     _, rows = printed_table(capsys.readouterr().out)
     assert rows[0][6] != "-" and rows[0][8].endswith("x")
+
+
+def test_rerun_records_picks_records_across_the_grid_and_names_what_differs():
+    from benchmarks import rerun_records
+
+    results = [{"run_name": f"run{i:02d}"} for i in range(10)]
+    assert [r["run_name"] for r in rerun_records.pick(results, 3)] == ["run00", "run03", "run06"]
+    assert len(rerun_records.pick(results, 20)) == 10
+    assert rerun_records.differing_fields({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]
