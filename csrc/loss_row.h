@@ -235,6 +235,8 @@ APL_HD int kind_of(const LossParams<T>& p, int term) {
 APL_HD bool kind_needs_pass3(int kind) {
   return is_rce(kind) || kind == NFL_MA2020 || kind == NGCE || kind == NNCE || kind == NNFL || kind == AMSE;
 }
+// How many of its three sums a kind's third pass fills (s0 .. s{n-1}).
+APL_HD constexpr int pass3_sums(int kind) { return kind == RCE || kind == NRCE ? 3 : (kind == AMSE ? 1 : 2); }
 template <typename T>
 APL_HD bool needs_zsum(const LossParams<T>& p) {
   return uses(p, NCE_MA2020);
@@ -394,12 +396,17 @@ APL_HD TermSums<V> zero_sums(V zero) {
   return TermSums<V>{zero, zero, zero};
 }
 
-template <class M, typename B>
+// kFromLogit: the caller passes no q (a one-row pass that kept no exps); each kind then takes its
+// probabilities from z with one exp, as it would from q.
+template <class M, bool kFromLogit = false, typename B>
 APL_HD void pass3_term(int kind, const KindConsts<typename M::S>& kc, const LossParams<typename M::S>& p,
                        typename M::V z, typename M::V q, const RowBasics<B>& basics, TermSums<typename M::V>& out) {
   using V = typename M::V;
   using S = typename M::S;
   const V zero(S(0)), one(S(1));
+  if constexpr (kFromLogit) {
+    if (kind == RCE || kind == NRCE || kind == AMSE) q = M::exp((z - V(basics.m)) - V(basics.lsum));
+  }
   switch (kind) {
     case RCE:
     case NRCE: {
@@ -411,7 +418,8 @@ APL_HD void pass3_term(int kind, const KindConsts<typename M::S>& kc, const Loss
     }
     case NFL_MA2020: {
       const V lp = (z - V(basics.m)) - V(basics.shift);
-      const V w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(q * V(basics.one_minus_py), lp), p.gamma);
+      const V pk = kFromLogit ? M::exp(lp) : q * V(basics.one_minus_py);
+      const V w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(pk, lp), p.gamma);
       out.s0 = out.s0 + w * lp;
       out.s1 = out.s1 + w;
       break;
@@ -432,7 +440,8 @@ APL_HD void pass3_term(int kind, const KindConsts<typename M::S>& kc, const Loss
     case NNFL: {
       const V lp = (z - V(basics.m)) - V(basics.shift);
       const V l = M::select_lt(lp, p.log_min_prob, V(p.log_min_prob), lp);
-      const V pk = M::select_lt(lp, p.log_min_prob, V(p.min_prob), q * V(basics.one_minus_py));
+      const V pk =
+          M::select_lt(lp, p.log_min_prob, V(p.min_prob), kFromLogit ? M::exp(lp) : q * V(basics.one_minus_py));
       const V w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(pk, l), p.gamma);
       // A - FL_k is exactly 0 on the clamp (A is FL there): no rounding residue from A + w ln m0
       out.s0 = out.s0 + M::select_gt(lp, p.log_min_prob, V(kc.c0) + w * l, zero);
@@ -446,6 +455,20 @@ APL_HD void pass3_term(int kind, const KindConsts<typename M::S>& kc, const Loss
     }
     default:
       break;
+  }
+}
+
+// Calls fn with the kind as a compile-time constant for the commonest third passes (RCE, NFL_MA2020),
+// so their per-element code is the kind's alone, else with the int (host; the CPU's one-row passes).
+template <class Fn>
+static inline void with_pass3_kind(int kind, Fn&& fn) {
+  switch (kind) {
+    case RCE:
+      return fn(std::integral_constant<int, RCE>{});
+    case NFL_MA2020:
+      return fn(std::integral_constant<int, NFL_MA2020>{});
+    default:
+      return fn(kind);
   }
 }
 
@@ -1039,26 +1062,25 @@ APL_HD typename M::V grad_not_target(const RowGrad<B>& g, const LossParams<typen
                                      typename M::V z) {
   using V = typename M::V;
   using S = typename M::S;
+  // a part is in F, and (only for GF_ALL, tested per row) in the loss
+  const auto has = [present](unsigned part) { return (F & part) && (F != GF_ALL || (present & part)); };
   const V zero(S(0));
   const V zm = z - V(g.m);
   const V q = M::exp(zm - V(g.lsum));  // p_j = q (1 - p_y)
-  const V coef = (F & GF_RCE_MASK) && (present & GF_RCE_MASK)
-                     ? M::select_inside(q * V(g.one_minus_py), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
-                     : V(g.q_out);
+  const V coef = has(GF_RCE_MASK) ? M::select_inside(q * V(g.one_minus_py), S(kProbClamp), S(1), V(g.q_in), V(g.q_out))
+                                  : V(g.q_out);
   V out = q * coef + V(g.K);
-  if ((F & GF_Q2) && (present & GF_Q2)) out = out + V(g.q2) * q * q;
+  if (has(GF_Q2)) out = out + V(g.q2) * q * q;
   if (F & (GF_W | GF_W_IN | GF_K_IN | GF_U)) {
     const V lp = zm - V(g.shift);
     const S log_m0 = p.log_min_prob;
-    if ((F & GF_K_IN) && (present & GF_K_IN)) out = out + M::select_inside(lp, log_m0, S(0), V(g.k_in), zero);
-    if ((F & (GF_W | GF_W_IN)) && (present & (GF_W | GF_W_IN))) {
+    if (has(GF_K_IN)) out = out + M::select_inside(lp, log_m0, S(0), V(g.k_in), zero);
+    if (has(GF_W | GF_W_IN)) {
       const V w = focal_weight_from_one_minus_p<M>(one_minus_p<M>(q * V(g.one_minus_py), lp), p.gamma);
-      if ((F & GF_W) && (present & GF_W)) out = out + V(g.W) * w;
-      if ((F & GF_W_IN) && (present & GF_W_IN)) out = out + M::select_gt(lp, log_m0, V(g.w_in) * w, zero);
+      if (has(GF_W)) out = out + V(g.W) * w;
+      if (has(GF_W_IN)) out = out + M::select_gt(lp, log_m0, V(g.w_in) * w, zero);
     }
-    if ((F & GF_U) && (present & GF_U)) {
-      out = out + M::select_inside(lp, S(kLogProbClamp), S(0), V(g.U) * M::exp(V(p.q) * lp), zero);
-    }
+    if (has(GF_U)) out = out + M::select_inside(lp, S(kLogProbClamp), S(0), V(g.U) * M::exp(V(p.q) * lp), zero);
   }
   return out;
 }

@@ -213,10 +213,23 @@ inline bool tie_before(const T* z, int64_t y) {
   return false;
 }
 
-// The third pass's sums (loss_row.h pass3) as six vector accumulators: active s0..s2, passive s0..s2.
-template <typename T>
-inline Acc<6, T> pass3_acc(const row::RowExtra<Vectorized<T>>& e) {
-  return Acc<6, T>{{e.t[0].s0, e.t[0].s1, e.t[0].s2, e.t[1].s0, e.t[1].s1, e.t[1].s2}};
+// The accumulators a one-row third pass keeps: the kind's own sums when it is fixed at compile time
+// (loss_row.h with_pass3_kind), all three otherwise.
+template <class K>
+constexpr int pass3_accumulators() {
+  if constexpr (std::is_same_v<K, int>) {
+    return 3;
+  } else {
+    return row::pass3_sums(K::value);
+  }
+}
+
+template <int NS, typename V>
+inline Acc<NS, typename V::value_type> first_sums(const row::TermSums<V>& e) {
+  Acc<NS, typename V::value_type> a;
+  const V all[3] = {e.s0, e.s1, e.s2};
+  for (int j = 0; j < NS; ++j) a.v[j] = all[j];
+  return a;
 }
 
 template <typename T>
@@ -274,13 +287,19 @@ void forward_rows_serial(const ForwardBlock<T>& a) {
         row::RowBasics<T> row_basics{};
         row_basics.m = lane_m.v[r], row_basics.lsum = lane_lsum.v[r], row_basics.shift = lane_shift.v[r],
         row_basics.one_minus_py = lane_one_minus_py.v[r];
-        const Vec vm(row_basics.m), vlsum(row_basics.lsum);
-        const auto acc = row.template sum<6>([&](Vec v) {
-          row::RowExtra<Vec> e{{row::zero_sums(zero), row::zero_sums(zero)}};
-          row::pass3<M>(p, v, M::exp((v - vm) - vlsum), row_basics, e);
-          return pass3_acc(e);
-        });
-        for (int j = 0; j < 6; ++j) extra_sums[j].v[r] = hsum(acc.v[j]);
+        for (int t = 0; t < 2; ++t) {  // one pass per term that needs one, its kind fixed where common
+          const int kind = row::kind_of(p, t);
+          if (!row::kind_needs_pass3(kind)) continue;
+          row::with_pass3_kind(kind, [&](auto k) {
+            constexpr int NS = pass3_accumulators<decltype(k)>();
+            const auto acc = row.template sum<NS>([&](Vec v) {
+              row::TermSums<Vec> e = row::zero_sums(zero);
+              row::pass3_term<M, true>(static_cast<int>(k), p.kc[t], p, v, zero, row_basics, e);
+              return first_sums<NS>(e);
+            });
+            for (int j = 0; j < NS; ++j) extra_sums[3 * t + j].v[r] = hsum(acc.v[j]);
+          });
+        }
       }
       for (int t = 0; t < 2; ++t)
         extra.t[t] =
@@ -481,15 +500,24 @@ void forward_rows_in_lanes(const ForwardBlock<T>& a) {
     row::RowExtra<Vec> extra{{row::zero_sums(zero), row::zero_sums(zero)}};
     if (pass3) {
       const Vec inv_s = Vec(T(1)) / sums.sum_ny;  // q_k = exp(z_k - m) / sum
-      for (k = 0; k < C; ++k) {
-        const Vec out = blk.is_target(k);
-        row::RowExtra<Vec> e{{row::zero_sums(zero), row::zero_sums(zero)}};
-        row::pass3<M>(p, blk.col(k), Vec::loadu(exps + k * W) * inv_s, basics, e);
-        for (int t = 0; t < 2; ++t) {
-          extra.t[t].s0 = extra.t[t].s0 + Vec::blendv(e.t[t].s0, zero, out);
-          extra.t[t].s1 = extra.t[t].s1 + Vec::blendv(e.t[t].s1, zero, out);
-          extra.t[t].s2 = extra.t[t].s2 + Vec::blendv(e.t[t].s2, zero, out);
-        }
+      for (int t = 0; t < 2; ++t) {               // one pass per term that needs one, its kind fixed where common
+        const int kind = row::kind_of(p, t);
+        if (!row::kind_needs_pass3(kind)) continue;
+        row::with_pass3_kind(kind, [&](auto kk) {
+          constexpr int NS = pass3_accumulators<decltype(kk)>();
+          Vec total[NS];
+          for (auto& v : total) v = zero;
+          for (int64_t c = 0; c < C; ++c) {
+            row::TermSums<Vec> e = row::zero_sums(zero);
+            row::pass3_term<M>(static_cast<int>(kk), p.kc[t], p, blk.col(c), Vec::loadu(exps + c * W) * inv_s, basics,
+                               e);
+            const Acc<NS, T> add = first_sums<NS>(e);
+            const Vec out = blk.is_target(c);
+            for (int j = 0; j < NS; ++j) total[j] = total[j] + Vec::blendv(add.v[j], zero, out);
+          }
+          Vec* dest[3] = {&extra.t[t].s0, &extra.t[t].s1, &extra.t[t].s2};
+          for (int j = 0; j < NS; ++j) *dest[j] = total[j];
+        });
       }
     }
     Vec st[row::NUM_STATS];
