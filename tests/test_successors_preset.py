@@ -19,6 +19,7 @@ from apl.losses.spec import spec_for
 from apl.paper import successor_accuracy, successor_numbers
 from apl.plan import plan_grid, preset_config
 from apl.presets import (
+    NOISE_FAMILIES,
     NOISE_RULES,
     PRESETS,
     PROTOCOLS,
@@ -248,6 +249,21 @@ def test_the_report_is_deterministic_and_refuses_the_papers_references(report, t
         assert a.name == b.name and a.read_bytes() == b.read_bytes(), a.name
     with pytest.raises(ValueError, match="successors' report compares"):
         make_report(root, tmp_path / "x", reference="paper")
+
+
+def test_committed_successors_quick_tables_rebuild_from_their_committed_run_records(tmp_path):
+    """paper_figures/successors_quick/ ships the run records it was made from: every run of its manifest
+    has its result.json there, and the tables rebuilt from them are the committed ones."""
+    committed_dir = ROOT / "paper_figures" / "successors_quick"
+    records = committed_dir / "run_records"
+    manifest = json.loads((records / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["preset"] == "successors_quick"
+    assert sorted(p.parent.name for p in (records / "runs").glob("*/result.json")) == sorted(manifest["runs"])
+    make_report(records, tmp_path, figures=False)
+    committed = sorted(committed_dir.glob("table_*"))
+    assert len(committed) == 2 * len(NOISE_FAMILIES)  # md and csv per noise family
+    for path in committed:
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_the_report_command_without_a_manifest_still_reports_the_successors(tmp_path):
