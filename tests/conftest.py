@@ -11,6 +11,7 @@ Test modules import these names (``from conftest import ...``: pytest puts this 
 ``sys.path``).
 """
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,14 @@ requires_two_gpus = pytest.mark.skipif(
 
 #: Devices for ``pytest.mark.parametrize("device", DEVICES)``; cuda:1 runs while cuda:0 is current.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda), pytest.param("cuda:1", marks=requires_two_gpus)]
+
+
+def pytest_configure(config):
+    """Ctrl-C as a terminal delivers it, however the suite was started: a shell's background job (`cmd &`)
+    and some CI runners start it with SIGINT ignored, which every child would inherit, so the tests of
+    the first and second Ctrl-C would see no signal at all."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=DEVICES)
