@@ -107,6 +107,7 @@ def _ignored(path: str) -> bool:
     "Dockerfile", "README.md", "LOSSES.md", "pyproject.toml", "setup.py", "reproduce.sh",
     "benchmarks/bench_losses.py", "benchmarks/RESULTS.md", "scripts/setup_env.sh",
     "paper_figures/quick/run_records/manifest.json", "paper_figures/quick/table1_paper.md",
+    "paper_figures/successors_quick/run_records/manifest.json", "paper_figures/successors_quick/README.md",
     "tests/golden/report", "tests/golden/seed_paper_table1.tsv", "docs/operator.md", "docs/sources.md",
     "apl/paper_numbers.json", "csrc/ops.cpp"])
 def test_dockerignore_keeps_what_the_build_and_tests_read(path):
