@@ -267,7 +267,8 @@ def _wait_until_no_trainer(runs: Path, timeout: float = 60.0) -> None:
 @requires_ray
 def test_a_killed_driver_rerun_loses_nothing_and_runs_nothing_twice(data, reference, tmp_path):
     """The driver starts its own local cluster (ray.init with this machine's CPUs); SIGKILL takes the
-    cluster down with it; the same command again skips the finished runs and resumes the others."""
+    cluster down with it; the same command again skips the finished runs and resumes the others. A run
+    caught mid-run may still finish before its worker goes down (on a loaded machine): then it is kept."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "apl", "grid", *GRID_ARGS, "--data-dir", str(data), "--out", str(tmp_path),
@@ -275,18 +276,19 @@ def test_a_killed_driver_rerun_loses_nothing_and_runs_nothing_twice(data, refere
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "runs"
     deadline = time.monotonic() + 150
-    killed = False
+    caught: set[str] = set()  # the runs mid-run at the kill
     while time.monotonic() < deadline and proc.poll() is None:
-        if _finished(runs) and _mid_run(runs):
+        mid = _mid_run(runs)
+        if _finished(runs) and mid:
             proc.send_signal(signal.SIGKILL)
-            killed = True
+            caught = {p.name for p in mid}
             break
         time.sleep(0.005)
     proc.wait(timeout=30)
-    assert killed, "no moment with a finished run and one mid-run was seen: " + proc.stderr.read()[-2000:]
+    assert caught, "no moment with a finished run and one mid-run was seen: " + proc.stderr.read()[-2000:]
     _wait_until_no_trainer(runs)  # the cluster dies with its driver: its workers stop at a safe point
     finished = _finished(runs)
-    assert finished and _mid_run(runs)
+    assert finished
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -294,7 +296,8 @@ def test_a_killed_driver_rerun_loses_nothing_and_runs_nothing_twice(data, refere
     got = _assert_same_records(tmp_path, reference)
     # The runs finished before the kill were kept as they were, not trained again.
     assert {name: (runs / name / "result.json").stat().st_mtime_ns for name in finished} == finished
-    assert any(r["resumed_at_epochs"] for r in got.values())  # the one killed mid-run resumed
+    for name in caught:  # each run caught mid-run resumed from its checkpoint, or had finished (kept above)
+        assert name in finished or got[name]["resumed_at_epochs"], name
     manifest = _manifest(tmp_path)
     assert all(entry["status"] == "done" for entry in manifest["runs"].values())
     assert len(manifest["invocations"]) == 2
