@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import apl
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What a wheel build reads: the sources of the package and the extension, and the build's own files.
-SOURCES = ("setup.py", "pyproject.toml", "requirements", "csrc", "apl")
+SOURCES = ("setup.py", "pyproject.toml", "MANIFEST.in", "requirements", "csrc", "apl")
 #: What the library must not load: the reproduction's dependencies (the extra apl-repro[repro]).
 REPRO_MODULES = ("matplotlib", "torchvision", "numpy", "tqdm")
 
@@ -81,11 +82,8 @@ def _no_compiler(folder: Path) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """(the venv's python, the environment to run it in, the wheel's path), the wheel installed."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
+def _copy_sources(src: Path) -> None:
+    """SOURCES into ``src``, without build products (the checkout stays untouched by a build)."""
     src.mkdir()
     for name in SOURCES:
         source = ROOT / name
@@ -94,6 +92,14 @@ def installed(tmp_path_factory):
                 "__pycache__", "*.so", "_C_build.json", "*.egg-info"))
         else:
             shutil.copy2(source, src / name)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(the venv's python, the environment to run it in, the wheel's path), the wheel installed."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    _copy_sources(src)
     build_env = {k: v for k, v in os.environ.items() if k != "FORCE_CUDA"}
     build_env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU kernels alone, without debug information (see above)
     build_env["CFLAGS"] = f"{os.environ.get('CFLAGS', '')} -g0".strip()
@@ -210,3 +216,18 @@ def test_the_build_requirement_names_the_torch_the_library_requires():
     pins = [line.split("#")[0].strip() for line in (ROOT / "requirements" / "torch.txt").read_text().splitlines()]
     (pin,) = [p for p in pins if p]
     assert f'"{pin}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_source_distribution_holds_everything_its_build_reads(tmp_path):
+    """``pip install apl_repro-*.tar.gz`` compiles the extension from the sdist alone: every file under
+    csrc/ (headers and CUDA sources included) and the requirement lists setup.py reads must be in it."""
+    _copy_sources(tmp_path / "src")
+    proc = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir",
+                           str(tmp_path / "dist")], cwd=tmp_path / "src", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("apl_repro-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        held = {Path(*Path(name).parts[1:]).as_posix() for name in tar.getnames()}
+    wanted = {p.relative_to(ROOT).as_posix() for folder in ("csrc", "requirements") for p in (ROOT / folder).rglob("*")
+              if p.is_file()}
+    assert wanted and not wanted - held, sorted(wanted - held)
