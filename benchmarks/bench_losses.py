@@ -86,17 +86,22 @@ def sync(device: str) -> None:
 
 
 def time_steps(loss_fns: dict, logits: torch.Tensor, target: torch.Tensor, device: str, *,
-               min_time: float, max_repeats: int, warmup: int = 3, block: int = 5) -> dict:
+               min_time: float, max_repeats: int, warmup: int = 3, block: int = 5, backward: bool = True) -> dict:
     """Median seconds of ``loss_fn(x, target).backward()`` (``x`` a leaf of its own per
-    function) for each of ``loss_fns``. The functions take turns in blocks of ``block`` steps,
-    so a slow spell of the shared machine falls on every contender alike, while each still runs
-    warm, as it would called step after step (one step of each in turn measured the caches the
-    others had just evicted: small shapes came out 2-3x slower). Repeats until ``min_time`` per
+    function; with ``backward=False``, of ``loss_fn(x, target)`` without autograd) for each of
+    ``loss_fns``. The functions take turns in blocks of ``block`` steps, so a slow spell of the
+    shared machine falls on every contender alike, while each still runs warm, as it would called
+    step after step (one step of each in turn measured the caches the others had just evicted:
+    small shapes came out 2-3x slower). Repeats until ``min_time`` per
     function has passed (at least 5 steps, at most ``max_repeats``)."""
-    xs = {name: logits.detach().clone().requires_grad_() for name in loss_fns}
+    xs = {name: logits.detach().clone().requires_grad_(backward) for name in loss_fns}
 
     def step(name):
         x = xs[name]
+        if not backward:
+            with torch.no_grad():
+                loss_fns[name](x, target)
+            return
         x.grad = None
         loss_fns[name](x, target).backward()
 

@@ -186,9 +186,10 @@ def batch_step_rows(p, device, deadline) -> list:
             g = torch.Generator(device=device).manual_seed(0)
             logits = torch.randn(n, c, device=device, generator=g)
             target = torch.randint(0, c, (n,), device=device, generator=g)
-            for name, (spec, reduction) in specs.items():
-                row["seconds"][name] = _forward_seconds(
-                    lambda s=spec, r=reduction, x=logits, y=target: fused.fused_loss(x, y, s, r), device, p)
+            contenders = {name: lambda x, y, s=spec, r=reduction: fused.fused_loss(x, y, s, r)
+                          for name, (spec, reduction) in specs.items()}
+            row["seconds"].update(time_steps(contenders, logits, target, device, min_time=p["min_time"],
+                                             max_repeats=p["max_repeats"], backward=False))
             row["seconds"]["batch step"] = row["seconds"]["CE mean"] - row["seconds"]["CE none"]
             del logits, target
         except torch.OutOfMemoryError:
@@ -220,22 +221,6 @@ def row_group_rows(p, device, deadline) -> list:
         finally:
             torch.ops.apl._set_cuda_row_group(before)
     return [row]
-
-
-def _forward_seconds(fn, device, p) -> float:
-    """Median seconds of ``fn()`` without autograd, after warm-up."""
-    times = []
-    with torch.no_grad():
-        for _ in range(3):
-            fn()
-        sync(device)
-        start = time.perf_counter()
-        while len(times) < p["max_repeats"] and (len(times) < 5 or time.perf_counter() - start < p["min_time"]):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def _time_contenders(contenders, logits, target, device, p, row) -> dict:

@@ -57,17 +57,17 @@ def main(argv=None) -> int:
         print(f"no run records under {args.records}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    print(f"# Reruns of {len(pick(results, args.runs))} of the {len(results)} records in {args.records}\n")
+    chosen = pick(results, args.runs)
+    print(f"# Reruns of {len(chosen)} of the {len(results)} records in {args.records}\n")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"row kernels {torch.ops.apl._cpu_kernel_isa()}\n")
     print("\n".join(markdown_header(["run", "committed final acc", "rerun final acc", "same record",
                                      "fields that differ"])))
     same_all = True
     with tempfile.TemporaryDirectory() as scratch:
-        for committed in pick(results, args.runs):
-            config = TrainConfig.from_dict(committed["config"])
-            if args.data_dir is not None:
-                config = TrainConfig.from_dict({**committed["config"], "data_dir": str(args.data_dir)})
+        for committed in chosen:
+            moved = {} if args.data_dir is None else {"data_dir": str(args.data_dir)}
+            config = TrainConfig.from_dict({**committed["config"], **moved})
             rerun = train(config, Path(scratch) / committed["run_name"], progress=False)
             a, b = comparable_record(committed), comparable_record(rerun)
             differ = differing_fields(a, b)
